@@ -1,0 +1,134 @@
+// CPU implementation of paracomm::unscale_and_check_ and paracomm::unscale_and_check_out.
+//
+// The loop mirrors the CUDA kernel's arithmetic: v = float(g) * inv_scale in fp32 (torch's opmath for
+// fp16/bf16/fp32), the non-finite test on the input value, the squared norm of v. The norm is summed per
+// fixed-size block and the block sums added in block order, so the result does not depend on how many
+// threads at::parallel_for happens to use.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <vector>
+
+#include "glue.h"
+
+namespace paracomm {
+namespace {
+
+constexpr int64_t kNormBlock = 1 << 16;  // elements per deterministic partial sum
+
+// Checks every argument before anything is written. `out` is null for the in-place op.
+void check_unscale_args(const char* op, at::TensorList grads, const at::Tensor& inv_scale, const at::Tensor& found_inf,
+                        const at::TensorList* out, const std::optional<at::Tensor>& norm) {
+  PARACOMM_ARG_CHECK(inv_scale.defined(), op, ": inv_scale is undefined");
+  const at::Device device = grads.empty() ? inv_scale.device() : grads[0].device();
+  for (size_t i = 0; i < grads.size(); ++i) {
+    const std::string arg = "grads[" + std::to_string(i) + "]";
+    check_dense_on(grads[i], op, arg, device);
+    PARACOMM_DTYPE_CHECK(is_grad_dtype(grads[i].scalar_type()), op, ": ", arg,
+                         " must be float16, bfloat16 or float32, got ", grads[i].scalar_type());
+  }
+  check_fp32_scalar(inv_scale, op, "inv_scale", device);
+  check_fp32_scalar(found_inf, op, "found_inf", device);
+  if (norm.has_value()) check_fp32_scalar(*norm, op, "norm", device);
+  if (out != nullptr) {
+    PARACOMM_ARG_CHECK(out->size() == grads.size(), op, ": out has ", out->size(), " tensors but grads has ",
+                       grads.size());
+    for (size_t i = 0; i < out->size(); ++i) {
+      const std::string arg = "out[" + std::to_string(i) + "]";
+      check_dense_on((*out)[i], op, arg, device);
+      PARACOMM_DTYPE_CHECK((*out)[i].scalar_type() == at::kFloat, op, ": ", arg, " must be float32, got ",
+                           (*out)[i].scalar_type());
+      PARACOMM_ARG_CHECK((*out)[i].sizes() == grads[i].sizes(), op, ": ", arg, " has shape ", (*out)[i].sizes(),
+                         " but grads[", i, "] has shape ", grads[i].sizes());
+    }
+  }
+}
+
+struct Partial {
+  bool found = false;
+  double sumsq = 0.0;
+};
+
+template <typename In, typename Out>
+Partial unscale_block(const In* in, Out* out, int64_t n, float inv_scale, bool want_norm) {
+  Partial p;
+  for (int64_t i = 0; i < n; ++i) {
+    const float x = static_cast<float>(in[i]);
+    if (!std::isfinite(x)) p.found = true;
+    const float v = x * inv_scale;
+    if (want_norm) p.sumsq += static_cast<double>(v) * static_cast<double>(v);
+    if (out != nullptr) out[i] = static_cast<Out>(v);
+  }
+  return p;
+}
+
+// Unscales one tensor (`out` may be `in`, or undefined to only check and measure). Returns the flag and the
+// squared norm, summed block by block in order.
+Partial unscale_tensor(const at::Tensor& in, const at::Tensor& out, float inv_scale, bool want_norm) {
+  const int64_t n = in.numel();
+  const int64_t num_blocks = (n + kNormBlock - 1) / kNormBlock;
+  std::vector<Partial> partials(static_cast<size_t>(num_blocks));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.scalar_type(), "unscale_in", [&] {
+    using in_t = scalar_t;
+    const in_t* src = in.const_data_ptr<in_t>();
+    auto run = [&](auto* dst) {
+      at::parallel_for(0, num_blocks, 1, [&](int64_t b0, int64_t b1) {
+        for (int64_t b = b0; b < b1; ++b) {
+          const int64_t begin = b * kNormBlock, len = std::min(kNormBlock, n - begin);
+          partials[b] = unscale_block(src + begin, dst ? dst + begin : dst, len, inv_scale, want_norm);
+        }
+      });
+    };
+    if (!out.defined()) {
+      run(static_cast<in_t*>(nullptr));
+    } else if (out.scalar_type() == in.scalar_type()) {
+      run(out.mutable_data_ptr<in_t>());
+    } else {
+      run(out.mutable_data_ptr<float>());  // the master-gradient path: out is float32
+    }
+  });
+  Partial total;
+  for (const Partial& p : partials) {
+    total.found |= p.found;
+    total.sumsq += p.sumsq;
+  }
+  return total;
+}
+
+void unscale_impl(at::TensorList grads, const at::Tensor& inv_scale, const at::Tensor& found_inf,
+                  const at::TensorList* out, const std::optional<at::Tensor>& norm) {
+  const float inv = inv_scale.item<float>();
+  const bool want_norm = norm.has_value();
+  Partial total;
+  for (size_t i = 0; i < grads.size(); ++i) {
+    const at::Tensor& dst = out ? (*out)[i] : grads[i];
+    const Partial p = unscale_tensor(grads[i], dst, inv, want_norm);
+    total.found |= p.found;
+    total.sumsq += p.sumsq;
+  }
+  if (total.found) found_inf.fill_(1.0);
+  if (want_norm) norm->fill_(static_cast<float>(std::sqrt(total.sumsq)));
+}
+
+void unscale_and_check_cpu(at::TensorList grads, const at::Tensor& inv_scale, const at::Tensor& found_inf,
+                           const std::optional<at::Tensor>& norm) {
+  check_unscale_args("unscale_and_check_", grads, inv_scale, found_inf, nullptr, norm);
+  unscale_impl(grads, inv_scale, found_inf, nullptr, norm);
+}
+
+void unscale_and_check_out_cpu(at::TensorList grads, const at::Tensor& inv_scale, const at::Tensor& found_inf,
+                               at::TensorList out, const std::optional<at::Tensor>& norm) {
+  check_unscale_args("unscale_and_check_", grads, inv_scale, found_inf, &out, norm);
+  unscale_impl(grads, inv_scale, found_inf, &out, norm);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(paracomm, CPU, m) {
+  m.impl("unscale_and_check_", &unscale_and_check_cpu);
+  m.impl("unscale_and_check_out", &unscale_and_check_out_cpu);
+}
+
+}  // namespace paracomm

@@ -1,0 +1,113 @@
+// Every paracomm operator schema, in one TORCH_LIBRARY block, and the pybind11 module paracomm._C.
+//
+// Implementations live elsewhere: csrc/cpu/*.cpp (TORCH_LIBRARY_IMPL(paracomm, CPU)) and csrc/cuda/*
+// (TORCH_LIBRARY_IMPL(paracomm, CUDA)); paracomm/_ops.py registers a fake (meta) kernel for each op.
+// Mutated arguments are declared Tensor(x!) so torch.compile and functionalization see the writes.
+#include <torch/library.h>
+
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include "checks.h"
+#include "ring/schedule.h"
+
+#ifdef PARACOMM_WITH_CUDA
+#include <cuda_runtime_api.h>
+#include <nccl.h>
+namespace paracomm {
+void bind_nccl(pybind11::module_& m);  // csrc/cuda/nccl_binding.cpp
+}
+#endif
+
+TORCH_LIBRARY(paracomm, m) {
+  // grads[i] *= inv_scale in place; found_inf = 1 if any grad holds inf/nan (never cleared);
+  // norm, if given, = L2 norm of all unscaled values, from the same pass.
+  m.def("unscale_and_check_(Tensor(a!)[] grads, Tensor inv_scale, Tensor(b!) found_inf, Tensor(c!)? norm) -> ()");
+  // out[i] = float32(grads[i]) * inv_scale, grads untouched (fp32 master gradients); found_inf and norm as above.
+  m.def(
+      "unscale_and_check_out(Tensor[] grads, Tensor inv_scale, Tensor(a!) found_inf, Tensor(b!)[] out, "
+      "Tensor(c!)? norm) -> ()");
+  // One 1-D buffer of `dtype` holding the tensors back to back, each value multiplied by
+  // scale (and by scale_tensor[0] when given) and cast on the way.
+  m.def("flatten(Tensor[] tensors, ScalarType dtype, float scale=1.0, Tensor? scale_tensor=None) -> Tensor");
+  m.def("flatten_out(Tensor[] tensors, Tensor(a!) out, float scale=1.0, Tensor? scale_tensor=None) -> ()");
+  // tensors[i] = cast(flat[segment i] * scale (* scale_tensor[0])), segments consecutive in order.
+  m.def("unflatten_(Tensor flat, Tensor(a!)[] tensors, float scale=1.0, Tensor? scale_tensor=None) -> ()");
+  // The ring's local reduction, one chunk (see csrc/ring/schedule.h), accumulating in fp32 (fp64 for float64,
+  // int64 for integers):  v = a[i] (+ b[i]);  v /= divisor;  v *= scale[0];  found_inf |= !isfinite(v);
+  // if wire_out: wire_out[i] = cast(v), v = wire_out[i] (the owner keeps the bits the others receive);
+  // out[i] = cast(v).  out may be a itself.
+  m.def(
+      "ring_reduce_(Tensor(a!) out, Tensor a, Tensor? b, float divisor=1.0, Tensor? scale=None, "
+      "Tensor(b!)? found_inf=None, Tensor(c!)? wire_out=None) -> ()");
+}
+
+namespace py = pybind11;
+
+static py::dict build_info() {
+  py::dict info;
+#ifdef PARACOMM_WITH_CUDA
+  info["cuda"] = true;
+  info["cuda_version"] = py::str(std::to_string(CUDART_VERSION / 1000) + "." + std::to_string(CUDART_VERSION % 1000 / 10));
+  info["nccl_version"] =
+      py::str(std::to_string(NCCL_MAJOR) + "." + std::to_string(NCCL_MINOR) + "." + std::to_string(NCCL_PATCH));
+  int loaded = 0;
+  if (ncclGetVersion(&loaded) == ncclSuccess) {
+    // NCCL >= 2.9 encodes major*10000 + minor*100 + patch.
+    info["nccl_version_loaded"] = py::str(std::to_string(loaded / 10000) + "." + std::to_string(loaded % 10000 / 100) +
+                                          "." + std::to_string(loaded % 100));
+  } else {
+    info["nccl_version_loaded"] = py::none();
+  }
+#ifdef PARACOMM_CUDA_ARCHS
+  info["archs"] = py::str(PARACOMM_CUDA_ARCHS);
+#else
+  info["archs"] = py::none();
+#endif
+#else
+  info["cuda"] = false;
+  info["cuda_version"] = py::none();
+  info["nccl_version"] = py::none();
+  info["nccl_version_loaded"] = py::none();
+  info["archs"] = py::none();
+#endif
+  return info;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "paracomm's compiled core: torch ops are registered under torch.ops.paracomm on import.";
+  m.def("build_info", &build_info, "What this build of paracomm._C was compiled with.");
+
+  py::enum_<paracomm::RingPhase>(m, "RingPhase")
+      .value("REDUCE_SCATTER", paracomm::RingPhase::kReduceScatter)
+      .value("ALL_GATHER", paracomm::RingPhase::kAllGather);
+  py::class_<paracomm::RingOp>(m, "RingOp")
+      .def_readonly("phase", &paracomm::RingOp::phase)
+      .def_readonly("step", &paracomm::RingOp::step)
+      .def_readonly("chunk", &paracomm::RingOp::chunk)
+      .def_readonly("send_segment", &paracomm::RingOp::send_segment)
+      .def_readonly("recv_segment", &paracomm::RingOp::recv_segment)
+      .def_readonly("send_offset", &paracomm::RingOp::send_offset)
+      .def_readonly("send_count", &paracomm::RingOp::send_count)
+      .def_readonly("recv_offset", &paracomm::RingOp::recv_offset)
+      .def_readonly("recv_count", &paracomm::RingOp::recv_count)
+      .def_readonly("final_reduce", &paracomm::RingOp::final_reduce)
+      .def_readonly("send_after", &paracomm::RingOp::send_after);
+  m.def("ring_schedule", &paracomm::ring_schedule, py::arg("num_ranks"), py::arg("rank"), py::arg("numel"),
+        py::arg("chunk_elems"), "The ops `rank` executes in a ring all-reduce (csrc/ring/schedule.h).");
+  m.def(
+      "ring_segment",
+      [](int64_t num_ranks, int64_t numel, int64_t segment) {
+        auto g = paracomm::ring_geometry(num_ranks, numel, 1);
+        PARACOMM_CHECK(segment >= 0 && segment < num_ranks, "ring_segment: segment must be in [0, ", num_ranks,
+                       "), got ", segment);
+        return std::make_pair(g.segment_begin(segment), g.segment_size(segment));
+      },
+      py::arg("num_ranks"), py::arg("numel"), py::arg("segment"), "(offset, size) of a segment.");
+  m.def("ring_owned_segment", &paracomm::ring_owned_segment, py::arg("num_ranks"), py::arg("rank"));
+  py::register_exception<paracomm::Error>(m, "ParacommError", PyExc_RuntimeError);
+
+#ifdef PARACOMM_WITH_CUDA
+  paracomm::bind_nccl(m);
+#endif
+}

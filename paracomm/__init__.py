@@ -1,0 +1,30 @@
+"""paracomm: gradient communication for PyTorch data-parallel training.
+
+* ``paracomm.unscale_and_check_``, ``paracomm.flatten``, ``paracomm.unflatten_``: fused gradient kernels.
+* ``paracomm.amp.GradScaler``: torch's GradScaler on the fused unscale-and-check kernel.
+"""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+import torch
+
+from . import _C
+from ._ops import flatten, unflatten_, unscale_and_check_
+
+
+def build_info() -> dict:
+    """What this installation of paracomm was built with and runs on.
+
+    Returns:
+        dict with keys ``version`` (paracomm), ``torch`` (torch.__version__), ``cuda`` (bool: the extension
+        was built with CUDA), ``cuda_version`` (compiled CUDA runtime, or None), ``nccl_version`` (NCCL
+        headers compiled against, or None), ``nccl_version_loaded`` (the libnccl loaded at run time, or None),
+        ``archs`` (CUDA architectures compiled for, or None).
+    """
+    info = {"version": __version__, "torch": torch.__version__}
+    info.update(_C.build_info())
+    return info
+
+
+__all__ = ["__version__", "build_info", "flatten", "unflatten_", "unscale_and_check_"]

@@ -1,0 +1,178 @@
+"""Typed wrappers over ``torch.ops.paracomm.*`` and a fake (meta) kernel for each op.
+
+Importing this module loads ``paracomm._C``, which registers the schemas (csrc/ops.cpp) and the CPU and, in a
+CUDA build, CUDA implementations. Argument checking happens in C++ (csrc/glue.h), before any write, so the
+ops refuse bad input the same way whether called through these wrappers or through ``torch.ops.paracomm``.
+"""
+from __future__ import annotations
+
+import numbers
+from typing import Optional, Sequence
+
+import torch
+
+from . import _C  # noqa: F401  (registers torch.ops.paracomm.*)
+
+ops = torch.ops.paracomm
+
+# --------------------------------------------------------------------------------------------------------
+# Fake kernels: shapes and dtypes only, for torch.compile / FakeTensor tracing and torch.library.opcheck.
+# --------------------------------------------------------------------------------------------------------
+
+
+@torch.library.register_fake("paracomm::unscale_and_check_")
+def _unscale_and_check_fake(grads, inv_scale, found_inf, norm):
+    return None
+
+
+@torch.library.register_fake("paracomm::unscale_and_check_out")
+def _unscale_and_check_out_fake(grads, inv_scale, found_inf, out, norm):
+    return None
+
+
+@torch.library.register_fake("paracomm::flatten")
+def _flatten_fake(tensors, dtype, scale=1.0, scale_tensor=None):
+    torch._check(len(tensors) > 0, lambda: "paracomm.flatten: tensors must not be empty")
+    numel = sum(t.numel() for t in tensors)
+    return tensors[0].new_empty((numel,), dtype=dtype)
+
+
+@torch.library.register_fake("paracomm::flatten_out")
+def _flatten_out_fake(tensors, out, scale=1.0, scale_tensor=None):
+    return None
+
+
+@torch.library.register_fake("paracomm::unflatten_")
+def _unflatten_fake(flat, tensors, scale=1.0, scale_tensor=None):
+    return None
+
+
+@torch.library.register_fake("paracomm::ring_reduce_")
+def _ring_reduce_fake(out, a, b, divisor=1.0, scale=None, found_inf=None, wire_out=None):
+    return None
+
+
+# --------------------------------------------------------------------------------------------------------
+# Public wrappers
+# --------------------------------------------------------------------------------------------------------
+
+
+def _split_scale(scale, op: str):
+    """A user's ``scale`` (None, a number, or a 1-element float32 tensor) as the ops' (float, Tensor?) pair.
+
+    A tensor scale stays on the device (no host synchronisation): the kernel reads it there.
+    """
+    if scale is None:
+        return 1.0, None
+    if isinstance(scale, torch.Tensor):
+        return 1.0, scale
+    if isinstance(scale, numbers.Real) and not isinstance(scale, bool):
+        return float(scale), None
+    raise TypeError(f"paracomm.{op}: scale must be None, a number or a 1-element float32 tensor, got {type(scale)}")
+
+
+def unscale_and_check_(
+    grads: Sequence[torch.Tensor],
+    inv_scale: torch.Tensor,
+    found_inf: torch.Tensor,
+    *,
+    out: Optional[Sequence[torch.Tensor]] = None,
+    norm: Optional[torch.Tensor] = None,
+) -> None:
+    """Unscale gradients and check them for inf/nan in one fused pass (one launch on CUDA).
+
+    Args:
+        grads: tensors on one device, each float16, bfloat16 or float32 (dtypes may be mixed), contiguous.
+        inv_scale: 1-element float32 tensor on that device: the factor applied to every value.
+        found_inf: 1-element float32 tensor on that device; set to 1.0 if any value of ``grads`` is inf or
+            nan, never cleared (torch's convention, so one flag can collect several calls).
+        out: optional list of float32 tensors with the shapes of ``grads``. Given: ``out[i] =
+            float32(grads[i]) * inv_scale`` and ``grads`` are left untouched (fp32 master gradients of fp16
+            training). Not given: every grad is multiplied by ``inv_scale`` in place.
+        norm: optional 1-element float32 tensor, overwritten with the L2 norm of all unscaled values,
+            computed in the same pass (inf/nan when a value is non-finite).
+
+    Raises:
+        ValueError: list lengths or shapes differ, tensors on different devices, non-contiguous tensors,
+            a scalar argument with more than one element.
+        TypeError: a grad that is not fp16/bf16/fp32, an ``out`` tensor that is not fp32, a scalar
+            argument that is not fp32.
+        Nothing is written when an error is raised.
+    """
+    grads = list(grads)
+    if out is None:
+        ops.unscale_and_check_(grads, inv_scale, found_inf, norm)
+    else:
+        ops.unscale_and_check_out(grads, inv_scale, found_inf, list(out), norm)
+
+
+def _common_dtype(tensors: Sequence[torch.Tensor]) -> torch.dtype:
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def flatten(
+    tensors: Sequence[torch.Tensor],
+    *,
+    out: Optional[torch.Tensor] = None,
+    dtype: Optional[torch.dtype] = None,
+    scale=None,
+) -> torch.Tensor:
+    """Copy ``tensors``, in order, into one 1-D buffer, scaling and casting on the way (one launch on CUDA).
+
+    Args:
+        tensors: contiguous tensors on one device, of any shapes; float32, float16, bfloat16, float64,
+            int32 or int64 (mixed dtypes allowed).
+        out: optional 1-D contiguous buffer on the same device with exactly ``sum(t.numel())`` elements.
+        dtype: dtype of a new buffer (default: the tensors' promoted common dtype); must match ``out``'s
+            dtype when both are given.
+        scale: None, a number, or a 1-element float32 tensor on the device: every value is multiplied by it
+            (in float32, float64 for float64 data) before the cast.
+
+    Returns:
+        The 1-D buffer (``out`` when given) of ``sum(t.numel())`` elements.
+
+    Raises:
+        ValueError: empty ``tensors`` without ``out``, devices differ, non-contiguous input, ``out`` of the
+            wrong size or not 1-D and contiguous.
+        TypeError: unsupported dtypes, ``dtype`` different from ``out.dtype``, a scale of the wrong kind.
+    """
+    tensors = list(tensors)
+    scale_value, scale_tensor = _split_scale(scale, "flatten")
+    if out is not None:
+        if dtype is not None and dtype != out.dtype:
+            raise TypeError(f"paracomm.flatten: dtype={dtype} differs from out.dtype={out.dtype}")
+        ops.flatten_out(tensors, out, scale_value, scale_tensor)
+        return out
+    if not tensors:
+        raise ValueError("paracomm.flatten: tensors must not be empty (pass out= to flatten nothing)")
+    if dtype is None:
+        dtype = _common_dtype(tensors)
+    return ops.flatten(tensors, dtype, scale_value, scale_tensor)
+
+
+def unflatten_(flat: torch.Tensor, tensors: Sequence[torch.Tensor], *, scale=None) -> list:
+    """Copy consecutive segments of ``flat`` back into ``tensors`` (the inverse of :func:`flatten`).
+
+    Args:
+        flat: 1-D contiguous buffer with exactly ``sum(t.numel())`` elements, on the tensors' device.
+        tensors: contiguous destination tensors; each receives its segment cast to its own dtype.
+        scale: None, a number, or a 1-element float32 tensor: each value is multiplied by it first.
+
+    Returns:
+        ``tensors``, as a list.
+
+    Raises:
+        ValueError / TypeError as :func:`flatten`; nothing is written when an error is raised.
+    """
+    tensors = list(tensors)
+    scale_value, scale_tensor = _split_scale(scale, "unflatten_")
+    ops.unflatten_(flat, tensors, scale_value, scale_tensor)
+    return tensors
+
+
+def ring_reduce_(out, a, b=None, *, divisor=1.0, scale=None, found_inf=None, wire_out=None) -> None:
+    """The ring all-reduce's local reduction of one chunk (internal; see csrc/ops.cpp for the formula)."""
+    ops.ring_reduce_(out, a, b, float(divisor), scale, found_inf, wire_out)
