@@ -48,7 +48,7 @@ def _want_cuda():
 
 
 CXX_FLAGS = ["-O3", "-std=c++17", "-Wall", "-Wno-unused-function"]
-common_sources = _sources("ops.cpp", "cpu/*.cpp", "ring/schedule.cpp")
+common_sources = _sources("*.cpp", "cpu/*.cpp", "ring/schedule.cpp")
 
 if _want_cuda():
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():

@@ -1,0 +1,35 @@
+// Argument checks shared by the CPU and CUDA glue of the unscale and flatten ops (see validate.h).
+#include "validate.h"
+
+#include <string>
+
+namespace paracomm {
+
+void check_unscale_args(const char* op, at::TensorList grads, const at::Tensor& inv_scale, const at::Tensor& found_inf,
+                        const at::TensorList* out, const std::optional<at::Tensor>& norm) {
+  PARACOMM_ARG_CHECK(inv_scale.defined(), op, ": inv_scale is undefined");
+  const at::Device device = grads.empty() ? inv_scale.device() : grads[0].device();
+  for (size_t i = 0; i < grads.size(); ++i) {
+    const std::string arg = "grads[" + std::to_string(i) + "]";
+    check_dense_on(grads[i], op, arg, device);
+    PARACOMM_DTYPE_CHECK(is_grad_dtype(grads[i].scalar_type()), op, ": ", arg,
+                         " must be float16, bfloat16 or float32, got ", grads[i].scalar_type());
+  }
+  check_fp32_scalar(inv_scale, op, "inv_scale", device);
+  check_fp32_scalar(found_inf, op, "found_inf", device);
+  if (norm.has_value()) check_fp32_scalar(*norm, op, "norm", device);
+  if (out != nullptr) {
+    PARACOMM_ARG_CHECK(out->size() == grads.size(), op, ": out has ", out->size(), " tensors but grads has ",
+                       grads.size());
+    for (size_t i = 0; i < out->size(); ++i) {
+      const std::string arg = "out[" + std::to_string(i) + "]";
+      check_dense_on((*out)[i], op, arg, device);
+      PARACOMM_DTYPE_CHECK((*out)[i].scalar_type() == at::kFloat, op, ": ", arg, " must be float32, got ",
+                           (*out)[i].scalar_type());
+      PARACOMM_ARG_CHECK((*out)[i].sizes() == grads[i].sizes(), op, ": ", arg, " has shape ", (*out)[i].sizes(),
+                         " but grads[", i, "] has shape ", grads[i].sizes());
+    }
+  }
+}
+
+}  // namespace paracomm
