@@ -1,0 +1,1 @@
+"""paracomm's benchmarks: ``python -m paracomm.bench {allreduce,kernels,ddp} --help``."""

@@ -1,0 +1,73 @@
+"""Timing helpers shared by the benchmarks (never used by unit tests).
+
+On CUDA each iteration is timed with a pair of CUDA events on the current stream; on CPU with
+``time.perf_counter`` around the call. Both warm up first and report every iteration so callers take the
+median (robust to the occasional preemption) and keep the spread.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable, List
+
+import torch
+
+
+def time_iterations(fn: Callable[[int], None], *, device: torch.device, warmup: int, iters: int,
+                    before_each: Callable[[], None] | None = None) -> List[float]:
+    """Run ``fn(i)`` ``warmup`` times, then ``iters`` times, timing each run; returns seconds per run.
+
+    ``before_each`` runs outside the timed region (e.g. a barrier, or an L2 flush on CUDA).
+    """
+    if warmup < 0 or iters < 1:
+        raise ValueError(f"time_iterations: need warmup >= 0 and iters >= 1, got {warmup}, {iters}")
+    for i in range(warmup):
+        if before_each is not None:
+            before_each()
+        fn(i)
+    times = []
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        for i in range(iters):
+            if before_each is not None:
+                before_each()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn(i)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+    else:
+        for i in range(iters):
+            if before_each is not None:
+                before_each()
+            t0 = time.perf_counter()
+            fn(i)
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def median(xs: List[float]) -> float:
+    return statistics.median(xs)
+
+
+_L2_FLUSH = {}
+
+
+def flush_l2(device: torch.device, nbytes: int = 256 << 20) -> None:
+    """Overwrite a buffer larger than the GPU's L2 (50 MB on H100) so the next kernel reads from HBM."""
+    if device.type != "cuda":
+        return
+    buf = _L2_FLUSH.get(device)
+    if buf is None:
+        buf = _L2_FLUSH[device] = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    buf.fill_(1)
+
+
+def copy_ceiling_gbps(device: torch.device, nbytes: int = 1 << 30, iters: int = 20) -> float:
+    """Device-local copy bandwidth in GB/s, counting bytes read + written (the ceiling kernels are held to)."""
+    n = nbytes // 4
+    src = torch.rand(n, device=device)
+    dst = torch.empty_like(src)
+    times = time_iterations(lambda i: dst.copy_(src), device=device, warmup=3, iters=iters)
+    return 2 * n * 4 / median(times) / 1e9
