@@ -71,3 +71,38 @@ def copy_ceiling_gbps(device: torch.device, nbytes: int = 1 << 30, iters: int = 
     dst = torch.empty_like(src)
     times = time_iterations(lambda i: dst.copy_(src), device=device, warmup=3, iters=iters)
     return 2 * n * 4 / median(times) / 1e9
+
+
+def barrier(device: torch.device) -> None:
+    """Line every rank up before a timed region (and drain this rank's GPU work first).
+
+    On CPU the caller's perf_counter then starts with every rank at the same point, so one rank's late start
+    is not counted as another's communication time.
+    """
+    import torch.distributed as dist
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        dist.barrier(device_ids=[device.index])
+        torch.cuda.synchronize(device)
+    else:
+        dist.barrier()
+
+
+def slowest_rank(seconds: float, device: torch.device) -> float:
+    """The largest of every rank's ``seconds`` (an all-reduce with MAX): a collective is as slow as its
+    slowest participant, so that is the figure a benchmark reports."""
+    import torch.distributed as dist
+
+    t = torch.tensor([seconds], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
+def sum_over_ranks(count: int, device: torch.device) -> int:
+    """Sum of an integer (e.g. a count of wrong elements) over every rank."""
+    import torch.distributed as dist
+
+    t = torch.tensor([count], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return int(t.item())

@@ -1,0 +1,242 @@
+"""Start the ranks of a benchmark: under torchrun, or by spawning local processes.
+
+Two ways in, one per-rank path:
+
+* **torchrun** (or any launcher that sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``,
+  ``MASTER_PORT``): this process is one rank; the process group starts from the environment (``env://``).
+* **self-launch**: ``--nproc N`` local processes (``multiprocessing`` spawn), joined through a ``file://``
+  rendezvous in a fresh temporary directory. The parent only waits: if a rank fails, the others are given a
+  moment and then killed, so a dead peer cannot leave the run hanging.
+
+Device placement. With CUDA, rank ``local_rank`` uses GPU ``local_rank // ranks_per_gpu``. NCCL refuses two
+ranks on one GPU, so with ``ranks_per_gpu > 1`` every rank gets its own ``NCCL_HOSTID`` and the socket
+transport over loopback (P2P, SHM and IB off) before NCCL starts: each rank then looks like its own node
+(DESIGN.md, "Several ranks on one GPU"). That transport is slow; it is for correctness and for
+paracomm-vs-NCCL ratios on the same transport, not for absolute figures.
+"""
+from __future__ import annotations
+
+import dataclasses
+import multiprocessing as mp
+import os
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+from datetime import timedelta
+from typing import Any, Callable
+
+import torch
+
+TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+DEFAULT_CPU_RANKS = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class RankContext:
+    """What a benchmark's per-rank function knows about its place in the run."""
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    device: torch.device
+    backend: str           # "gloo" | "nccl"
+    ranks_per_gpu: int
+    launcher: str          # "torchrun" | "spawn"
+
+
+def under_torchrun() -> bool:
+    """True when the environment names this process's rank (torchrun, or a cluster launcher that mimics it)."""
+    return all(v in os.environ for v in TORCHRUN_VARS)
+
+
+def resolve_device_kind(device: str) -> str:
+    """``"auto"`` -> ``"cuda"`` when a GPU is visible, else ``"cpu"``. Raises ValueError for cuda without a GPU."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA GPU is visible to torch")
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"--device: expected auto, cpu or cuda, got {device!r}")
+    return device
+
+
+def default_nproc(device_kind: str, ranks_per_gpu: int) -> int:
+    """One rank per GPU (times ``ranks_per_gpu``) with CUDA; 4 CPU ranks over gloo without."""
+    if device_kind == "cuda":
+        return torch.cuda.device_count() * ranks_per_gpu
+    return DEFAULT_CPU_RANKS
+
+
+def multi_rank_gpu_env(rank: int) -> dict:
+    """Environment that lets NCCL accept several ranks on one GPU: each rank poses as its own host."""
+    return {
+        "NCCL_HOSTID": f"rank{rank}",
+        "NCCL_SOCKET_IFNAME": "lo",
+        "NCCL_P2P_DISABLE": "1",
+        "NCCL_SHM_DISABLE": "1",
+        "NCCL_IB_DISABLE": "1",
+    }
+
+
+def _run_rank(worker: Callable[[RankContext, Any], int], args: Any, *, rank: int, world_size: int,
+              local_rank: int, local_world_size: int, device_kind: str, ranks_per_gpu: int,
+              init_method: str, timeout_s: float, launcher: str) -> int:
+    """Set up this rank (environment, device, process group), run ``worker``, tear down; returns its code."""
+    import torch.distributed as dist
+
+    if device_kind == "cuda":
+        if ranks_per_gpu > 1:
+            # Must precede the first NCCL communicator: NCCL reads these once, at init.
+            os.environ.update(multi_rank_gpu_env(rank))
+        device = torch.device("cuda", local_rank // ranks_per_gpu)
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device = torch.device("cpu")
+        backend = "gloo"
+        # Ranks on one host share its cores; oversubscribing intra-op threads only adds contention.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world_size)))
+    kwargs = dict(backend=backend, init_method=init_method, timeout=timedelta(seconds=timeout_s))
+    if init_method != "env://":
+        kwargs.update(rank=rank, world_size=world_size)
+    dist.init_process_group(**kwargs)
+    ctx = RankContext(rank=rank, world_size=dist.get_world_size(), local_rank=local_rank,
+                      local_world_size=local_world_size, device=device, backend=backend,
+                      ranks_per_gpu=ranks_per_gpu, launcher=launcher)
+    try:
+        return int(worker(ctx, args) or 0)
+    finally:
+        try:
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001  (teardown after a failure must not mask it)
+            pass
+
+
+def _spawned_entry(worker, args, rank, world_size, device_kind, ranks_per_gpu, init_method, timeout_s):
+    try:
+        code = _run_rank(worker, args, rank=rank, world_size=world_size, local_rank=rank,
+                         local_world_size=world_size, device_kind=device_kind, ranks_per_gpu=ranks_per_gpu,
+                         init_method=init_method, timeout_s=timeout_s, launcher="spawn")
+    except BaseException:  # noqa: BLE001  (report everything, including KeyboardInterrupt)
+        sys.stderr.write(f"[rank {rank}] failed:\n{traceback.format_exc()}")
+        sys.stderr.flush()
+        code = 1
+    sys.stdout.flush()
+    sys.exit(code)
+
+
+def launch(worker: Callable[[RankContext, Any], int], args: Any, *, nproc: int | None, device: str = "auto",
+           ranks_per_gpu: int = 1, timeout_s: float = 300.0) -> int:
+    """Run ``worker(ctx, args)`` on every rank; returns the process exit code (0 when every rank returned 0).
+
+    Under torchrun this process is one rank and ``nproc`` is ignored (torchrun decides). Otherwise ``nproc``
+    processes are spawned (``None``: :func:`default_nproc`). ``worker`` must be a module-level function and
+    ``args`` picklable (spawned processes import the worker by name).
+
+    Args:
+        device: ``"auto"``, ``"cpu"`` (gloo) or ``"cuda"`` (NCCL).
+        ranks_per_gpu: ranks sharing each GPU (CUDA only; > 1 switches NCCL to per-rank host ids, sockets).
+        timeout_s: the process group's timeout: a collective stuck longer than this fails its rank.
+    """
+    device_kind = resolve_device_kind(device)
+    if under_torchrun():
+        rank = int(os.environ["RANK"])
+        local_rank = int(os.environ["LOCAL_RANK"])
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
+        try:
+            return _run_rank(worker, args, rank=rank, world_size=int(os.environ["WORLD_SIZE"]),
+                             local_rank=local_rank, local_world_size=local_world, device_kind=device_kind,
+                             ranks_per_gpu=ranks_per_gpu, init_method="env://", timeout_s=timeout_s,
+                             launcher="torchrun")
+        except BaseException:  # noqa: BLE001
+            sys.stderr.write(f"[rank {rank}] failed:\n{traceback.format_exc()}")
+            return 1
+
+    world_size = default_nproc(device_kind, ranks_per_gpu) if nproc is None else nproc
+    if world_size < 1:
+        raise ValueError(f"nproc: need at least 1 rank, got {world_size}"
+                         + (" (no GPU visible)" if device_kind == "cuda" else ""))
+    ctx = mp.get_context("spawn")
+    rdzv_dir = tempfile.mkdtemp(prefix="paracomm_bench_")
+    init_method = f"file://{os.path.join(rdzv_dir, 'rendezvous')}"
+    procs = [ctx.Process(target=_spawned_entry,
+                         args=(worker, args, r, world_size, device_kind, ranks_per_gpu, init_method, timeout_s))
+             for r in range(world_size)]
+    try:
+        for p in procs:
+            p.start()
+        return _wait(procs)
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join()
+        shutil.rmtree(rdzv_dir, ignore_errors=True)
+
+
+def _wait(procs, grace_s: float = 10.0) -> int:
+    """Wait for every rank. Once one fails, the rest get ``grace_s`` to finish (they usually cannot: their
+    peer is gone) and are then killed. Returns 0, or the first failing rank's exit code (1 if it was killed)."""
+    failed_at = None
+    first_code = 0
+    while True:
+        alive = [p for p in procs if p.is_alive()]
+        for p in procs:
+            if not p.is_alive() and p.exitcode not in (0, None) and failed_at is None:
+                failed_at = time.monotonic()
+                first_code = p.exitcode if p.exitcode > 0 else 1
+        if not alive:
+            return first_code
+        if failed_at is not None and time.monotonic() - failed_at > grace_s:
+            for p in alive:
+                p.kill()
+            for p in alive:
+                p.join()
+            return first_code
+        alive[0].join(timeout=0.2)
+
+
+def describe_device(device: torch.device) -> str:
+    """A human-readable device name: the GPU's name and memory, or the CPU model and core count."""
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return f"{props.name} ({props.total_memory / 2**30:.0f} GiB, sm_{props.major}{props.minor})"
+    model = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        import platform
+        model = platform.processor() or model
+    return f"{model} ({os.cpu_count()} cores)"
+
+
+def backend_version(backend: str) -> str:
+    """``"NCCL 2.x.y"`` (the library torch loaded) or ``"gloo (torch <version>)"``: gloo has no version of its
+    own; it is the copy vendored into torch."""
+    if backend == "nccl":
+        v = torch.cuda.nccl.version()
+        return "NCCL " + (".".join(str(x) for x in v) if isinstance(v, tuple) else str(v))
+    return f"gloo (bundled with torch {torch.__version__})"
+
+
+def run_header(ctx: RankContext) -> dict:
+    """Facts every benchmark prints and stores: world size, backend and version, device, paracomm build."""
+    import paracomm
+
+    return {
+        "world_size": ctx.world_size,
+        "launcher": ctx.launcher,
+        "backend": ctx.backend,
+        "backend_version": backend_version(ctx.backend),
+        "device": describe_device(ctx.device),
+        "ranks_per_gpu": ctx.ranks_per_gpu if ctx.device.type == "cuda" else None,
+        "torch": torch.__version__,
+        "paracomm": paracomm.build_info(),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
