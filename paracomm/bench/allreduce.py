@@ -142,6 +142,8 @@ def parse_args(argv) -> argparse.Namespace:
         p.error(f"-w/--warmup_iters must be >= 0, got {args.warmup_iters}")
     if args.wire_dtype != "none" and args.datatype != "float":
         p.error(f"--wire-dtype {args.wire_dtype} compresses float (fp32) data only, not -d {args.datatype}")
+    if args.op == "avg" and args.datatype in ("int32", "int64"):
+        p.error(f"-o avg needs a floating datatype, not -d {args.datatype} (paracomm refuses avg on integers)")
     if args.nproc is not None and args.nproc < 1:
         p.error(f"--nproc must be at least 1, got {args.nproc}")
     if args.ranks_per_gpu < 1:
@@ -238,10 +240,7 @@ def make_ops(ctx, args):
             dist.all_reduce(t, op=dist.ReduceOp.AVG)
         else:
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
-            if t.is_floating_point():
-                t.div_(n)
-            else:  # NCCL's integer AVG truncates; do the same
-                t.div_(n, rounding_mode="trunc")
+            t.div_(n)  # avg is refused for integer types (parse_args)
 
     return paracomm_op, baseline_op
 
