@@ -1,0 +1,189 @@
+"""``python -m paracomm.bench allreduce`` and ``ddp`` as a user runs them: real subprocesses, 2-3 CPU ranks
+over gloo, tiny sizes. Checks the table, the JSON fields, #wrong == 0, the PNG, and exit code 2 on bad flags.
+No timing assertions: speed is what the benchmark reports, not what the tests judge."""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from paracomm.bench import allreduce, ddp
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def _run(args, timeout=150):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):  # never look like torchrun to the benchmark
+        env.pop(var, None)
+    return subprocess.run([sys.executable, "-m", "paracomm.bench", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _table_rows(stdout):
+    return [line.split() for line in stdout.splitlines() if line.strip() and not line.startswith("#")
+            and line.split()[0].isdigit()]
+
+
+# ------------------------------------------------------------------------------------------ pure helpers
+
+def test_parse_size_suffixes_are_binary():
+    assert [allreduce.parse_size(s) for s in ("64", "1K", "1k", "32M", "2G", "4KB")] == [
+        64, 1024, 1024, 32 << 20, 2 << 30, 4096]
+    for bad in ("", "K", "1.5M", "-4", "0", "12X"):
+        with pytest.raises(Exception):
+            allreduce.parse_size(bad)
+
+
+def test_size_sweep_rounds_to_elements_and_stops_at_max():
+    assert allreduce.size_sweep(1024, 65536, 4, 4) == [(1024, 256), (4096, 1024), (16384, 4096), (65536, 16384)]
+    # sizes below one element become one element, and duplicates after rounding are dropped
+    assert allreduce.size_sweep(1, 16, 2, 8) == [(8, 1), (16, 2)]
+    assert allreduce.size_sweep(3000, 3000, 1, 4) == [(3000, 750)]
+
+
+def test_bus_bandwidth_is_ring_traffic():
+    assert allreduce.bus_bandwidth(10.0, 1) == 0.0
+    assert allreduce.bus_bandwidth(10.0, 2) == 10.0
+    assert allreduce.bus_bandwidth(10.0, 4) == pytest.approx(15.0)
+    assert allreduce.bus_bandwidth(10.0, 8) == pytest.approx(17.5)
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4, 7, 64])
+@pytest.mark.parametrize("op", ["sum", "avg"])
+def test_check_data_has_an_exact_known_result(world_size, op):
+    count = 1031  # not a multiple of 4 or 2: every residue pattern appears
+    inputs = [allreduce.check_data(count, r, world_size, torch.float64, op, "cpu")[0] for r in range(world_size)]
+    expected = allreduce.check_data(count, 0, world_size, torch.float64, op, "cpu")[1]
+    stacked = torch.stack(inputs)
+    assert stacked.min() >= -1 and stacked.max() <= 4 and torch.equal(stacked, stacked.round())
+    if world_size > 1:
+        assert not torch.equal(inputs[0], expected)  # the data is not already the answer
+        assert not torch.equal(inputs[0], inputs[1])  # ranks contribute different data
+    total = stacked.sum(0)
+    reference = total if op == "sum" else total / world_size
+    assert torch.equal(reference, expected)
+    # Every running sum, in any rank order, stays an integer within +-4n: exact in bf16 for n <= 64.
+    for order in (range(world_size), reversed(range(world_size))):
+        acc = torch.zeros(count, dtype=torch.float64)
+        for r in order:
+            acc += inputs[r]
+            assert torch.equal(acc.to(torch.bfloat16).double(), acc)
+
+
+# ------------------------------------------------------------------------------------------ the CLI
+
+def test_allreduce_cli_prints_table_writes_json_and_png(tmp_path):
+    out_json, out_png = tmp_path / "ar.json", tmp_path / "ar.png"
+    proc = _run(["allreduce", "--nproc", "2", "-b", "1K", "-e", "64K", "-f", "4", "-n", "3", "-w", "1",
+                 "--json", str(out_json), "--plot", str(out_png)])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    assert "world size 2" in out and "backend gloo" in out and "paracomm 0.1.0" in out
+    assert "#wrong" in out and "busbw" in out
+    rows = _table_rows(out)
+    assert [(int(r[0]), int(r[1]), r[2], r[3]) for r in rows] == [
+        (1024, 256, "float", "sum"), (4096, 1024, "float", "sum"), (16384, 4096, "float", "sum"),
+        (65536, 16384, "float", "sum")]
+
+    data = json.loads(out_json.read_text())
+    assert data["benchmark"] == "allreduce"
+    head = data["header"]
+    assert head["world_size"] == 2 and head["backend"] == "gloo" and head["launcher"] == "spawn"
+    assert head["paracomm"]["version"] == "0.1.0" and "backend_version" in head and head["device"]
+    assert head["settings"]["op"] == "sum" and head["settings"]["datatype"] == "float"
+    assert [r["size"] for r in data["rows"]] == [1024, 4096, 16384, 65536]
+    for row in data["rows"]:
+        assert row["count"] * 4 == row["size"] and row["type"] == "float" and row["redop"] == "sum"
+        for impl in ("paracomm", "baseline"):
+            m = row[impl]
+            assert set(m) == {"time_us", "algbw_gbps", "busbw_gbps", "wrong"}
+            assert m["wrong"] == 0
+            assert m["time_us"] > 0
+            assert m["algbw_gbps"] == pytest.approx(row["size"] / (m["time_us"] * 1e-6) / 1e9)
+            assert m["busbw_gbps"] == pytest.approx(m["algbw_gbps"])  # 2(n-1)/n == 1 at n = 2
+        assert row["busbw_ratio"] == pytest.approx(row["paracomm"]["busbw_gbps"] / row["baseline"]["busbw_gbps"])
+    assert data["summary"]["wrong_total"] == 0
+
+    assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.image
+    assert matplotlib.image.imread(str(out_png)).shape[:2] == (500, 800)
+
+
+def test_allreduce_cli_avg_out_of_place_compressed_wire_three_ranks(tmp_path):
+    """An odd world size, avg, the bf16 wire and out-of-place in one run: the check data stays exact."""
+    out_json = tmp_path / "ar.json"
+    proc = _run(["allreduce", "--nproc", "3", "-b", "4K", "-e", "16K", "-f", "4", "-n", "2", "-w", "1",
+                 "-o", "avg", "--inplace", "0", "--wire-dtype", "bf16", "--json", str(out_json)])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "gloo has no AVG" in proc.stdout and "out-of-place" in proc.stdout
+    data = json.loads(out_json.read_text())
+    assert data["header"]["world_size"] == 3 and data["header"]["settings"]["wire_dtype"] == "bfloat16"
+    assert [(r["size"], r["redop"], r["inplace"]) for r in data["rows"]] == [(4096, "avg", False),
+                                                                            (16384, "avg", False)]
+    for row in data["rows"]:
+        assert row["paracomm"]["wrong"] == 0 and row["baseline"]["wrong"] == 0
+        assert row["paracomm"]["busbw_gbps"] == pytest.approx(row["paracomm"]["algbw_gbps"] * 4 / 3)
+
+
+def test_bad_flag_exits_2_with_usage():
+    proc = _run(["allreduce", "--no-such-flag"], timeout=60)
+    assert proc.returncode == 2
+    assert "usage:" in proc.stderr and "--no-such-flag" in proc.stderr
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["-b", "12X"], "invalid size"),
+    (["-b", "2M", "-e", "1K"], "larger than"),
+    (["-f", "1"], "stepfactor"),
+    (["-n", "0"], "iters"),
+    (["-c", "2"], "0 or 1"),
+    (["-d", "int8"], "datatype"),
+    (["-o", "max"], "op"),
+    (["-d", "int32", "-o", "avg"], "floating"),
+    (["-d", "half", "--wire-dtype", "bf16"], "float (fp32) data only"),
+    (["--ranks-per-gpu", "2", "--device", "cpu"], "needs CUDA"),
+    (["--nproc", "0"], "nproc"),
+    (["--json", "/no/such/dir/x.json"], "does not exist"),
+])
+def test_bad_flags_are_refused_before_any_rank_starts(argv, message, capsys):
+    assert allreduce.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "usage:" in err and message in err
+
+
+def test_ddp_bad_flags_exit_2(capsys):
+    assert ddp.main(["--variants", "default,nope"]) == 2
+    assert "nope" in capsys.readouterr().err
+    assert ddp.main(["--d-model", "30", "--heads", "4"]) == 2
+    assert "multiple of --heads" in capsys.readouterr().err
+
+
+def test_ddp_mode_runs_every_variant_and_writes_json(tmp_path):
+    out_json = tmp_path / "ddp.json"
+    proc = _run(["ddp", "--nproc", "2", "--layers", "1", "--d-model", "16", "--heads", "2", "--ff", "32",
+                 "--seq", "4", "--batch", "2", "-n", "2", "-w", "1", "--json", str(out_json)])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    data = json.loads(out_json.read_text())
+    assert data["benchmark"] == "ddp" and data["header"]["world_size"] == 2
+    assert data["header"]["model"]["layers"] == 1 and data["header"]["model"]["params"] > 0
+    variants = [r["variant"] for r in data["rows"]]
+    # torch's own bf16 hook is CUDA/NCCL-only; everything else runs on gloo
+    assert variants == [v for v in ddp.VARIANTS if v != "torch-bf16"]
+    losses = {}
+    for row in data["rows"]:
+        assert row["step_ms"] > 0 and row["samples_per_s"] > 0 and row["vs_default"] > 0
+        losses[row["variant"]] = row["loss"]
+        assert row["variant"] in proc.stdout
+    # Same weights, same data: the uncompressed variants train identically, the compressed ones nearly so.
+    assert losses["paracomm-allreduce"] == pytest.approx(losses["default"], rel=1e-5)
+    for v in ("torch-fp16", "paracomm-fp16", "paracomm-bf16", "ring-bf16+scaler"):
+        assert losses[v] == pytest.approx(losses["default"], rel=1e-2)
