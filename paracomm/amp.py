@@ -54,6 +54,26 @@ def _dense_alias(t: torch.Tensor) -> Optional[torch.Tensor]:
     return permuted if permuted.is_contiguous() else None
 
 
+def _copy_to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A copy of ``t`` on ``device``, without a host sync except where one is needed for correctness.
+
+    A copy from a GPU to the CPU must be complete before a CPU kernel reads it on the host (a non_blocking
+    device-to-host copy would race with it), so that one copy blocks. Every other copy is asynchronous.
+    """
+    blocking = device.type == "cpu" and t.device.type != "cpu"
+    return t.to(device=device, non_blocking=not blocking, copy=True)
+
+
+class _Replicator(_MultiDeviceReplicator):
+    """torch's lazy per-device copies of the scale/flag tensors, with :func:`_copy_to`'s safe CPU copies."""
+
+    def get(self, device: torch.device) -> torch.Tensor:
+        copy = self._per_device_tensors.get(device)
+        if copy is None:
+            copy = self._per_device_tensors[device] = _copy_to(self.master, device)
+        return copy
+
+
 class _DeviceGrads:
     """One device's gradients of one optimizer, sorted by the path that will unscale them."""
 
@@ -98,7 +118,11 @@ class GradScaler(torch.amp.GradScaler):
     4. ``update()`` forgets the hook state; the next iteration starts fresh.
 
     With the hook, the inf/nan flag is per device rather than per optimizer: every optimizer with gradients on
-    a recorded device sees the hook's flag. No call synchronises the host with a CUDA device.
+    a recorded device sees the hook's flag.
+
+    No call synchronises the host with a CUDA device, except where a value must cross from a GPU to the CPU
+    (CPU gradients with the scale on a GPU, or a GPU norm for a scaler on the CPU): that copy blocks, since a
+    CPU kernel or the caller reads it on the host.
     """
 
     def __init__(
@@ -139,7 +163,7 @@ class GradScaler(torch.amp.GradScaler):
             ValueError: ``device`` is not a cpu or cuda device (or not a device name at all).
             AssertionError: the scale does not exist yet (``scale()`` was not called), as torch's methods.
 
-        Does not synchronise the host with the device.
+        Does not synchronise the host with a CUDA device (except a CPU ``device`` with the scale on a GPU).
         """
         device = self._hook_device(device)
         if not self._enabled:
@@ -149,7 +173,7 @@ class GradScaler(torch.amp.GradScaler):
         with self._comm_hook_lock:
             entry = self._comm_hook_state.get(device)
             if entry is None:
-                inv_scale = scale.double().reciprocal().float().to(device, non_blocking=True)
+                inv_scale = _copy_to(scale.double().reciprocal().float(), device)
                 found_inf = torch.zeros((), dtype=torch.float32, device=device)
                 entry = (inv_scale, found_inf)
                 self._comm_hook_state[device] = entry
@@ -214,8 +238,8 @@ class GradScaler(torch.amp.GradScaler):
 
         Returns ``(found_inf_per_device, norm_per_device)``; the latter is empty unless ``want_norm``.
         """
-        per_device_inv_scale = _MultiDeviceReplicator(inv_scale)
-        per_device_found_inf = _MultiDeviceReplicator(found_inf)
+        per_device_inv_scale = _Replicator(inv_scale)
+        per_device_found_inf = _Replicator(found_inf)
         norms: dict[torch.device, torch.Tensor] = {}
         with torch.no_grad():
             for device, grads in self._group_grads(optimizer).items():
@@ -313,7 +337,7 @@ class GradScaler(torch.amp.GradScaler):
             AssertionError: the scale does not exist yet (torch's).
             TypeError: ``norm`` is not a bool.
 
-        Does not synchronise the host with a CUDA device.
+        Does not synchronise the host with a CUDA device (see the class docstring for the GPU-to-CPU case).
         """
         if not isinstance(norm, bool):
             raise TypeError(f"paracomm.amp.GradScaler.unscale_: norm must be a bool, got {type(norm).__name__}")
@@ -360,9 +384,10 @@ class GradScaler(torch.amp.GradScaler):
     def _combine_norms(norms: dict[torch.device, torch.Tensor], device: torch.device) -> torch.Tensor:
         if not norms:
             return torch.zeros((), dtype=torch.float32, device=device)
-        if len(norms) == 1:
-            return next(iter(norms.values())).to(device, non_blocking=True)
-        squares = [n.to(device, non_blocking=True).square() for n in norms.values()]
+        moved = [n if n.device == device else _copy_to(n, device) for n in norms.values()]
+        if len(moved) == 1:
+            return moved[0]
+        squares = [n.square() for n in moved]
         return torch.stack(squares).sum().sqrt()
 
     # ----------------------------------------------------------------------------------------------------

@@ -478,9 +478,11 @@ def test_comm_hook_state_is_per_iteration_and_sparse_grads_still_unscaled():
     assert scaler.comm_hook_unscale("cpu")[0].item() == 0.25
 
 
-def test_comm_hook_with_optimizer_that_unscales_itself():
-    """Fused SGD takes the scale from the scaler and unscales inside its step: with a comm hook, it must not
-    divide the hook's already unscaled gradients again (checked against torch's scaler + fused SGD)."""
+@pytest.mark.parametrize("use_hook", [False, True], ids=["no_hook", "hook"])
+def test_optimizer_that_unscales_itself(use_hook):
+    """Fused SGD takes the scale from the scaler and unscales inside its step. Without a hook the scaler only
+    checks for inf/nan (torch's _check_inf_per_device, bitwise torch's result); with a comm hook it must not
+    divide the hook's already unscaled gradients again (close to torch's scaler + fused SGD)."""
     torch.manual_seed(2)
     ref_model = _mlp()
     our_model = copy.deepcopy(ref_model)
@@ -496,12 +498,15 @@ def test_comm_hook_with_optimizer_that_unscales_itself():
             scaler.scale(((model(x) - y) ** 2).mean()).backward()
             if step == 3:
                 list(model.parameters())[1].grad.view(-1)[0] = NAN
-            if scaler is our_scaler:
+            if scaler is our_scaler and use_hook:
                 _simulated_hook(scaler, model)
             scaler.step(opt)
             scaler.update()
         for ref_p, our_p in zip(ref_model.parameters(), our_model.parameters()):
-            torch.testing.assert_close(our_p, ref_p, rtol=1e-6, atol=1e-7)
+            if use_hook:  # fused SGD divides by the scale, the hook multiplies by its reciprocal
+                torch.testing.assert_close(our_p, ref_p, rtol=1e-6, atol=1e-7)
+            else:
+                _assert_bitwise(our_p, ref_p)
         assert our_scaler.get_scale() == ref_scaler.get_scale()
         assert all(torch.equal(b, p) for b, p in zip(before, our_model.parameters())) == (step == 3)
 
