@@ -10,6 +10,7 @@ __version__ = "0.1.0"
 import torch
 
 from . import _C
+from . import amp
 from ._ops import flatten, unflatten_, unscale_and_check_
 
 
@@ -27,4 +28,4 @@ def build_info() -> dict:
     return info
 
 
-__all__ = ["__version__", "build_info", "flatten", "unflatten_", "unscale_and_check_"]
+__all__ = ["__version__", "amp", "build_info", "flatten", "unflatten_", "unscale_and_check_"]
