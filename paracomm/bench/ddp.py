@@ -150,8 +150,12 @@ def _register(ddp, variant: str, device):
         ddp.register_comm_hook(None, th.bf16_compress_hook)
         return None
 
-    from paracomm import hooks
     from paracomm.amp import GradScaler
+
+    if variant == "default+scaler":
+        return GradScaler(device.type)
+
+    from paracomm import hooks
 
     if variant == "paracomm-allreduce":
         ddp.register_comm_hook(None, hooks.allreduce_hook)
@@ -165,10 +169,8 @@ def _register(ddp, variant: str, device):
     if variant == "ring":
         ddp.register_comm_hook(hooks.RingHookState(), hooks.ring_hook)
         return None
-    scaler = GradScaler(device.type)
-    if variant == "default+scaler":
-        return scaler
     if variant == "ring-bf16+scaler":
+        scaler = GradScaler(device.type)
         ddp.register_comm_hook(hooks.RingHookState(wire_dtype=torch.bfloat16, scaler=scaler), hooks.ring_hook)
         return scaler
     raise ValueError(f"unknown variant {variant!r}")
