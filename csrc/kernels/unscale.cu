@@ -167,7 +167,7 @@ void launch_unscale_and_check(const UnscaleTensor* tensors, int64_t count, const
     g->members.push_back(i);
   }
   const int64_t total_blocks = unscale_norm_workspace_elems(tensors, count);
-  if (norm != nullptr)
+  if (norm != nullptr && total_blocks > 0)
     PARACOMM_CHECK(norm_workspace != nullptr && workspace_elems >= total_blocks, "unscale_and_check: the norm needs ",
                    total_blocks, " workspace doubles, got ", norm_workspace ? workspace_elems : 0);
 
