@@ -56,15 +56,16 @@ __device__ __forceinline__ Acc acc_add(Acc x, Acc y) {
 // Everything after the loads for one element: returns the value to store in out, writes the wire value.
 template <typename Acc, typename WT>
 struct Finisher {
-  bool divide, has_scale, has_wire, check;
+  bool divide, has_scale, check;
   Acc divisor, scale;
 
-  __device__ __forceinline__ Acc operator()(Acc v, WT& wire_value, bool& found) const {
+  template <bool kWire>
+  __device__ __forceinline__ Acc apply(Acc v, WT& wire_value, bool& found) const {
     if constexpr (std::is_floating_point_v<Acc>) {
       if (divide) v = v / divisor;
       if (has_scale) v = v * scale;
     }
-    if (has_wire) {
+    if constexpr (kWire) {
       wire_value = convert<WT>(v);
       v = to_acc<Acc>(wire_value);
     }
@@ -82,7 +83,7 @@ __global__ void __launch_bounds__(kRingThreads) ring_reduce_kernel(const RingPar
   const BT* b = static_cast<const BT*>(p.b);
   WT* wire = static_cast<WT*>(p.wire);
   const bool has_b = b != nullptr;
-  Finisher<Acc, WT> fin{p.divide, p.scale != nullptr, wire != nullptr, p.found_inf != nullptr,
+  Finisher<Acc, WT> fin{p.divide, p.scale != nullptr, p.found_inf != nullptr,
                         static_cast<Acc>(p.divisor), Acc(1)};
   if constexpr (std::is_floating_point_v<Acc>) {
     if (p.scale != nullptr) fin.scale = static_cast<Acc>(*p.scale);
@@ -95,22 +96,32 @@ __global__ void __launch_bounds__(kRingThreads) ring_reduce_kernel(const RingPar
   if (p.vectorized) {
     constexpr int kVec = vec_elems_v<OutT, AT, BT, WT>;
     const int64_t num_vecs = p.n / kVec;
-    for (int64_t v = tid; v < num_vecs; v += stride) {
-      const int64_t base = v * kVec;
-      AT xa[kVec];
-      BT xb[kVec];
-      load_pack(xa, a + base);
-      if (has_b) load_pack(xb, b + base);
-      OutT y[kVec];
-      WT w[kVec];
+    // The wire round-trip is a separate instantiation of the loop body, so calls without it keep no wire
+    // values alive (on sm_80 one shared body spilled a few registers).
+    auto vector_loop = [&](auto with_wire) {
+      constexpr bool kWire = decltype(with_wire)::value;
+      for (int64_t v = tid; v < num_vecs; v += stride) {
+        const int64_t base = v * kVec;
+        AT xa[kVec];
+        BT xb[kVec];
+        load_pack(xa, a + base);
+        if (has_b) load_pack(xb, b + base);
+        OutT y[kVec];
+        WT w[kVec];
 #pragma unroll
-      for (int k = 0; k < kVec; ++k) {
-        Acc acc = to_acc<Acc>(xa[k]);
-        if (has_b) acc = acc_add(acc, to_acc<Acc>(xb[k]));
-        y[k] = convert<OutT>(fin(acc, w[k], found));
+        for (int k = 0; k < kVec; ++k) {
+          Acc acc = to_acc<Acc>(xa[k]);
+          if (has_b) acc = acc_add(acc, to_acc<Acc>(xb[k]));
+          y[k] = convert<OutT>(fin.template apply<kWire>(acc, w[k], found));
+        }
+        if constexpr (kWire) store_pack(wire + base, w);
+        store_pack(out + base, y);
       }
-      if (wire != nullptr) store_pack(wire + base, w);
-      store_pack(out + base, y);
+    };
+    if (wire != nullptr) {
+      vector_loop(std::true_type{});
+    } else {
+      vector_loop(std::false_type{});
     }
     scalar_begin = num_vecs * kVec;
   }
@@ -118,8 +129,13 @@ __global__ void __launch_bounds__(kRingThreads) ring_reduce_kernel(const RingPar
     Acc acc = to_acc<Acc>(a[i]);
     if (has_b) acc = acc_add(acc, to_acc<Acc>(b[i]));
     WT w;
-    const Acc v = fin(acc, w, found);
-    if (wire != nullptr) wire[i] = w;
+    Acc v;
+    if (wire != nullptr) {
+      v = fin.template apply<true>(acc, w, found);
+      wire[i] = w;
+    } else {
+      v = fin.template apply<false>(acc, w, found);
+    }
     out[i] = convert<OutT>(v);
   }
   if (found) *p.found_inf = 1.0f;  // every finder stores the same 1.0
