@@ -135,7 +135,8 @@ def test_unscale_more_tensors_than_one_launch(out, gen):
     sizes = torch.randint(1, 300, (2 * INPLACE_CAPACITY + 5,), generator=gen).tolist()
     sizes[7] = 3 * CHUNK + 5  # a multi-chunk tensor in the middle of the list
     sizes[11] = 0  # empty tensors are skipped
-    grads = [rand(n, GRAD_DTYPES[(i // 50) % 3], gen) for i, n in enumerate(sizes)]
+    # 200 float32 then 157 float16: each dtype group alone exceeds one launch (176 in place, 128 with out).
+    grads = [rand(n, GRAD_DTYPES[(i // 200) % 3], gen) for i, n in enumerate(sizes)]
     before = [t.clone() for t in grads]
     inv = scalar(2.0**-10)
     g_cuda, o_cuda, f_cuda, n_cuda = unscale_on(DEV, grads, inv, scalar(0.0), out=out, norm=True)
@@ -250,10 +251,9 @@ def test_flatten_scale_arithmetic_is_float32_or_float64(gen):
 def test_flatten_many_tensors_mixed_dtypes_sizes_and_alignment(gen):
     sizes = torch.randint(0, 400, (3 * OUT_CAPACITY + 7,), generator=gen).tolist()
     sizes[5] = 2 * CHUNK + 3
-    tensors = [
-        rand(n, ALL_DTYPES[(i // 40) % len(ALL_DTYPES)], gen, scale=30.0, misaligned=(i % 3 == 1))
-        for i, n in enumerate(sizes)
-    ]
+    # The first 200 are float32 (one dtype group larger than a launch holds), the rest cycle through dtypes.
+    dtypes = [torch.float32 if i < 200 else ALL_DTYPES[(i // 20) % len(ALL_DTYPES)] for i in range(len(sizes))]
+    tensors = [rand(n, d, gen, scale=30.0, misaligned=(i % 3 == 1)) for i, (n, d) in enumerate(zip(sizes, dtypes))]
     total = sum(sizes)
     for dst in (torch.float32, torch.bfloat16, torch.float64):
         out = torch.full((total,), 3.0, dtype=dst, device=DEV)
