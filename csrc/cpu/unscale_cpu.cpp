@@ -92,7 +92,7 @@ void unscale_and_check_cpu(at::TensorList grads, const at::Tensor& inv_scale, co
 
 void unscale_and_check_out_cpu(at::TensorList grads, const at::Tensor& inv_scale, const at::Tensor& found_inf,
                                at::TensorList out, const std::optional<at::Tensor>& norm) {
-  check_unscale_args("unscale_and_check_", grads, inv_scale, found_inf, &out, norm);
+  check_unscale_args("unscale_and_check_out", grads, inv_scale, found_inf, &out, norm);
   unscale_impl(grads, inv_scale, found_inf, &out, norm);
 }
 
