@@ -142,6 +142,19 @@ def test_sizes_across_chunk_boundaries(device, size, seeded):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_integers_and_float64_scale_in_float64(device, seeded):
+    """Large int64 values and float64 data keep every bit through a scaled copy (no float32 on the way)."""
+    big = torch.randint(1 << 40, 1 << 50, (1000,), generator=seeded, dtype=torch.int64).to(device)
+    f64 = _rand((999,), torch.float64, device, seeded) * (1 + 2.0**-40)
+    for dtype in (torch.int64, torch.float64):
+        flat = paracomm.flatten([big, f64], dtype=dtype, scale=2.0)
+        assert torch.equal(flat.cpu(), _ref_flat([big, f64], dtype, 2.0))
+    dests = [torch.empty_like(big), torch.empty_like(f64)]
+    paracomm.unflatten_(paracomm.flatten([big, f64], dtype=torch.float64, scale=2.0), dests, scale=0.5)
+    assert torch.equal(dests[0], big) and torch.equal(dests[1], f64)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_fp32_bf16_wire_round_trip(device, seeded):
     """DDP-style: fp32 grads -> bf16 wire scaled by 1/world (float) -> fp32 grads scaled by a tensor."""
     grads = [_rand(s, torch.float32, device, seeded) for s in [(300, 7), (65537,), (5,), (4096, 3)]]
