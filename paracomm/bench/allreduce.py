@@ -31,7 +31,7 @@ import sys
 import torch
 
 from . import launch as launch_mod
-from .timing import barrier, median, slowest_rank, sum_over_ranks, time_iterations
+from .timing import barrier, gbps, median, slowest_rank, sum_over_ranks, time_iterations
 
 DTYPES = {
     "float": torch.float32, "half": torch.float16, "bfloat16": torch.bfloat16,
@@ -272,7 +272,7 @@ def measure(reduce_fn, *, src, inplace: bool, args, ctx) -> dict:
             barrier(device)
     times = time_iterations(run, device=device, warmup=args.warmup_iters, iters=args.iters, before_each=before)
     seconds = slowest_rank(median(times), device)
-    algbw = nbytes / seconds / 1e9
+    algbw = gbps(nbytes, seconds)
     result = {"time_us": seconds * 1e6, "algbw_gbps": algbw,
               "busbw_gbps": bus_bandwidth(algbw, ctx.world_size), "wrong": None}
     if args.check:

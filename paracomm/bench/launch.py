@@ -229,6 +229,8 @@ def run_header(ctx: RankContext) -> dict:
     """Facts every benchmark prints and stores: world size, backend and version, device, paracomm build."""
     import paracomm
 
+    from .timing import git_commit, now_iso
+
     return {
         "world_size": ctx.world_size,
         "launcher": ctx.launcher,
@@ -238,5 +240,6 @@ def run_header(ctx: RankContext) -> dict:
         "ranks_per_gpu": ctx.ranks_per_gpu if ctx.device.type == "cuda" else None,
         "torch": torch.__version__,
         "paracomm": paracomm.build_info(),
-        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "git_commit": git_commit(),
+        "date": now_iso(),
     }
