@@ -2,6 +2,8 @@
 
 * ``paracomm.unscale_and_check_``, ``paracomm.flatten``, ``paracomm.unflatten_``: fused gradient kernels.
 * ``paracomm.amp.GradScaler``: torch's GradScaler on the fused unscale-and-check kernel.
+* ``paracomm.hooks``: DDP communication hooks on the ring; ``paracomm.GradBucketer``: bucketed gradient
+  all-reduce without DDP.
 """
 from __future__ import annotations
 
@@ -11,6 +13,8 @@ import torch
 
 from . import _C
 from ._ops import flatten, unflatten_, unscale_and_check_
+from . import hooks
+from .buckets import GradBucketer
 
 
 def build_info() -> dict:
@@ -27,4 +31,4 @@ def build_info() -> dict:
     return info
 
 
-__all__ = ["__version__", "build_info", "flatten", "unflatten_", "unscale_and_check_"]
+__all__ = ["__version__", "GradBucketer", "build_info", "flatten", "hooks", "unflatten_", "unscale_and_check_"]
