@@ -294,3 +294,59 @@ def test_hooks_refuse_bad_state_and_wrappers_refuse_non_callables():
     for wrapper in (hooks.fp16_compress_wrapper, hooks.bf16_compress_wrapper):
         with pytest.raises(TypeError, match="hook must be a callable"):
             wrapper("allreduce")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# CUDA (skipped without a GPU): DDP over NCCL at world size 1, every hook trains and matches DDP's own
+# all-reduce (at world size 1 the average is the gradient itself, up to the wire's rounding).
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _cuda_cases(rank, world_size):
+    from paracomm.amp import GradScaler
+
+    torch.cuda.set_device(0)
+    out = {}
+
+    def train(state, hook, scaler=None):
+        model = _mlp().cuda()
+        ddp = DDP(model, device_ids=[0], bucket_cap_mb=BUCKET_CAP_MB)
+        if hook is not None:
+            ddp.register_comm_hook(state, hook)
+        opt = torch.optim.SGD(ddp.parameters(), lr=LR, momentum=0.9)
+        for step in range(STEPS):
+            x, y = (t.cuda() for t in _batch(rank, step))
+            loss = torch.nn.functional.mse_loss(ddp(x), y)
+            opt.zero_grad()
+            if scaler is None:
+                loss.backward()
+                opt.step()
+            else:
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+        return _flat_params(model).cpu()
+
+    out["reference"] = train(None, None)
+    out["allreduce"] = train(None, hooks.allreduce_hook)
+    out["fp16"] = train(None, hooks.fp16_compress_hook)
+    out["bf16"] = train(None, hooks.bf16_compress_hook)
+    out["fp16_wrapper"] = train(None, hooks.fp16_compress_wrapper(hooks.allreduce_hook))
+    out["bf16_wrapper"] = train(None, hooks.bf16_compress_wrapper(hooks.allreduce_hook))
+    out["ring.bf16"] = train(hooks.RingHookState(wire_dtype=torch.bfloat16), hooks.ring_hook)
+    scaler = GradScaler("cuda", init_scale=2.0**10)
+    out["ring.scaler"] = train(hooks.RingHookState(scaler=scaler), hooks.ring_hook, scaler)
+    out["init"] = _flat_params(_mlp())
+    return _portable(out)
+
+
+@pytest.mark.cuda
+def test_every_hook_trains_on_cuda_over_nccl():
+    r = _tensors(run_ranks(1, _cuda_cases, backend="nccl", timeout=300)[0])
+    movement = (r["reference"] - r["init"]).abs().max().item()
+    assert movement > 0.05
+    for name in ("allreduce", "ring.scaler"):
+        assert _max_diff(r[name], r["reference"]) <= 1e-5, name
+    for name, wire in (("fp16", torch.float16), ("bf16", torch.bfloat16), ("fp16_wrapper", torch.float16),
+                       ("bf16_wrapper", torch.bfloat16), ("ring.bf16", torch.bfloat16)):
+        assert _max_diff(r[name], r["reference"]) <= 8 * torch.finfo(wire).eps * movement, name
