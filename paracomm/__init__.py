@@ -12,6 +12,7 @@ __version__ = "0.1.0"
 import torch
 
 from . import _C
+from . import amp
 from ._ops import flatten, unflatten_, unscale_and_check_
 from . import hooks
 from .buckets import GradBucketer
@@ -31,4 +32,4 @@ def build_info() -> dict:
     return info
 
 
-__all__ = ["__version__", "GradBucketer", "build_info", "flatten", "hooks", "unflatten_", "unscale_and_check_"]
+__all__ = ["__version__", "GradBucketer", "amp", "build_info", "flatten", "hooks", "unflatten_", "unscale_and_check_"]
