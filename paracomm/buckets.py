@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import numbers
+import threading
 from typing import Iterable, List, Optional, Sequence
 
 import torch
@@ -229,6 +230,9 @@ class GradBucketer:
         self._backward_seen = False  # a hook ran this iteration (end-of-backward callback queued)
         self._backward_done = False  # that backward has finished
         self._sync = True
+        # Autograd runs CPU and each CUDA device's backward work on different threads: hooks of parameters
+        # on different devices may run concurrently.
+        self._lock = threading.Lock()
         self._handles = [p.register_post_accumulate_grad_hook(self._on_grad_ready) for p in trainable]
         self._removed = False
 
@@ -249,6 +253,10 @@ class GradBucketer:
         """Post-accumulate-grad hook: ``param.grad`` now holds this backward's gradient."""
         if not self._sync:
             return
+        with self._lock:
+            self._grad_ready(param)
+
+    def _grad_ready(self, param: torch.Tensor) -> None:
         b, k = self._where[id(param)]
         if self._backward_done or self._ready[b][k]:
             raise RuntimeError(
@@ -269,8 +277,9 @@ class GradBucketer:
             self._launch(self._next_bucket)
 
     def _on_backward_end(self) -> None:
-        self._backward_done = True
-        self._launch_remaining()
+        with self._lock:
+            self._backward_done = True
+            self._launch_remaining()
 
     def _launch_remaining(self) -> None:
         while self._next_bucket < len(self._buckets):
@@ -311,7 +320,8 @@ class GradBucketer:
         if not self._sync:
             raise RuntimeError("paracomm.GradBucketer: wait() inside no_sync(); leave the context first")
         try:
-            self._launch_remaining()
+            with self._lock:
+                self._launch_remaining()
             for bucket in self._buckets:
                 bucket.work.wait()
                 targets = [g if g.is_contiguous() else torch.empty_like(g, memory_format=torch.contiguous_format)

@@ -245,6 +245,16 @@ def _behaviour(rank, world_size):
     except RuntimeError as e:
         out["wait_after_remove"] = str(e)
     out["hooks_left"] = sum(len(p._post_accumulate_grad_hooks or {}) for p in model.parameters())
+
+    # Sparse gradients (nn.Embedding(sparse=True)) are refused when they arrive, before any collective.
+    emb = torch.nn.Embedding(10, 3, sparse=True)
+    bucketer = paracomm.GradBucketer(emb.parameters())
+    try:
+        emb(torch.tensor([1, 2])).sum().backward()
+        out["sparse"] = "accepted"
+    except RuntimeError as e:
+        out["sparse"] = str(e)
+    bucketer.remove()  # nothing in flight: removal is allowed
     return out
 
 
@@ -320,6 +330,11 @@ def test_second_backward_refused_then_recovers(results):
         assert "second backward" in b["second_backward"]
         assert "call wait() first" in b["remove_mid_iteration"]
         assert b["recovered_in_sync"]
+
+
+def test_sparse_gradients_refused(results):
+    for r in results:
+        assert "sparse gradients are not supported" in r["behaviour"]["sparse"]
 
 
 def test_remove_detaches_hooks(results):
