@@ -245,6 +245,11 @@ class GradBucketer:
         """The parameters of each bucket, in launch order."""
         return [list(b.params) for b in self._buckets]
 
+    @property
+    def launched_buckets(self) -> int:
+        """How many buckets of the current iteration have started their all-reduce (0 after ``wait()``)."""
+        return self._next_bucket
+
     # ---------------------------------------------------------------------------------------------------
     # The iteration
     # ---------------------------------------------------------------------------------------------------

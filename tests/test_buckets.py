@@ -169,6 +169,18 @@ def _behaviour(rank, world_size):
     # The parameters some backward reaches (never_used gets a gradient only from the bucketer).
     trainable = lambda m: [p for n, p in m.named_parameters() if p.requires_grad and n != "never_used"]  # noqa
 
+    # Overlap: when l1.weight's gradient (one of the last) arrives, the buckets of the later layers are
+    # already on the wire; after backward every bucket is.
+    model = _Net()
+    bucketer = paracomm.GradBucketer(model.parameters(), bucket_cap_mb=CAP_MB, first_bucket_mb=CAP_MB / 4)
+    seen = []
+    model.l1.weight.register_post_accumulate_grad_hook(lambda p: seen.append(bucketer.launched_buckets))
+    _local_grads(model, rank, 0)
+    out["launched"] = (seen[0], bucketer.launched_buckets, len(bucketer.buckets))
+    bucketer.wait()
+    out["launched_after_wait"] = bucketer.launched_buckets
+    bucketer.remove()
+
     # op="sum" equals world_size * the average, and the average equals a plain dist.all_reduce / world.
     model = _Net()
     _local_grads(model, rank, 0)
@@ -314,6 +326,13 @@ def test_ranks_never_diverge(results):
 def test_parameter_unused_on_every_rank_gets_zero_grad(results):
     for r in results:
         assert (r["bucketer"]["never_used_grad"] == 0).all()
+
+
+def test_buckets_start_during_backward(results):
+    for r in results:
+        during, after_backward, total = r["behaviour"]["launched"]
+        assert 0 < during < total and after_backward == total, r["behaviour"]["launched"]
+        assert r["behaviour"]["launched_after_wait"] == 0
 
 
 def test_sum_op_and_no_sync(results):

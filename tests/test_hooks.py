@@ -241,7 +241,6 @@ def _scaler_cases(rank, world_size):
 def test_ring_hook_with_scaler_skips_like_torch():
     results = _tensors(run_ranks(2, _scaler_cases, timeout=180))
     ref_params, ref_skipped, ref_scales, ref_norms = results[0]["torch"]
-    assert [s for s, r in _POISON] and any(ref_skipped) and not all(ref_skipped)
     assert ref_skipped == [any(s == step for s, _ in _POISON) for step in range(STEPS)]
     for name, tol in (("ring", 1e-6), ("ring.bf16", None)):
         params, skipped, scales, norms = results[0][name]
