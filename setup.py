@@ -50,10 +50,26 @@ def _want_cuda():
 CXX_FLAGS = ["-O3", "-std=c++17", "-Wall", "-Wno-unused-function"]
 common_sources = _sources("*.cpp", "cpu/*.cpp", "ring/schedule.cpp")
 
+def _cuda_arch_list():
+    """The architectures the CUDA build compiles for, pinned in TORCH_CUDA_ARCH_LIST so that the build and
+    build_info()["archs"] agree: the variable if set, else the visible GPUs' capabilities, else 8.0;9.0."""
+    archs = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if not archs:
+        if torch.cuda.is_available():
+            caps = {torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}
+            archs = ";".join(f"{major}.{minor}" for major, minor in sorted(caps))
+        else:
+            archs = "8.0;9.0"
+        os.environ["TORCH_CUDA_ARCH_LIST"] = archs
+    return archs
+
+
 if _want_cuda():
-    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
-        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+    archs = _cuda_arch_list()
     nccl = _nccl_home()
+    nvcc_flags = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+    if os.environ.get("PARACOMM_PTXAS_VERBOSE", "0") == "1":
+        nvcc_flags += ["-Xptxas", "-v"]  # registers, spills and stack frame of every kernel, in the build log
     ext = cpp_extension.CUDAExtension(
         name="paracomm._C",
         sources=common_sources + _sources("cuda/*.cpp", "cuda/*.cu", "kernels/*.cu", "ring/nccl_*.cpp"),
@@ -61,11 +77,12 @@ if _want_cuda():
         library_dirs=[os.path.join(nccl, "lib")],
         # The wheel ships libnccl.so.2 without the libnccl.so symlink, so name the file itself.
         extra_link_args=["-l:libnccl.so.2", f"-Wl,-rpath,{os.path.join(nccl, 'lib')}"],
-        define_macros=[("PARACOMM_WITH_CUDA", "1")],
-        extra_compile_args={
-            "cxx": CXX_FLAGS,
-            "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"],
-        },
+        define_macros=[
+            ("PARACOMM_WITH_CUDA", "1"),
+            ("PARACOMM_WITH_NCCL", "1"),
+            ("PARACOMM_CUDA_ARCHS", f'"{archs}"'),  # a string literal for build_info()
+        ],
+        extra_compile_args={"cxx": CXX_FLAGS, "nvcc": nvcc_flags},
     )
 else:
     ext = cpp_extension.CppExtension(

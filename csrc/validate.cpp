@@ -1,6 +1,7 @@
 // Argument checks shared by the CPU and CUDA glue of the unscale and flatten ops (see validate.h).
 #include "validate.h"
 
+#include <cstring>
 #include <string>
 
 namespace paracomm {
@@ -30,6 +31,30 @@ void check_unscale_args(const char* op, at::TensorList grads, const at::Tensor& 
                          " but grads[", i, "] has shape ", grads[i].sizes());
     }
   }
+}
+
+int64_t check_flatten_args(const char* op, at::TensorList tensors, const at::Tensor& flat,
+                           const std::optional<at::Tensor>& scale_tensor) {
+  // `flat` is called "out" by flatten_out and "flat" by unflatten_; flatten passes none and allocates.
+  const char* flat_arg = std::strcmp(op, "unflatten_") == 0 ? "flat" : "out";
+  PARACOMM_ARG_CHECK(flat.defined() || !tensors.empty(), op, ": tensors must not be empty");
+  const at::Device device = tensors.empty() ? flat.device() : tensors[0].device();
+  int64_t total = 0;
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const std::string arg = "tensors[" + std::to_string(i) + "]";
+    check_dense_on(tensors[i], op, arg, device);
+    to_dtype(tensors[i].scalar_type(), op, arg);  // TypeError for anything the core does not handle
+    total += tensors[i].numel();
+  }
+  if (flat.defined()) {
+    check_dense_on(flat, op, flat_arg, device);
+    to_dtype(flat.scalar_type(), op, flat_arg);
+    PARACOMM_ARG_CHECK(flat.dim() == 1, op, ": ", flat_arg, " must be 1-D, got shape ", flat.sizes());
+    PARACOMM_ARG_CHECK(flat.numel() == total, op, ": ", flat_arg, " has ", flat.numel(),
+                       " elements but the tensors hold ", total);
+  }
+  if (scale_tensor.has_value()) check_fp32_scalar(*scale_tensor, op, "scale_tensor", device);
+  return total;
 }
 
 }  // namespace paracomm

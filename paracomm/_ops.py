@@ -20,30 +20,62 @@ ops = torch.ops.paracomm
 # --------------------------------------------------------------------------------------------------------
 
 
+def _check_one_device(op: str, named) -> None:
+    """ValueError unless every tensor in ``named`` ((name, tensor-or-None) pairs) is on the first one's device.
+
+    The fakes below are also the ops' Meta kernels, and Meta outranks every other backend in dispatch: a call
+    mixing meta and CPU (or CUDA) tensors lands here, never reaching the C++ device checks, so check here.
+    """
+    device = None
+    for name, t in named:
+        if t is None:
+            continue
+        if device is None:
+            device = t.device
+        elif t.device != device:
+            raise ValueError(f"paracomm.{op}: {name} is on {t.device}, expected {device}")
+
+
+def _listed(name: str, tensors):
+    return [(f"{name}[{i}]", t) for i, t in enumerate(tensors)]
+
+
 @torch.library.register_fake("paracomm::unscale_and_check_")
 def _unscale_and_check_fake(grads, inv_scale, found_inf, norm):
+    _check_one_device(
+        "unscale_and_check_",
+        _listed("grads", grads) + [("inv_scale", inv_scale), ("found_inf", found_inf), ("norm", norm)],
+    )
     return None
 
 
 @torch.library.register_fake("paracomm::unscale_and_check_out")
 def _unscale_and_check_out_fake(grads, inv_scale, found_inf, out, norm):
+    _check_one_device(
+        "unscale_and_check_out",
+        _listed("grads", grads) + [("inv_scale", inv_scale), ("found_inf", found_inf), ("norm", norm)]
+        + _listed("out", out),
+    )
     return None
 
 
 @torch.library.register_fake("paracomm::flatten")
 def _flatten_fake(tensors, dtype, scale=1.0, scale_tensor=None):
     torch._check(len(tensors) > 0, lambda: "paracomm.flatten: tensors must not be empty")
+    _check_one_device("flatten", _listed("tensors", tensors) + [("scale_tensor", scale_tensor)])
     numel = sum(t.numel() for t in tensors)
     return tensors[0].new_empty((numel,), dtype=dtype)
 
 
 @torch.library.register_fake("paracomm::flatten_out")
 def _flatten_out_fake(tensors, out, scale=1.0, scale_tensor=None):
+    _check_one_device("flatten_out", _listed("tensors", tensors) + [("out", out), ("scale_tensor", scale_tensor)])
     return None
 
 
 @torch.library.register_fake("paracomm::unflatten_")
 def _unflatten_fake(flat, tensors, scale=1.0, scale_tensor=None):
+    _check_one_device("unflatten_", _listed("tensors", tensors) + [("flat", flat), ("scale_tensor", scale_tensor)])
     return None
 
 
@@ -129,7 +161,8 @@ def flatten(
         dtype: dtype of a new buffer (default: the tensors' promoted common dtype); must match ``out``'s
             dtype when both are given.
         scale: None, a number, or a 1-element float32 tensor on the device: every value is multiplied by it
-            (in float32, float64 for float64 data) before the cast.
+            before the cast, in float32 (float64 when a source or the buffer is float64 or an integer type).
+            Without a scale the copy is a plain cast (exact for equal dtypes).
 
     Returns:
         The 1-D buffer (``out`` when given) of ``sum(t.numel())`` elements.

@@ -9,6 +9,8 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "validate.h"
@@ -23,17 +25,47 @@ struct Partial {
   double sumsq = 0.0;
 };
 
+// kLanes independent partial sums, added in lane order at the end: the additions no longer form one serial
+// dependency chain (which cost ~4 cycles per element), the loop vectorises, and the order is still fixed.
+constexpr int kLanes = 8;
+
+template <bool kWantNorm, bool kWrite, typename In, typename Out>
+Partial unscale_block(const In* in, Out* out, int64_t n, float inv_scale) {
+  double sumsq[kLanes] = {};
+  int found = 0;  // OR-ed without a branch, so the loop stays vectorisable
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    float v[kLanes];
+    for (int lane = 0; lane < kLanes; ++lane) {
+      const float x = static_cast<float>(in[i + lane]);
+      found |= !(std::fabs(x) <= std::numeric_limits<float>::max());  // inf or nan
+      v[lane] = x * inv_scale;
+    }
+    for (int lane = 0; lane < kLanes; ++lane) {
+      if constexpr (kWantNorm) sumsq[lane] += static_cast<double>(v[lane]) * static_cast<double>(v[lane]);
+      if constexpr (kWrite) out[i + lane] = static_cast<Out>(v[lane]);
+    }
+  }
+  for (int lane = 0; i < n; ++i, ++lane) {
+    const float x = static_cast<float>(in[i]);
+    found |= !(std::fabs(x) <= std::numeric_limits<float>::max());
+    const float v = x * inv_scale;
+    if constexpr (kWantNorm) sumsq[lane] += static_cast<double>(v) * static_cast<double>(v);
+    if constexpr (kWrite) out[i] = static_cast<Out>(v);
+  }
+  Partial p;
+  p.found = found != 0;
+  for (int lane = 0; lane < kLanes; ++lane) p.sumsq += sumsq[lane];
+  return p;
+}
+
+// The four (norm, write) variants, chosen once per block rather than tested per element.
 template <typename In, typename Out>
 Partial unscale_block(const In* in, Out* out, int64_t n, float inv_scale, bool want_norm) {
-  Partial p;
-  for (int64_t i = 0; i < n; ++i) {
-    const float x = static_cast<float>(in[i]);
-    if (!std::isfinite(x)) p.found = true;
-    const float v = x * inv_scale;
-    if (want_norm) p.sumsq += static_cast<double>(v) * static_cast<double>(v);
-    if (out != nullptr) out[i] = static_cast<Out>(v);
+  if (out == nullptr) {
+    return want_norm ? unscale_block<true, false>(in, out, n, inv_scale) : unscale_block<false, false>(in, out, n, inv_scale);
   }
-  return p;
+  return want_norm ? unscale_block<true, true>(in, out, n, inv_scale) : unscale_block<false, true>(in, out, n, inv_scale);
 }
 
 // Unscales one tensor (`out` may be `in`, or undefined to only check and measure). Returns the flag and the
@@ -46,10 +78,12 @@ Partial unscale_tensor(const at::Tensor& in, const at::Tensor& out, float inv_sc
     using in_t = scalar_t;
     const in_t* src = in.const_data_ptr<in_t>();
     auto run = [&](auto* dst) {
+      using Out = std::remove_pointer_t<decltype(dst)>;
       at::parallel_for(0, num_blocks, 1, [&](int64_t b0, int64_t b1) {
         for (int64_t b = b0; b < b1; ++b) {
           const int64_t begin = b * kNormBlock, len = std::min(kNormBlock, n - begin);
-          partials[b] = unscale_block(src + begin, dst ? dst + begin : dst, len, inv_scale, want_norm);
+          Out* block_out = dst ? dst + begin : dst;
+          partials[b] = unscale_block(src + begin, block_out, len, inv_scale, want_norm);
         }
       });
     };
@@ -92,7 +126,7 @@ void unscale_and_check_cpu(at::TensorList grads, const at::Tensor& inv_scale, co
 
 void unscale_and_check_out_cpu(at::TensorList grads, const at::Tensor& inv_scale, const at::Tensor& found_inf,
                                at::TensorList out, const std::optional<at::Tensor>& norm) {
-  check_unscale_args("unscale_and_check_", grads, inv_scale, found_inf, &out, norm);
+  check_unscale_args("unscale_and_check_out", grads, inv_scale, found_inf, &out, norm);
   unscale_impl(grads, inv_scale, found_inf, &out, norm);
 }
 

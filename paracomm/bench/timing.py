@@ -6,9 +6,13 @@ median (robust to the occasional preemption) and keep the spread.
 """
 from __future__ import annotations
 
+import datetime
+import os
+import platform
 import statistics
+import subprocess
 import time
-from typing import Callable, List
+from typing import Callable, List, Optional
 
 import torch
 
@@ -71,3 +75,31 @@ def copy_ceiling_gbps(device: torch.device, nbytes: int = 1 << 30, iters: int = 
     dst = torch.empty_like(src)
     times = time_iterations(lambda i: dst.copy_(src), device=device, warmup=3, iters=iters)
     return 2 * n * 4 / median(times) / 1e9
+
+
+def gbps(nbytes: float, seconds: float) -> float:
+    """Bandwidth in GB/s (1e9 bytes per second) for `nbytes` moved (read + written) in `seconds`."""
+    return nbytes / seconds / 1e9
+
+
+def device_name(device: torch.device) -> str:
+    """"NVIDIA H100 80GB HBM3" on CUDA; the processor and torch's thread count on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
+    return f"cpu {cpu} ({torch.get_num_threads()} threads)"
+
+
+def git_commit() -> Optional[str]:
+    """`git rev-parse HEAD` of the checkout paracomm is imported from, or None (not a checkout, no git)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        res = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return res.stdout.strip() if res.returncode == 0 else None
+
+
+def now_iso() -> str:
+    """The current local time, ISO 8601 with the UTC offset (for result files)."""
+    return datetime.datetime.now().astimezone().isoformat(timespec="seconds")

@@ -1,0 +1,149 @@
+#!/usr/bin/env bash
+# One pass of paracomm on the GPU machine (no internet: torch+cu130, nvcc 13.0 and the NCCL wheel are there).
+#
+#   OUT=/some/dir bench/gpu_check.sh [STEP ...]      STEP: env build info test-cuda test-rest kernels allreduce
+#                                                    (default: all of them, in that order)
+#
+# Writes under $OUT: one <step>.log per step, ptxas.log + ptxas_summary.txt (register / spill / stack report
+# of every kernel, from the build), build_info.json, pytest-*.xml, kernels.json, allreduce.json + .png, and
+# gpu_check.json (every step's exit status and duration). Every step runs under `timeout` and a failing step
+# does not stop the next ones; the script exits non-zero if any step failed. Steps can be run in separate
+# invocations (the in-place build stays in the work tree), e.g. `build info` first, then `test-cuda`.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+OUT=${OUT:-$ROOT/.tmp/gpu_check}
+mkdir -p "$OUT" "$ROOT/.tmp"
+PY=${PYTHON:-python3}
+export PATH="/usr/local/cuda/bin:$PATH"
+export TMPDIR="$ROOT/.tmp" TORCHINDUCTOR_CACHE_DIR="$ROOT/.tmp/inductor"
+export TORCH_CUDA_ARCH_LIST=9.0 PARACOMM_PTXAS_VERBOSE=1
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"  # also finds an in-place build if pip install failed
+export PYTHONUNBUFFERED=1
+
+STATUS="$OUT/steps.tsv"
+FAILED=0
+
+# run_step NAME SECONDS CMD...: runs CMD under timeout, output to $OUT/NAME.log, status to steps.tsv.
+run_step() {
+  local name=$1 limit=$2
+  shift 2
+  echo "== $name (limit ${limit}s): $*"
+  local start end rc
+  start=$(date +%s)
+  timeout --kill-after=30 "$limit" "$@" >"$OUT/$name.log" 2>&1
+  rc=$?
+  end=$(date +%s)
+  printf '%s\t%s\t%s\n' "$name" "$rc" "$((end - start))" >>"$STATUS"
+  if [ "$rc" -ne 0 ]; then
+    FAILED=1
+    echo "   FAILED rc=$rc ($((end - start)) s); last lines of $name.log:"
+    tail -n 15 "$OUT/$name.log" | sed 's/^/   | /'
+  else
+    echo "   ok ($((end - start)) s)"
+  fi
+  return 0
+}
+
+step_env() {
+  nvidia-smi || true
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,clocks.max.mem --format=csv || true
+  nvcc --version || true
+  "$PY" - <<'EOF'
+import json, platform, torch
+info = {"python": platform.python_version(), "torch": torch.__version__, "torch_cuda": torch.version.cuda,
+        "cuda_available": torch.cuda.is_available()}
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    info.update(device=p.name, capability=f"{p.major}.{p.minor}", sms=p.multi_processor_count,
+                memory_gib=round(p.total_memory / 2**30, 1), nccl=".".join(map(str, torch.cuda.nccl.version())))
+try:
+    import nvidia.nccl as n
+    info["nccl_wheel"] = list(n.__path__)[0]
+except ImportError:
+    info["nccl_wheel"] = None
+print(json.dumps(info, indent=1))
+EOF
+}
+
+step_build() {
+  # The README's install command; -v so the ptxas report reaches the log, --no-deps because there is no
+  # index to ask (everything is installed already).
+  if ! "$PY" -m pip install --no-build-isolation --no-deps -v -e .; then
+    echo "pip install failed; falling back to an in-place build"
+    "$PY" setup.py build_ext --inplace || return 1
+  fi
+}
+
+summarize_ptxas() {
+  grep -E "ptxas info|bytes stack frame" "$OUT/build.log" >"$OUT/ptxas.log" || true
+  "$PY" - "$OUT/ptxas.log" >"$OUT/ptxas_summary.txt" <<'EOF'
+import re, sys
+lines = open(sys.argv[1]).read().splitlines()
+kernels, current = [], None
+for line in lines:
+    m = re.search(r"Compiling entry function '([^']+)' for '(sm_\d+a?)'", line)
+    if m:
+        current = {"name": m.group(1), "arch": m.group(2)}
+        kernels.append(current)
+    m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
+    if m and current is not None:
+        current.update(stack=int(m.group(1)), spill_st=int(m.group(2)), spill_ld=int(m.group(3)))
+    m = re.search(r"Used (\d+) registers", line)
+    if m and current is not None:
+        current["regs"] = int(m.group(1))
+bad = [k for k in kernels if k.get("stack", 0) or k.get("spill_st", 0) or k.get("spill_ld", 0)]
+print(f"{len(kernels)} kernels compiled; {len(bad)} with a stack frame or spills")
+if kernels:
+    print("registers: max", max(k.get("regs", 0) for k in kernels))
+for k in bad:
+    print(f"  {k['arch']} stack={k.get('stack')} spill_st={k.get('spill_st')} spill_ld={k.get('spill_ld')} {k['name']}")
+EOF
+  cat "$OUT/ptxas_summary.txt"
+}
+
+step_info() {
+  "$PY" -c "import json, paracomm; print(json.dumps(paracomm.build_info()))" | tee "$OUT/build_info.json"
+}
+
+write_summary() {
+  "$PY" - "$STATUS" "$OUT/gpu_check.json" <<'EOF'
+import json, sys
+steps = []
+for line in open(sys.argv[1]):
+    name, rc, seconds = line.rstrip("\n").split("\t")
+    steps.append({"step": name, "rc": int(rc), "seconds": int(seconds), "log": f"{name}.log"})
+json.dump({"steps": steps, "ok": all(s["rc"] == 0 for s in steps)}, open(sys.argv[2], "w"), indent=1)
+print(json.dumps(steps))
+EOF
+}
+
+export -f step_env step_build step_info
+export PY OUT
+
+STEPS=("$@")
+[ ${#STEPS[@]} -eq 0 ] && STEPS=(env build info test-cuda test-rest kernels allreduce)
+for s in "${STEPS[@]}"; do
+  case "$s" in
+    env) run_step env 120 bash -c step_env ;;
+    build)
+      run_step build 1500 bash -c step_build
+      summarize_ptxas
+      ;;
+    info) run_step info 120 bash -c step_info ;;
+    # The CUDA-marked tests first (the kernels against their CPU twins), then everything else, which includes
+    # the multi-rank tests: both under timeout, a hung rank cannot stall the run.
+    test-cuda) run_step test-cuda 900 "$PY" -m pytest -q -rs -m cuda --durations=15 --junitxml="$OUT/pytest-cuda.xml" ;;
+    test-rest) run_step test-rest 1200 "$PY" -m pytest -q -rs -m "not cuda" --durations=15 --junitxml="$OUT/pytest-rest.xml" ;;
+    kernels) run_step kernels 900 "$PY" -m paracomm.bench kernels --json "$OUT/kernels.json" ;;
+    allreduce)
+      run_step allreduce 1200 "$PY" -m paracomm.bench allreduce --json "$OUT/allreduce.json" --plot "$OUT/allreduce.png"
+      ;;
+    *)
+      echo "unknown step: $s (env build info test-cuda test-rest kernels allreduce)" >&2
+      FAILED=1
+      ;;
+  esac
+done
+write_summary
+exit "$FAILED"
