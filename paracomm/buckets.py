@@ -21,8 +21,8 @@ How it works (the same scheme as DDP's reducer):
 * Buckets are launched strictly in bucket order, on every rank: a bucket that is ready early waits for the
   buckets before it. Collectives are therefore issued in the same order on every rank, whatever order the
   gradients arrive in (DDP's reducer does the same).
-* At the end of backward (an autograd engine callback) the buckets still unlaunched, those holding a parameter
-  that received no gradient, are launched with zeros in place of the missing gradients. ``wait()`` launches
+* At the end of backward (an autograd engine callback) the buckets still unlaunched (one holding a parameter
+  that received no gradient, and the buckets after it) are launched, zeros standing in for missing gradients. ``wait()`` launches
   whatever is still left (no backward reached a parameter on this rank), waits for every bucket and writes
   the reduced values back with ``paracomm.unflatten_``.
 
