@@ -163,7 +163,9 @@ def _compress_wrapper(dtype: torch.dtype, hook, where: str, inner_name: str):
 def fp16_compress_wrapper(
     hook: Callable[[Any, dist.GradBucket], torch.futures.Future[torch.Tensor]],
 ) -> Callable[[Any, dist.GradBucket], torch.futures.Future[torch.Tensor]]:
-    """Wrap a DDP comm hook so it runs on a float16 copy of the bucket (replaces ``default_hooks.fp16_compress_wrapper``).
+    """Wrap a DDP comm hook so it runs on a float16 copy of the bucket.
+
+    Replaces ``default_hooks.fp16_compress_wrapper``.
 
     The returned hook casts the bucket's buffer to float16 (``bucket.set_buffer``), runs ``hook`` on it, and
     copies the hook's result back into the original buffer, which is the future's value. Wrapping

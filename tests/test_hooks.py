@@ -13,7 +13,6 @@ import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks as torch_hooks
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-import paracomm
 from paracomm import hooks
 from dist_utils import run_ranks
 
