@@ -23,8 +23,8 @@ How it works (the same scheme as DDP's reducer):
   gradients arrive in (DDP's reducer does the same).
 * At the end of backward (an autograd engine callback) the buckets still unlaunched (one holding a parameter
   that received no gradient, and the buckets after it) are launched, zeros standing in for missing gradients.
-  ``wait()`` launches whatever is still left (no backward reached a parameter on this rank), waits for every bucket and writes
-  the reduced values back with ``paracomm.unflatten_``.
+  ``wait()`` launches whatever is still left (no backward reached a parameter on this rank), waits for every
+  bucket and writes the reduced values back with ``paracomm.unflatten_``.
 
 Choices (documented in the class docstring): zeros for missing gradients, a second backward before
 ``wait()`` is refused, ``no_sync()`` for local gradient accumulation, compression left to the ring.
