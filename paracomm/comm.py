@@ -242,6 +242,9 @@ class Communicator:
         if not isinstance(tensor, torch.Tensor):
             if not hasattr(tensor, "__dlpack__"):
                 raise TypeError(f"{name}: tensor must be a torch.Tensor or support __dlpack__, got {type(tensor)}")
+            flags = getattr(tensor, "flags", None)  # NumPy-style arrays: DLPack cannot say "read-only"
+            if flags is not None and getattr(flags, "writeable", True) is False:
+                raise ValueError(f"{name}: tensor is a read-only array; all_reduce writes in place")
             try:
                 tensor = torch.from_dlpack(tensor)
             except Exception as e:  # noqa: BLE001  (unsupported dtypes/devices surface here)
