@@ -248,6 +248,18 @@ def _misc(rank, world_size):
     assert torch.equal(z, sum(_int_valued(r, 333, torch.float16).float() for r in range(n)).half())
     del os.environ["PARACOMM_CHECK_SHAPES"]
 
+    # The NCCL path's store handshake (backend-agnostic; keys of call k-2 deleted at call k).
+    store = paracomm.comm.c10d._get_process_group_store(dist.group.WORLD)
+    for k in range(5):
+        comm._handshake_store(comm._validate(torch.ones(8), "sum", None, None, None), time.monotonic() + 30)
+    # Key of the rank's own call 4 - 2 = 2 is gone (deleted at call 4); call 4's key is still there.
+    assert not store.check([f"{comm._prefix}/hs/2/{rank}"]) and store.check([f"{comm._prefix}/hs/4/{rank}"])
+    try:
+        comm._handshake_store(comm._validate(torch.ones(8 + rank), "sum", None, None, None), time.monotonic() + 30)
+        raise AssertionError("a mismatched store handshake did not raise")
+    except RuntimeError as e:
+        assert "different arguments" in str(e)
+
     # A subgroup: ring neighbours are addressed by global rank; module-level calls cache one Communicator.
     sub = dist.new_group(ranks=[0, n - 1])
     if rank in (0, n - 1):
@@ -346,7 +358,7 @@ def test_bad_inputs_refused_and_nothing_written():
 # ------------------------------------------------------------------------------------------------------------
 
 
-def _victim(rank, world_size, timeout_s):
+def _victim(rank, world_size, timeout_s, mode):
     import paracomm
     import paracomm.comm as pcomm
 
@@ -354,21 +366,34 @@ def _victim(rank, world_size, timeout_s):
     t = torch.ones(30_000)
     comm.all_reduce(t)  # a healthy call first
     if rank == world_size - 1:
-        def die(*args, **kwargs):
-            os._exit(1)  # after the handshake and op 0's transfers: in the middle of the ring
-        pcomm.ring_reduce_ = die
+        def fail(*args, **kwargs):
+            # Called after the handshake and op 0's transfers: in the middle of the ring.
+            if mode == "hang":  # alive but silent: the others can only notice through their timeout
+                time.sleep(timeout_s + 5)
+            os._exit(1)
+        pcomm.ring_reduce_ = fail
     start = time.monotonic()
     try:
         comm.all_reduce(torch.ones(30_000))
     except RuntimeError as e:
-        return str(e), time.monotonic() - start
-    return "no error", time.monotonic() - start
+        message = str(e)
+    else:
+        message = "no error"
+    elapsed = time.monotonic() - start
+    try:  # the communicator refuses further use instead of hanging again
+        comm.all_reduce(torch.ones(4))
+        later = "no error"
+    except RuntimeError as e:
+        later = str(e)
+    return message, elapsed, later
 
 
-def test_rank_killed_mid_call_makes_the_others_raise():
-    timeout_s = 5.0
-    results = run_ranks(3, _victim, timeout_s, timeout=120, allow_missing=(2,))
+@pytest.mark.parametrize("mode", ["die", "hang"])
+def test_rank_dead_or_hung_mid_call_makes_the_others_raise(mode):
+    timeout_s = 3.0
+    results = run_ranks(3, _victim, timeout_s, mode, timeout=120, allow_missing=(2,))
     assert results[2] is None
-    for message, elapsed in results[:2]:
+    for message, elapsed, later in results[:2]:
         assert "paracomm" in message and ("timeout" in message or "peer" in message), message
-        assert elapsed < timeout_s + 10, f"took {elapsed:.1f} s to notice a dead rank"
+        assert elapsed < timeout_s + 10, f"took {elapsed:.1f} s to notice a {mode} rank"
+        assert "failed earlier" in later, later
