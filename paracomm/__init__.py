@@ -1,6 +1,7 @@
 """paracomm: gradient communication for PyTorch data-parallel training.
 
 * ``paracomm.unscale_and_check_``, ``paracomm.flatten``, ``paracomm.unflatten_``: fused gradient kernels.
+* ``paracomm.Communicator``, ``paracomm.all_reduce``: ring all-reduce (NCCL for CUDA tensors, gloo for CPU).
 * ``paracomm.amp.GradScaler``: torch's GradScaler on the fused unscale-and-check kernel.
 """
 from __future__ import annotations
@@ -12,6 +13,7 @@ import torch
 from . import _C
 from . import amp
 from ._ops import flatten, unflatten_, unscale_and_check_
+from .comm import Communicator, all_reduce
 
 
 def build_info() -> dict:
@@ -28,4 +30,7 @@ def build_info() -> dict:
     return info
 
 
-__all__ = ["__version__", "amp", "build_info", "flatten", "unflatten_", "unscale_and_check_"]
+__all__ = [
+    "Communicator", "__version__", "all_reduce", "amp", "build_info", "flatten", "unflatten_",
+    "unscale_and_check_",
+]
