@@ -1,7 +1,10 @@
 """paracomm: gradient communication for PyTorch data-parallel training.
 
 * ``paracomm.unscale_and_check_``, ``paracomm.flatten``, ``paracomm.unflatten_``: fused gradient kernels.
+* ``paracomm.Communicator``, ``paracomm.all_reduce``: ring all-reduce (NCCL for CUDA tensors, gloo for CPU).
 * ``paracomm.amp.GradScaler``: torch's GradScaler on the fused unscale-and-check kernel.
+* ``paracomm.hooks``: DDP communication hooks on the ring; ``paracomm.GradBucketer``: bucketed gradient
+  all-reduce without DDP.
 """
 from __future__ import annotations
 
@@ -12,6 +15,9 @@ import torch
 from . import _C
 from . import amp
 from ._ops import flatten, unflatten_, unscale_and_check_
+from .comm import Communicator, all_reduce
+from . import hooks
+from .buckets import GradBucketer
 
 
 def build_info() -> dict:
@@ -28,4 +34,7 @@ def build_info() -> dict:
     return info
 
 
-__all__ = ["__version__", "amp", "build_info", "flatten", "unflatten_", "unscale_and_check_"]
+__all__ = [
+    "Communicator", "GradBucketer", "__version__", "all_reduce", "amp", "build_info", "flatten", "hooks",
+    "unflatten_", "unscale_and_check_",
+]

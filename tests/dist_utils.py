@@ -102,6 +102,6 @@ def run_ranks(world_size, fn, *args, timeout=180.0, backend="gloo", pg_timeout_s
         except FileNotFoundError:
             pass
     if failures:
-        rank = min(failures)
-        raise AssertionError(f"rank {rank} of {world_size} failed:\n{failures[rank]}")
+        report = "\n".join(f"rank {r} of {world_size} failed:\n{failures[r]}" for r in sorted(failures))
+        raise AssertionError(report)
     return [results.get(r) for r in range(world_size)]

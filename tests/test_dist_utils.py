@@ -21,6 +21,7 @@ def _fail_on_one(rank, world_size):
 
 
 def _die_on_one(rank, world_size):
+    dist.barrier()  # both ranks are fully connected before one dies
     if rank == 1:
         os._exit(3)
     return rank

@@ -1,0 +1,350 @@
+"""paracomm.hooks against the torch hooks they replace: DDP training on real gloo process groups.
+
+Every rank trains the same small MLP with DDP and several buckets (a tiny bucket_cap_mb) on its own data, once
+with torch's hook and once with paracomm's, and returns its parameters; the test compares them across
+implementations (fp32: 1e-6; compressed wires: a bound from the wire dtype's rounding) and across ranks
+(bitwise). All cases of one kind share one multi-process run: spawning ranks costs seconds, training is fast.
+"""
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks as torch_hooks
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from paracomm import hooks
+from dist_utils import run_ranks
+
+STEPS = 10
+LR = 0.05
+BUCKET_CAP_MB = 4096 / 2**20  # 4 KiB: the MLP's ~23 KiB of parameters fall into several buckets
+
+
+def _mlp(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torch.nn.Linear(16, 48), torch.nn.Tanh(),
+        torch.nn.Linear(48, 48), torch.nn.Tanh(),
+        torch.nn.Linear(48, 32), torch.nn.Tanh(),
+        torch.nn.Linear(32, 8),
+    )
+
+
+def _batch(rank, step, poison=False):
+    g = torch.Generator().manual_seed(1000 * rank + step)
+    x = torch.randn(12, 16, generator=g)
+    y = torch.randn(12, 8, generator=g)
+    if poison:
+        x[3, 5] = float("inf")  # the forward turns it into inf/nan gradients
+    return x, y
+
+
+def _flat_params(model):
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()]).clone()
+
+
+def _portable(obj):
+    """Tensors as numpy arrays: a tensor sent back through a multiprocessing queue would point into the
+    exiting rank's shared memory."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numpy()
+    if isinstance(obj, dict):
+        return {k: _portable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_portable(v) for v in obj)
+    return obj
+
+
+def _tensors(obj):
+    """The inverse of _portable, in the test process."""
+    if hasattr(obj, "__array__") and not isinstance(obj, (list, tuple, dict)):
+        return torch.from_numpy(obj)
+    if isinstance(obj, dict):
+        return {k: _tensors(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_tensors(v) for v in obj)
+    return obj
+
+
+def _renamed(fn, name):
+    """torch's bf16 hooks under another __name__: DDP refuses the originals without CUDA + NCCL."""
+    def hook(state, bucket):
+        return fn(state, bucket)
+    hook.__name__ = hook.__qualname__ = name
+    return hook
+
+
+def _train(rank, state, hook):
+    """10 SGD-with-momentum steps of DDP with ``hook`` (None: DDP's built-in all-reduce); the final params."""
+    model = _mlp()
+    ddp = DDP(model, bucket_cap_mb=BUCKET_CAP_MB)
+    if hook is not None:
+        ddp.register_comm_hook(state, hook)
+    opt = torch.optim.SGD(ddp.parameters(), lr=LR, momentum=0.9)
+    for step in range(STEPS):
+        x, y = _batch(rank, step)
+        loss = torch.nn.functional.mse_loss(ddp(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    rebuilt = ddp._get_ddp_logging_data().get("rebuilt_bucket_sizes", "")
+    return _flat_params(model), len(rebuilt.split(",")) if rebuilt else 0
+
+
+def _hook_cases(rank, world_size):
+    world_copy = dist.new_group(list(range(world_size)))  # a ProcessGroup as the hooks' state
+    torch_bf16 = _renamed(torch_hooks.bf16_compress_hook, "torch_bf16_hook")
+    torch_bf16_wrapped = _renamed(torch_hooks.bf16_compress_wrapper(torch_hooks.allreduce_hook), "torch_bf16_wrap")
+    cases = {
+        "reference": (None, None),  # DDP's own all-reduce
+        "torch.allreduce": (None, torch_hooks.allreduce_hook),
+        "torch.fp16": (None, torch_hooks.fp16_compress_hook),
+        "torch.bf16": (None, torch_bf16),
+        "torch.fp16_wrapper": (None, torch_hooks.fp16_compress_wrapper(torch_hooks.allreduce_hook)),
+        "torch.bf16_wrapper": (None, torch_bf16_wrapped),
+        "allreduce": (None, hooks.allreduce_hook),
+        "allreduce.group": (world_copy, hooks.allreduce_hook),
+        "fp16": (None, hooks.fp16_compress_hook),
+        "bf16": (world_copy, hooks.bf16_compress_hook),
+        "fp16_wrapper": (None, hooks.fp16_compress_wrapper(hooks.allreduce_hook)),
+        "bf16_wrapper": (None, hooks.bf16_compress_wrapper(hooks.allreduce_hook)),
+        # The wrappers' general path (any inner hook): cast the bucket, run the hook, copy back.
+        "fp16_wrapper.torch_inner": (None, hooks.fp16_compress_wrapper(torch_hooks.allreduce_hook)),
+        "bf16_wrapper.ring_inner": (hooks.RingHookState(), hooks.bf16_compress_wrapper(hooks.ring_hook)),
+        "ring": (hooks.RingHookState(), hooks.ring_hook),
+        "ring.group": (hooks.RingHookState(world_copy), hooks.ring_hook),
+        "ring.fp16": (hooks.RingHookState(wire_dtype=torch.float16), hooks.ring_hook),
+        "ring.bf16": (hooks.RingHookState(wire_dtype=torch.bfloat16), hooks.ring_hook),
+    }
+    out = {name: _train(rank, state, hook) for name, (state, hook) in cases.items()}
+    init = _flat_params(_mlp())
+    return _portable({"init": init, "num_buckets": {name: n for name, (_, n) in out.items()},
+                      **{name: params for name, (params, _) in out.items()}})
+
+
+@pytest.fixture(scope="module")
+def hook_results():
+    return _tensors(run_ranks(3, _hook_cases, timeout=240))
+
+
+def _max_diff(a, b):
+    return (a - b).abs().max().item()
+
+
+def test_bf16_hooks_have_names_ddp_accepts_without_nccl():
+    assert hooks.bf16_compress_hook.__name__ == "paracomm_bf16_compress_hook"
+    assert hooks.bf16_compress_wrapper(hooks.allreduce_hook).__name__ == "paracomm_bf16_compress_wrapper_hook"
+    assert hooks.fp16_compress_wrapper(hooks.allreduce_hook).__name__ == "fp16_compress_wrapper_hook"
+
+
+def test_ranks_never_diverge(hook_results):
+    names = [k for k in hook_results[0] if k not in ("init", "num_buckets")]
+    assert len(names) == 18
+    for name in names:
+        for rank in range(1, len(hook_results)):
+            assert torch.equal(hook_results[rank][name], hook_results[0][name]), (name, rank)
+
+
+def test_training_moved_the_parameters_through_several_buckets(hook_results):
+    r = hook_results[0]
+    assert all(n >= 3 for n in r["num_buckets"].values()), r["num_buckets"]
+    assert _max_diff(r["reference"], r["init"]) > 0.05  # the comparisons below are not between idle models
+
+
+@pytest.mark.parametrize("name", ["allreduce", "allreduce.group", "ring", "ring.group"])
+def test_fp32_hooks_match_torch_allreduce(hook_results, name):
+    r = hook_results[0]
+    assert _max_diff(r["torch.allreduce"], r["reference"]) <= 1e-6
+    assert _max_diff(r[name], r["torch.allreduce"]) <= 1e-6, name
+
+
+def test_wrapper_around_a_torch_hook_matches_torch_wrapper(hook_results):
+    # Same casts, same gloo float16 all-reduce: the general wrapper path agrees with torch's wrapper.
+    r = hook_results[0]
+    assert _max_diff(r["fp16_wrapper.torch_inner"], r["torch.fp16_wrapper"]) <= 1e-6
+
+
+# paracomm name -> (torch counterpart, wire dtype)
+_COMPRESSED = {
+    "fp16": ("torch.fp16", torch.float16),
+    "bf16": ("torch.bf16", torch.bfloat16),
+    "fp16_wrapper": ("torch.fp16_wrapper", torch.float16),
+    "bf16_wrapper": ("torch.bf16_wrapper", torch.bfloat16),
+    "bf16_wrapper.ring_inner": ("torch.bf16_wrapper", torch.bfloat16),
+    "ring.fp16": ("torch.fp16", torch.float16),
+    "ring.bf16": ("torch.bf16", torch.bfloat16),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_COMPRESSED))
+def test_compressed_hooks_within_wire_rounding(hook_results, name):
+    """Every gradient is rounded to the wire dtype a few times (unit roundoff u = eps/2 each).
+
+    Over the run the parameters move by ``movement``; relative gradient errors of a few u then move them by at
+    most a few u * movement. The bound allows 8 u * movement against torch's compressed hook and against the
+    fp32 reference, and torch's own hook must satisfy the same bound (so it is not vacuous or too tight).
+    """
+    r = hook_results[0]
+    torch_name, wire = _COMPRESSED[name]
+    u = torch.finfo(wire).eps / 2
+    movement = (r["reference"] - r["init"]).abs().max().item()
+    bound = 8 * u * movement
+    torch_err = _max_diff(r[torch_name], r["reference"])
+    assert 0 < torch_err <= bound, (torch_name, torch_err, bound)
+    assert 0 < _max_diff(r[name], r["reference"]) <= bound, name
+    assert _max_diff(r[name], r[torch_name]) <= bound, name
+
+
+# ------------------------------------------------------------------------------------------------------------
+# ring_hook with a scaler against torch's DDP + GradScaler, with injected infs
+# ------------------------------------------------------------------------------------------------------------
+
+# (step, rank) pairs whose batch holds an inf: the all-reduce spreads the nan/inf to every rank.
+_POISON = {(2, 1), (3, 0), (7, 1)}
+_SCALER_ARGS = dict(init_scale=2.0**10, growth_factor=2.0, backoff_factor=0.5, growth_interval=2)
+
+
+def _scaled_train(rank, scaler, state, hook):
+    model = _mlp()
+    ddp = DDP(model, bucket_cap_mb=BUCKET_CAP_MB)
+    if hook is not None:
+        ddp.register_comm_hook(state, hook)
+    opt = torch.optim.SGD(ddp.parameters(), lr=LR, momentum=0.9)
+    skipped, scales, grad_norms = [], [], []
+    for step in range(STEPS):
+        x, y = _batch(rank, step, poison=(step, rank) in _POISON)
+        loss = torch.nn.functional.mse_loss(ddp(x), y)
+        opt.zero_grad()
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)  # after the hook unscaled: must not unscale again
+        grad_norms.append(torch.nn.utils.clip_grad_norm_(ddp.parameters(), max_norm=1.0).item())
+        before = _flat_params(model)
+        scaler.step(opt)
+        scaler.update()
+        skipped.append(torch.equal(before, _flat_params(model)))
+        scales.append(scaler.get_scale())
+    return _flat_params(model), skipped, scales, grad_norms
+
+
+def _scaler_cases(rank, world_size):
+    from paracomm.amp import GradScaler
+
+    out = {"torch": _scaled_train(rank, torch.amp.GradScaler("cpu", **_SCALER_ARGS), None, None)}
+    for name, wire in (("ring", None), ("ring.bf16", torch.bfloat16)):
+        scaler = GradScaler("cpu", **_SCALER_ARGS)
+        out[name] = _scaled_train(rank, scaler, hooks.RingHookState(wire_dtype=wire, scaler=scaler), hooks.ring_hook)
+    return _portable(out)
+
+
+def test_ring_hook_with_scaler_skips_like_torch():
+    results = _tensors(run_ranks(2, _scaler_cases, timeout=180))
+    ref_params, ref_skipped, ref_scales, ref_norms = results[0]["torch"]
+    assert ref_skipped == [any(s == step for s, _ in _POISON) for step in range(STEPS)]
+    for name, tol in (("ring", 1e-6), ("ring.bf16", None)):
+        params, skipped, scales, norms = results[0][name]
+        assert skipped == ref_skipped, name
+        assert scales == ref_scales, name
+        finite = [i for i in range(STEPS) if not ref_skipped[i]]
+        if tol is None:  # bf16 wire: gradient norms and parameters within bf16 rounding
+            u = torch.finfo(torch.bfloat16).eps / 2
+            for i in finite:
+                assert math.isclose(norms[i], ref_norms[i], rel_tol=8 * u), (name, i)
+            tol = 8 * u * (ref_params - _flat_params(_mlp())).abs().max().item()
+        else:
+            for i in finite:
+                assert math.isclose(norms[i], ref_norms[i], rel_tol=1e-5), (name, i)
+        assert _max_diff(params, ref_params) <= tol, name
+        for rank in range(1, len(results)):
+            assert torch.equal(results[rank][name][0], params), (name, rank)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Bad arguments (no process group needed: everything is checked before the first collective)
+# ------------------------------------------------------------------------------------------------------------
+
+
+def test_ring_hook_state_refuses_bad_arguments():
+    with pytest.raises(TypeError, match="process_group"):
+        hooks.RingHookState("world")
+    with pytest.raises(TypeError, match="wire_dtype"):
+        hooks.RingHookState(wire_dtype="bf16")
+    with pytest.raises(ValueError, match="wire_dtype"):
+        hooks.RingHookState(wire_dtype=torch.float32)
+    with pytest.raises(ValueError, match="wire_dtype"):
+        hooks.RingHookState(wire_dtype=torch.int8)
+    with pytest.raises(TypeError, match="scaler.*paracomm.amp.GradScaler"):
+        hooks.RingHookState(scaler=torch.amp.GradScaler("cpu"))
+    with pytest.raises(TypeError, match="scaler"):
+        hooks.RingHookState(scaler=object())
+    with pytest.raises(TypeError):
+        hooks.RingHookState(None, torch.float16)  # wire_dtype is keyword-only
+    state = hooks.RingHookState(wire_dtype=torch.bfloat16)
+    assert state.wire_dtype is torch.bfloat16 and state.process_group is None and state.scaler is None
+
+
+def test_hooks_refuse_bad_state_and_wrappers_refuse_non_callables():
+    for hook in (hooks.allreduce_hook, hooks.fp16_compress_hook, hooks.bf16_compress_hook):
+        with pytest.raises(TypeError, match="ProcessGroup"):
+            hook("world", None)
+    with pytest.raises(TypeError, match="RingHookState"):
+        hooks.ring_hook(None, None)
+    for wrapper in (hooks.fp16_compress_wrapper, hooks.bf16_compress_wrapper):
+        with pytest.raises(TypeError, match="hook must be a callable"):
+            wrapper("allreduce")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# CUDA (skipped without a GPU): DDP over NCCL at world size 1, every hook trains and matches DDP's own
+# all-reduce (at world size 1 the average is the gradient itself, up to the wire's rounding).
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _cuda_cases(rank, world_size):
+    from paracomm.amp import GradScaler
+
+    torch.cuda.set_device(0)
+    out = {}
+
+    def train(state, hook, scaler=None):
+        model = _mlp().cuda()
+        ddp = DDP(model, device_ids=[0], bucket_cap_mb=BUCKET_CAP_MB)
+        if hook is not None:
+            ddp.register_comm_hook(state, hook)
+        opt = torch.optim.SGD(ddp.parameters(), lr=LR, momentum=0.9)
+        for step in range(STEPS):
+            x, y = (t.cuda() for t in _batch(rank, step))
+            loss = torch.nn.functional.mse_loss(ddp(x), y)
+            opt.zero_grad()
+            if scaler is None:
+                loss.backward()
+                opt.step()
+            else:
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+        return _flat_params(model).cpu()
+
+    out["reference"] = train(None, None)
+    out["allreduce"] = train(None, hooks.allreduce_hook)
+    out["fp16"] = train(None, hooks.fp16_compress_hook)
+    out["bf16"] = train(None, hooks.bf16_compress_hook)
+    out["fp16_wrapper"] = train(None, hooks.fp16_compress_wrapper(hooks.allreduce_hook))
+    out["bf16_wrapper"] = train(None, hooks.bf16_compress_wrapper(hooks.allreduce_hook))
+    out["ring.bf16"] = train(hooks.RingHookState(wire_dtype=torch.bfloat16), hooks.ring_hook)
+    scaler = GradScaler("cuda", init_scale=2.0**10)
+    out["ring.scaler"] = train(hooks.RingHookState(scaler=scaler), hooks.ring_hook, scaler)
+    out["init"] = _flat_params(_mlp())
+    return _portable(out)
+
+
+@pytest.mark.cuda
+def test_every_hook_trains_on_cuda_over_nccl():
+    r = _tensors(run_ranks(1, _cuda_cases, backend="nccl", timeout=300)[0])
+    movement = (r["reference"] - r["init"]).abs().max().item()
+    assert movement > 0.05
+    for name in ("allreduce", "ring.scaler"):
+        assert _max_diff(r[name], r["reference"]) <= 1e-5, name
+    for name, wire in (("fp16", torch.float16), ("bf16", torch.bfloat16), ("fp16_wrapper", torch.float16),
+                       ("bf16_wrapper", torch.bfloat16), ("ring.bf16", torch.bfloat16)):
+        assert _max_diff(r[name], r["reference"]) <= 8 * torch.finfo(wire).eps * movement, name
