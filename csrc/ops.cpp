@@ -34,9 +34,9 @@ TORCH_LIBRARY(paracomm, m) {
   // tensors[i] = cast(flat[segment i] * scale (* scale_tensor[0])), segments consecutive in order.
   m.def("unflatten_(Tensor flat, Tensor(a!)[] tensors, float scale=1.0, Tensor? scale_tensor=None) -> ()");
   // The ring's local reduction, one chunk (see csrc/ring/schedule.h), accumulating in fp32 (fp64 for float64,
-  // int64 for integers):  v = a[i] (+ b[i]);  v /= divisor;  v *= scale[0];  found_inf |= !isfinite(v);
+  // int64 for integers):  v = a[i] (+ b[i]);  v /= divisor;  v *= scale[0];
   // if wire_out: wire_out[i] = cast(v), v = wire_out[i] (the owner keeps the bits the others receive);
-  // out[i] = cast(v).  out may be a itself.
+  // found_inf |= !isfinite(v) (the stored value, after that rounding);  out[i] = cast(v).  out may be a itself.
   m.def(
       "ring_reduce_(Tensor(a!) out, Tensor a, Tensor? b, float divisor=1.0, Tensor? scale=None, "
       "Tensor(b!)? found_inf=None, Tensor(c!)? wire_out=None) -> ()");

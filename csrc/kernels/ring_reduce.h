@@ -1,7 +1,9 @@
 // The ring all-reduce's local reduction on the GPU (torch-free). Semantics: csrc/ops.cpp, op ring_reduce_.
 //   v = acc(a[i]) (+ acc(b[i]));  v /= divisor (if != 1);  v *= *scale (if scale);
-//   if found_inf && !isfinite(v): *found_inf = 1;  if wire_out: wire_out[i] = wire(v), v = acc(wire_out[i]);
+//   if wire_out: wire_out[i] = wire(v), v = acc(wire_out[i]);  if found_inf && !isfinite(v): *found_inf = 1;
 //   out[i] = out_t(v)
+// found_inf tests the stored value, after the wire round-trip: an fp32 sum that overflows the wire type is a
+// non-finite result on every rank, so the owner (which rounds it) must flag it too.
 // acc is float for fp32/fp16/bf16, double for fp64, int64 for int32/int64. out may equal a.
 #pragma once
 

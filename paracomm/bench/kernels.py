@@ -168,7 +168,9 @@ def _unscale_fp32(shape: Shape, device: torch.device, with_norm: bool) -> Case:
         torch._amp_foreach_non_finite_check_and_unscale_(ref, found_t, invs[0])
         same = all(torch.equal(a, b) for a, b in zip(g32, ref)) and torch.equal(found_p, found_t)
         if with_norm:
-            same = same and torch.allclose(norm, _torch_norm(ref).reshape(1), rtol=1e-4, atol=0.0)
+            # Against float64, not torch's float32 norm: at 4 x 64M elements torch's own norm is off by ~1e-4.
+            exact = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.double()) for g in ref]))
+            same = same and torch.allclose(norm.double(), exact.reshape(1), rtol=1e-5, atol=0.0)
         run(1)  # back to the original values
         return same
 
