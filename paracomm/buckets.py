@@ -41,13 +41,13 @@ import torch.distributed as dist
 
 from . import _ops
 from .comm import Communicator
+from ._validate import check_process_group, check_wire_dtype
 
 __all__ = ["GradBucketer", "assign_buckets"]
 
 _MB = 1024 * 1024
 # The ring all-reduce's data types: floating-point gradients only.
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-_WIRE_DTYPES = (torch.float16, torch.bfloat16)
 _OPS = ("avg", "sum")
 
 
@@ -196,16 +196,8 @@ class GradBucketer:
             raise ValueError(f"{name}: params holds no tensor with requires_grad=True")
         cap_bytes = int(_positive_mb(bucket_cap_mb, "bucket_cap_mb") * _MB)
         first_bytes = int(_positive_mb(first_bucket_mb, "first_bucket_mb") * _MB)
-        if group is not None and not isinstance(group, dist.ProcessGroup):
-            raise TypeError(f"{name}: group must be a torch.distributed ProcessGroup or None, "
-                            f"got {type(group).__name__}")
-        if wire_dtype is not None:
-            if not isinstance(wire_dtype, torch.dtype):
-                raise TypeError(f"{name}: wire_dtype must be None, torch.float16 or torch.bfloat16, "
-                                f"got {wire_dtype!r}")
-            if wire_dtype not in _WIRE_DTYPES:
-                raise ValueError(f"{name}: wire_dtype must be None, torch.float16 or torch.bfloat16, "
-                                 f"got {wire_dtype}")
+        check_process_group(group, name, "group")
+        check_wire_dtype(wire_dtype, name)
         if op not in _OPS:
             raise ValueError(f"{name}: op must be 'avg' or 'sum', got {op!r}")
         if not (dist.is_available() and dist.is_initialized()):

@@ -26,6 +26,7 @@ from torch.distributed import distributed_c10d as c10d
 
 from . import _C
 from ._ops import ring_reduce_
+from ._validate import check_wire_dtype
 
 __all__ = ["Communicator", "Work", "all_reduce"]
 
@@ -38,7 +39,6 @@ _DTYPE_CODES = {
     torch.int32: 4,
     torch.int64: 5,
 }
-_WIRE_DTYPES = (torch.float16, torch.bfloat16)
 _OPS = ("sum", "avg")
 
 _GLOO_DEFAULT_CHUNK_BYTES = 4 << 20  # per-op Python overhead (~tens of us) stays small next to 4 MiB transfers
@@ -260,8 +260,7 @@ class Communicator:
         if op == "avg" and not floating:
             raise ValueError(f"{name}: op='avg' needs a floating tensor, got {tensor.dtype}")
         if wire_dtype is not None:
-            if not isinstance(wire_dtype, torch.dtype) or wire_dtype not in _WIRE_DTYPES:
-                raise TypeError(f"{name}: wire_dtype must be None, torch.float16 or torch.bfloat16, got {wire_dtype!r}")
+            check_wire_dtype(wire_dtype, name)
             if tensor.dtype != torch.float32:
                 raise ValueError(f"{name}: wire_dtype={wire_dtype} needs a float32 tensor, got {tensor.dtype}")
         device = tensor.device

@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from .comm import Communicator, all_reduce
+from ._validate import check_process_group, check_wire_dtype
 
 __all__ = [
     "allreduce_hook",
@@ -41,7 +42,6 @@ __all__ = [
     "ring_hook",
 ]
 
-_WIRE_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def _bucket_buffer(bucket) -> torch.Tensor:
@@ -220,16 +220,8 @@ class RingHookState:
     def __init__(self, process_group: Optional[dist.ProcessGroup] = None, *,
                  wire_dtype: Optional[torch.dtype] = None, scaler=None):
         name = "paracomm.hooks.RingHookState"
-        if process_group is not None and not isinstance(process_group, dist.ProcessGroup):
-            raise TypeError(f"{name}: process_group must be a torch.distributed ProcessGroup or None, "
-                            f"got {type(process_group).__name__}")
-        if wire_dtype is not None:
-            if not isinstance(wire_dtype, torch.dtype):
-                raise TypeError(f"{name}: wire_dtype must be None, torch.float16 or torch.bfloat16, "
-                                f"got {wire_dtype!r}")
-            if wire_dtype not in _WIRE_DTYPES:
-                raise ValueError(f"{name}: wire_dtype must be None, torch.float16 or torch.bfloat16, "
-                                 f"got {wire_dtype}")
+        check_process_group(process_group, name, "process_group")
+        check_wire_dtype(wire_dtype, name)
         if scaler is not None:
             from .amp import GradScaler
 

@@ -294,7 +294,7 @@ def _bad_inputs(rank, world_size):
         (dict(tensor=[1.0, 2.0]), TypeError, "tensor must be"),
         (dict(tensor=torch.randn(4, dtype=torch.float64), wire_dtype=torch.bfloat16), ValueError, "wire_dtype"),
         (dict(tensor=torch.randn(4, dtype=torch.float16), wire_dtype=torch.float16), ValueError, "wire_dtype"),
-        (dict(tensor=x, wire_dtype=torch.float32), TypeError, "wire_dtype"),
+        (dict(tensor=x, wire_dtype=torch.float32), ValueError, "wire_dtype"),
         (dict(tensor=x, wire_dtype="bf16"), TypeError, "wire_dtype"),
         (dict(tensor=torch.arange(5, dtype=torch.int32), op="avg"), ValueError, "avg"),
         (dict(tensor=x, op="max"), ValueError, "op must be"),

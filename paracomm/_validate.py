@@ -1,0 +1,25 @@
+"""Argument checks shared by the Python-facing modules (comm, hooks, buckets), so each refuses the same input
+with the same error type and wording: TypeError when the argument is not even of the right kind, ValueError
+when it is of the right kind but not an allowed value."""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+WIRE_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def check_wire_dtype(wire_dtype, name: str) -> None:
+    """Accept None, torch.float16 or torch.bfloat16; ``name`` prefixes the error (e.g. "paracomm.all_reduce")."""
+    if wire_dtype is None:
+        return
+    if not isinstance(wire_dtype, torch.dtype):
+        raise TypeError(f"{name}: wire_dtype must be None, torch.float16 or torch.bfloat16, got {wire_dtype!r}")
+    if wire_dtype not in WIRE_DTYPES:
+        raise ValueError(f"{name}: wire_dtype must be None, torch.float16 or torch.bfloat16, got {wire_dtype}")
+
+
+def check_process_group(group, name: str, arg: str) -> None:
+    """Accept None or a torch.distributed ProcessGroup for argument ``arg``."""
+    if group is not None and not isinstance(group, dist.ProcessGroup):
+        raise TypeError(f"{name}: {arg} must be a torch.distributed ProcessGroup or None, got {type(group).__name__}")
