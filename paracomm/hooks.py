@@ -43,16 +43,13 @@ __all__ = [
 ]
 
 
-
 def _bucket_buffer(bucket) -> torch.Tensor:
     # torch's compress hooks also accept a (tensor, ...) tuple in place of a GradBucket (compiled DDP).
     return bucket[0] if isinstance(bucket, tuple) else bucket.buffer()
 
 
 def _check_group(process_group, where: str) -> None:
-    if process_group is not None and not isinstance(process_group, dist.ProcessGroup):
-        raise TypeError(f"paracomm.hooks.{where}: the state must be a torch.distributed ProcessGroup or None, "
-                        f"got {type(process_group).__name__}")
+    check_process_group(process_group, f"paracomm.hooks.{where}", "the state")
 
 
 def _avg_future(process_group, tensor: torch.Tensor, wire_dtype) -> torch.futures.Future:
