@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 
 import torch
@@ -106,15 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--inplace", type=_zero_one, default=1, metavar="0|1",
                    help="1: reduce the buffer in place (default); 0: out-of-place, timed as copy into the "
                         "output then in-place reduce")
-    g = p.add_argument_group("ranks")
-    g.add_argument("--nproc", type=int, default=None,
-                   help="local ranks to spawn (ignored under torchrun; default one per GPU, or 4 on CPU)")
-    g.add_argument("--ranks-per-gpu", type=int, default=1, metavar="K",
-                   help="K ranks share each GPU (NCCL over loopback sockets; slow, for ratios)")
-    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                   help="auto: CUDA/NCCL when a GPU is visible, else CPU/gloo")
-    g.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS",
-                   help="process-group timeout: a stuck collective fails its rank (default 300)")
+    launch_mod.add_rank_args(p)
     g = p.add_argument_group("output")
     g.add_argument("--json", metavar="FILE", default=None, help="write the header and every row as JSON")
     g.add_argument("--plot", metavar="FILE.png", default=None,
@@ -126,10 +117,7 @@ def parse_args(argv) -> argparse.Namespace:
     """Parse and cross-check the flags; any error prints the usage and raises SystemExit(2)."""
     p = build_parser()
     args = p.parse_args(argv)
-    try:
-        args.device = launch_mod.resolve_device_kind(args.device)
-    except ValueError as e:
-        p.error(str(e))
+    launch_mod.check_rank_args(p, args)
     if args.maxbytes is None:
         args.maxbytes = max(args.minbytes, parse_size("256M" if args.device == "cuda" else "32M"))
     if args.minbytes > args.maxbytes:
@@ -144,26 +132,13 @@ def parse_args(argv) -> argparse.Namespace:
         p.error(f"--wire-dtype {args.wire_dtype} compresses float (fp32) data only, not -d {args.datatype}")
     if args.op == "avg" and args.datatype in ("int32", "int64"):
         p.error(f"-o avg needs a floating datatype, not -d {args.datatype} (paracomm refuses avg on integers)")
-    if args.nproc is not None and args.nproc < 1:
-        p.error(f"--nproc must be at least 1, got {args.nproc}")
-    if args.ranks_per_gpu < 1:
-        p.error(f"--ranks-per-gpu must be at least 1, got {args.ranks_per_gpu}")
-    if args.ranks_per_gpu > 1 and args.device != "cuda":
-        p.error("--ranks-per-gpu needs CUDA (on CPU, use --nproc)")
-    if args.timeout <= 0:
-        p.error(f"--timeout must be positive, got {args.timeout}")
     if args.plot is not None:
         try:
             import matplotlib  # noqa: F401
         except ImportError:
             p.error("--plot needs matplotlib (pip install matplotlib)")
     for flag in ("json", "plot"):
-        path = getattr(args, flag)
-        if path is not None:  # fail now, not after the whole sweep
-            path = os.path.abspath(path)
-            if not os.path.isdir(os.path.dirname(path)):
-                p.error(f"--{flag} {getattr(args, flag)}: directory {os.path.dirname(path)} does not exist")
-            setattr(args, flag, path)
+        launch_mod.check_output_path(p, args, flag)
     return args
 
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 import torch
@@ -59,12 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--variants", default="all", metavar="LIST",
                    help=f"comma-separated subset of: {', '.join(VARIANTS)} (default all that this backend "
                         "supports)")
-    g = p.add_argument_group("ranks")
-    g.add_argument("--nproc", type=int, default=None,
-                   help="local ranks to spawn (ignored under torchrun; default one per GPU, or 4 on CPU)")
-    g.add_argument("--ranks-per-gpu", type=int, default=1, metavar="K", help="K ranks share each GPU")
-    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    g.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS", help="process-group timeout")
+    launch_mod.add_rank_args(p)
     g = p.add_argument_group("output")
     g.add_argument("--json", metavar="FILE", default=None, help="write the header and every row as JSON")
     return p
@@ -74,10 +68,7 @@ def parse_args(argv) -> argparse.Namespace:
     """Parse and cross-check the flags; any error prints the usage and raises SystemExit(2)."""
     p = build_parser()
     args = p.parse_args(argv)
-    try:
-        args.device = launch_mod.resolve_device_kind(args.device)
-    except ValueError as e:
-        p.error(str(e))
+    launch_mod.check_rank_args(p, args)
     # A GPU step is cheap: a larger model keeps it comm-bound enough to compare hooks. On CPU ranks share a
     # few cores, so a small one keeps the whole run within a minute or two.
     gpu = args.device == "cuda"
@@ -104,18 +95,7 @@ def parse_args(argv) -> argparse.Namespace:
             p.error(f"--variants: unknown {', '.join(unknown) or '(empty)'}; choose from {', '.join(VARIANTS)}")
         # default first, so every other row has its reference when it prints
         args.variants = sorted(dict.fromkeys(names), key=lambda v: v != "default")
-    if args.nproc is not None and args.nproc < 1:
-        p.error(f"--nproc must be at least 1, got {args.nproc}")
-    if args.ranks_per_gpu < 1:
-        p.error(f"--ranks-per-gpu must be at least 1, got {args.ranks_per_gpu}")
-    if args.ranks_per_gpu > 1 and args.device != "cuda":
-        p.error("--ranks-per-gpu needs CUDA (on CPU, use --nproc)")
-    if args.timeout <= 0:
-        p.error(f"--timeout must be positive, got {args.timeout}")
-    if args.json is not None:
-        args.json = os.path.abspath(args.json)
-        if not os.path.isdir(os.path.dirname(args.json)):
-            p.error(f"--json: directory {os.path.dirname(args.json)} does not exist")
+    launch_mod.check_output_path(p, args, "json")
     return args
 
 

@@ -62,6 +62,47 @@ def resolve_device_kind(device: str) -> str:
     return device
 
 
+def add_rank_args(parser) -> None:
+    """The flags every benchmark mode shares for placing its ranks: --nproc, --ranks-per-gpu, --device, --timeout."""
+    g = parser.add_argument_group("ranks")
+    g.add_argument("--nproc", type=int, default=None,
+                   help="local ranks to spawn (ignored under torchrun; default one per GPU, or 4 on CPU)")
+    g.add_argument("--ranks-per-gpu", type=int, default=1, metavar="K",
+                   help="K ranks share each GPU (NCCL over loopback sockets; slow, for ratios)")
+    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto: CUDA/NCCL when a GPU is visible, else CPU/gloo")
+    g.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS",
+                   help="process-group timeout: a stuck collective fails its rank (default 300)")
+
+
+def check_rank_args(parser, args) -> None:
+    """Resolve ``args.device`` ("auto" -> "cpu"/"cuda") and refuse bad rank flags through ``parser.error``
+    (usage message, exit status 2)."""
+    try:
+        args.device = resolve_device_kind(args.device)
+    except ValueError as e:
+        parser.error(str(e))
+    if args.nproc is not None and args.nproc < 1:
+        parser.error(f"--nproc must be at least 1, got {args.nproc}")
+    if args.ranks_per_gpu < 1:
+        parser.error(f"--ranks-per-gpu must be at least 1, got {args.ranks_per_gpu}")
+    if args.ranks_per_gpu > 1 and args.device != "cuda":
+        parser.error("--ranks-per-gpu needs CUDA (on CPU, use --nproc)")
+    if args.timeout <= 0:
+        parser.error(f"--timeout must be positive, got {args.timeout}")
+
+
+def check_output_path(parser, args, flag: str) -> None:
+    """Make ``args.<flag>`` absolute and refuse it now, not after the whole run, if its directory is missing."""
+    path = getattr(args, flag)
+    if path is None:
+        return
+    path = os.path.abspath(path)
+    if not os.path.isdir(os.path.dirname(path)):
+        parser.error(f"--{flag} {getattr(args, flag)}: directory {os.path.dirname(path)} does not exist")
+    setattr(args, flag, path)
+
+
 def default_nproc(device_kind: str, ranks_per_gpu: int) -> int:
     """One rank per GPU (times ``ranks_per_gpu``) with CUDA; 4 CPU ranks over gloo without."""
     if device_kind == "cuda":
