@@ -13,6 +13,7 @@ MODES = ("allreduce", "kernels", "ddp")
 
 
 def main(argv=None) -> int:
+    """Dispatch ``[MODE] [flags]`` to ``paracomm.bench.MODE.main``; returns the exit status (2 for bad usage)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("-h", "--help"):
         print(__doc__.strip())

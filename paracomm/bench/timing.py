@@ -52,6 +52,7 @@ def time_iterations(fn: Callable[[int], None], *, device: torch.device, warmup: 
 
 
 def median(xs: List[float]) -> float:
+    """The median of per-iteration times (robust to the odd preempted run)."""
     return statistics.median(xs)
 
 
