@@ -58,10 +58,25 @@ def gen():
 # ----------------------------------------------------------------------------------------------------------
 
 
+def copy_keeping_offset(t, device, *, dtype=None, fill=None):
+    """A copy of `t` (or, with `fill`, a tensor of t's shape filled with it) on `device` that starts at the same
+    element offset into a fresh storage as `t` does, so a misaligned view stays misaligned (`clone()` would
+    give an aligned allocation and silently test the vector path instead of the scalar one)."""
+    offset = t.storage_offset()
+    base = torch.empty(t.numel() + offset, dtype=dtype or t.dtype, device=device)
+    c = base[offset:].view(t.shape)
+    if fill is None:
+        c.copy_(t)
+    else:
+        c.fill_(fill)
+    return c
+
+
 def unscale_on(device, grads, inv, found, *, out=False, norm=False):
-    """Runs the op on copies placed on `device`; returns (grads, outs, found, norm) on that device."""
-    g = [t.detach().to(device).clone() for t in grads]
-    o = [torch.full(t.shape, -7.0, dtype=torch.float32, device=device) for t in grads] if out else None
+    """Runs the op on copies placed on `device` (at the originals' storage offsets); returns (grads, outs,
+    found, norm) on that device."""
+    g = [copy_keeping_offset(t.detach(), device) for t in grads]
+    o = [copy_keeping_offset(t, device, dtype=torch.float32, fill=-7.0) for t in grads] if out else None
     f = found.detach().to(device).clone()
     nrm = torch.full((1,), -1.0, device=device) if norm else None
     paracomm.unscale_and_check_(g, inv.to(device), f, out=o, norm=nrm)
@@ -122,8 +137,10 @@ def test_unscale_misaligned_views_take_the_scalar_path(dtype, out, gen):
     before = [t.clone() for t in grads]
     inv = scalar(0.125)
     g_cuda, o_cuda, _, n_cuda = unscale_on(DEV, grads, inv, scalar(0.0), out=out, norm=True)
-    vals, ref_norm = reference_unscale(before, 0.125)
     results = o_cuda if out else g_cuda
+    # The op really saw misaligned pointers (for `out`, both the fp32 outputs and the grads read).
+    assert all(t.data_ptr() % 16 != 0 for t in g_cuda + results)
+    vals, ref_norm = reference_unscale(before, 0.125)
     for r, v in zip(results, vals):
         bitwise(r, v if out else v.to(dtype))
     assert n_cuda.item() == pytest.approx(ref_norm, rel=1e-6)
