@@ -47,7 +47,11 @@ def _want_cuda():
     return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
 
 
-CXX_FLAGS = ["-O3", "-std=c++17", "-Wall", "-Wno-unused-function"]
+# -fopenmp: at::parallel_for is inline ATen code built on `#pragma omp parallel`; without the flag every CPU
+# kernel would silently run on one thread. The extension then needs libgomp.so.1, which resolves to the copy
+# torch already loaded (torch's OpenMP backend), so there is one OpenMP runtime and one thread pool.
+CXX_FLAGS = ["-O3", "-std=c++17", "-Wall", "-Wno-unused-function", "-fopenmp"]
+LINK_FLAGS = ["-fopenmp"]
 common_sources = _sources("*.cpp", "cpu/*.cpp", "ring/schedule.cpp")
 
 def _cuda_arch_list():
@@ -76,7 +80,7 @@ if _want_cuda():
         include_dirs=[os.path.join(ROOT, "csrc"), os.path.join(nccl, "include")],
         library_dirs=[os.path.join(nccl, "lib")],
         # The wheel ships libnccl.so.2 without the libnccl.so symlink, so name the file itself.
-        extra_link_args=["-l:libnccl.so.2", f"-Wl,-rpath,{os.path.join(nccl, 'lib')}"],
+        extra_link_args=LINK_FLAGS + ["-l:libnccl.so.2", f"-Wl,-rpath,{os.path.join(nccl, 'lib')}"],
         define_macros=[
             ("PARACOMM_WITH_CUDA", "1"),
             ("PARACOMM_WITH_NCCL", "1"),
@@ -90,6 +94,7 @@ else:
         sources=common_sources,
         include_dirs=[os.path.join(ROOT, "csrc")],
         extra_compile_args={"cxx": CXX_FLAGS},
+        extra_link_args=LINK_FLAGS,
     )
 
 setup(
