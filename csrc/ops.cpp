@@ -9,6 +9,7 @@
 #include <pybind11/stl.h>
 
 #include "checks.h"
+#include "cpu/half_convert.h"
 #include "ring/schedule.h"
 
 #ifdef PARACOMM_WITH_CUDA
@@ -77,6 +78,8 @@ static py::dict build_info() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "paracomm's compiled core: torch ops are registered under torch.ops.paracomm on import.";
   m.def("build_info", &build_info, "What this build of paracomm._C was compiled with.");
+  m.def("cpu_half_convert_vectorised", &paracomm::half_convert_is_vectorised,
+        "True when the CPU ops convert float16/bfloat16 with AVX2/F16C (csrc/cpu/half_convert.h).");
 
   py::enum_<paracomm::RingPhase>(m, "RingPhase")
       .value("REDUCE_SCATTER", paracomm::RingPhase::kReduceScatter)

@@ -21,6 +21,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "cpu/half_convert.h"
 #include "validate.h"
 
 namespace paracomm {
@@ -46,32 +47,48 @@ inline Acc acc_add(Acc x, Acc y) {
   }
 }
 
+// float16/bfloat16 <-> float32 go through half_convert.h (8 at a time with AVX2/F16C); every other pair is a
+// plain cast loop.
+template <typename Acc, typename T>
+constexpr bool kHalfLike = std::is_same_v<Acc, float> && (std::is_same_v<T, at::Half> || std::is_same_v<T, at::BFloat16>);
+
 template <typename Acc, typename T>
 void load_block(const void* src, int64_t begin, int64_t n, Acc* v) {
   const T* p = static_cast<const T*>(src) + begin;
-  for (int64_t i = 0; i < n; ++i) v[i] = static_cast<Acc>(p[i]);
+  if constexpr (kHalfLike<Acc, T>) {
+    to_float(p, v, n);
+  } else {
+    for (int64_t i = 0; i < n; ++i) v[i] = static_cast<Acc>(p[i]);
+  }
 }
 
 template <typename Acc, typename T>
 void add_block(const void* src, int64_t begin, int64_t n, Acc* v) {
   const T* p = static_cast<const T*>(src) + begin;
-  for (int64_t i = 0; i < n; ++i) v[i] = acc_add<Acc>(v[i], static_cast<Acc>(p[i]));
+  if constexpr (kHalfLike<Acc, T>) {
+    float widened[kBlock];
+    to_float(p, widened, n);
+    for (int64_t i = 0; i < n; ++i) v[i] += widened[i];
+  } else {
+    for (int64_t i = 0; i < n; ++i) v[i] = acc_add<Acc>(v[i], static_cast<Acc>(p[i]));
+  }
 }
 
 template <typename Acc, typename T>
 void store_block(const Acc* v, void* dst, int64_t begin, int64_t n) {
   T* p = static_cast<T*>(dst) + begin;
-  for (int64_t i = 0; i < n; ++i) p[i] = static_cast<T>(v[i]);
+  if constexpr (kHalfLike<Acc, T>) {
+    from_float(v, p, n);
+  } else {
+    for (int64_t i = 0; i < n; ++i) p[i] = static_cast<T>(v[i]);
+  }
 }
 
 // wire[i] = W(v[i]); v[i] = acc(wire[i]): the owner continues with exactly the bits it sends.
 template <typename Acc, typename W>
 void round_block(Acc* v, void* wire, int64_t begin, int64_t n) {
-  W* p = static_cast<W*>(wire) + begin;
-  for (int64_t i = 0; i < n; ++i) {
-    p[i] = static_cast<W>(v[i]);
-    v[i] = static_cast<Acc>(p[i]);
-  }
+  store_block<Acc, W>(v, wire, begin, n);
+  load_block<Acc, W>(wire, begin, n, v);
 }
 
 // Stage functions for a tensor's dtype within accumulation family Acc (the dtype was validated to belong to

@@ -13,6 +13,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu/half_convert.h"
 #include "validate.h"
 
 namespace paracomm {
@@ -28,30 +29,41 @@ struct Partial {
 // kLanes independent partial sums, added in lane order at the end: the additions no longer form one serial
 // dependency chain (which cost ~4 cycles per element), the loop vectorises, and the order is still fixed.
 constexpr int kLanes = 8;
+// float16/bfloat16 data is widened kSub elements at a time into a float buffer (half_convert.h: vectorised
+// where the CPU allows), so the arithmetic below is one plain float loop for every dtype. kSub is a multiple
+// of kLanes, so each element lands in the same lane as without the buffering.
+constexpr int64_t kSub = 1024;
 
-template <bool kWantNorm, bool kWrite, typename In, typename Out>
+template <bool kWantNorm, typename In, typename Out>
 Partial unscale_block(const In* in, Out* out, int64_t n, float inv_scale) {
   double sumsq[kLanes] = {};
   int found = 0;  // OR-ed without a branch, so the loop stays vectorisable
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    float v[kLanes];
-    for (int lane = 0; lane < kLanes; ++lane) {
-      const float x = static_cast<float>(in[i + lane]);
-      found |= !(std::fabs(x) <= std::numeric_limits<float>::max());  // inf or nan
-      v[lane] = x * inv_scale;
+  float buf[kSub];
+  for (int64_t s = 0; s < n; s += kSub) {
+    const int64_t m = std::min(kSub, n - s);
+    const float* x;
+    if constexpr (std::is_same_v<In, float>) {
+      x = in + s;
+    } else {
+      to_float(in + s, buf, m);  // exact widening
+      x = buf;
     }
-    for (int lane = 0; lane < kLanes; ++lane) {
-      if constexpr (kWantNorm) sumsq[lane] += static_cast<double>(v[lane]) * static_cast<double>(v[lane]);
-      if constexpr (kWrite) out[i + lane] = static_cast<Out>(v[lane]);
+    float* v = buf;
+    if constexpr (std::is_same_v<Out, float>) v = out + s;
+    int64_t i = 0;
+    for (; i + kLanes <= m; i += kLanes) {
+      for (int lane = 0; lane < kLanes; ++lane) {
+        found |= !(std::fabs(x[i + lane]) <= std::numeric_limits<float>::max());  // inf or nan
+        v[i + lane] = x[i + lane] * inv_scale;
+        if constexpr (kWantNorm) sumsq[lane] += static_cast<double>(v[i + lane]) * static_cast<double>(v[i + lane]);
+      }
     }
-  }
-  for (int lane = 0; i < n; ++i, ++lane) {
-    const float x = static_cast<float>(in[i]);
-    found |= !(std::fabs(x) <= std::numeric_limits<float>::max());
-    const float v = x * inv_scale;
-    if constexpr (kWantNorm) sumsq[lane] += static_cast<double>(v) * static_cast<double>(v);
-    if constexpr (kWrite) out[i] = static_cast<Out>(v);
+    for (int lane = 0; i < m; ++i, ++lane) {  // only in the last sub-block
+      found |= !(std::fabs(x[i]) <= std::numeric_limits<float>::max());
+      v[i] = x[i] * inv_scale;
+      if constexpr (kWantNorm) sumsq[lane] += static_cast<double>(v[i]) * static_cast<double>(v[i]);
+    }
+    if constexpr (!std::is_same_v<Out, float>) from_float(buf, out + s, m);  // round back in place
   }
   Partial p;
   p.found = found != 0;
@@ -59,37 +71,37 @@ Partial unscale_block(const In* in, Out* out, int64_t n, float inv_scale) {
   return p;
 }
 
-// The four (norm, write) variants, chosen once per block rather than tested per element.
-template <typename In, typename Out>
-Partial unscale_block(const In* in, Out* out, int64_t n, float inv_scale, bool want_norm) {
-  if (out == nullptr) {
-    return want_norm ? unscale_block<true, false>(in, out, n, inv_scale) : unscale_block<false, false>(in, out, n, inv_scale);
+template <typename F>
+void visit_grad_dtype(at::ScalarType t, F&& f) {
+  switch (t) {
+    case at::kFloat: f(float{}); return;
+    case at::kHalf: f(at::Half{}); return;
+    case at::kBFloat16: f(at::BFloat16{}); return;
+    default: TORCH_INTERNAL_ASSERT(false, "paracomm unscale: unvalidated grad dtype ", t);
   }
-  return want_norm ? unscale_block<true, true>(in, out, n, inv_scale) : unscale_block<false, true>(in, out, n, inv_scale);
 }
 
-// Unscales one tensor (`out` may be `in`, or undefined to only check and measure). Returns the flag and the
+// Unscales one tensor into `out` (which may be `in` itself). Returns the flag and the
 // squared norm, summed block by block in order.
 Partial unscale_tensor(const at::Tensor& in, const at::Tensor& out, float inv_scale, bool want_norm) {
   const int64_t n = in.numel();
   const int64_t num_blocks = (n + kNormBlock - 1) / kNormBlock;
   std::vector<Partial> partials(static_cast<size_t>(num_blocks));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.scalar_type(), "unscale_in", [&] {
-    using in_t = scalar_t;
+  // Grads are float32, float16 or bfloat16 (validated).
+  visit_grad_dtype(in.scalar_type(), [&](auto tag) {
+    using in_t = decltype(tag);
     const in_t* src = in.const_data_ptr<in_t>();
     auto run = [&](auto* dst) {
       using Out = std::remove_pointer_t<decltype(dst)>;
       at::parallel_for(0, num_blocks, 1, [&](int64_t b0, int64_t b1) {
         for (int64_t b = b0; b < b1; ++b) {
           const int64_t begin = b * kNormBlock, len = std::min(kNormBlock, n - begin);
-          Out* block_out = dst ? dst + begin : dst;
-          partials[b] = unscale_block(src + begin, block_out, len, inv_scale, want_norm);
+          partials[b] = want_norm ? unscale_block<true>(src + begin, dst + begin, len, inv_scale)
+                                  : unscale_block<false>(src + begin, dst + begin, len, inv_scale);
         }
       });
     };
-    if (!out.defined()) {
-      run(static_cast<in_t*>(nullptr));
-    } else if (out.scalar_type() == in.scalar_type()) {
+    if (out.scalar_type() == in.scalar_type()) {
       run(out.mutable_data_ptr<in_t>());
     } else {
       run(out.mutable_data_ptr<float>());  // the master-gradient path: out is float32
