@@ -34,42 +34,85 @@ constexpr int kLanes = 8;
 // of kLanes, so each element lands in the same lane as without the buffering.
 constexpr int64_t kSub = 1024;
 
+// v[i] = x[i] * inv_scale for m elements, OR-ing the inf/nan test into `found` and adding v^2 to the lanes.
+// Called with x == v (one pointer) for in-place work and with distinct __restrict__ pointers otherwise: two
+// pointers to the same memory would make the compiler's runtime alias check fail and fall back to scalar code.
+template <bool kWantNorm, bool kInPlace>
+__attribute__((always_inline)) inline void scale_check(const float* __restrict__ x_in, float* __restrict__ v_out,
+                                                       int64_t m, float inv_scale, int& found, double* sumsq) {
+  float* v = v_out;
+  const float* x = kInPlace ? v_out : x_in;
+  // Local lanes (kept in registers), added to the caller's once per sub-block: a fixed order all the same.
+  double lane[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= m; i += kLanes) {
+    for (int l = 0; l < kLanes; ++l) {
+      const float xv = x[i + l];
+      found |= !(std::fabs(xv) <= std::numeric_limits<float>::max());  // inf or nan
+      const float y = xv * inv_scale;
+      v[i + l] = y;
+      if constexpr (kWantNorm) lane[l] += static_cast<double>(y) * static_cast<double>(y);
+    }
+  }
+  for (int l = 0; i < m; ++i, ++l) {  // only in a block's last sub-block
+    const float xv = x[i];
+    found |= !(std::fabs(xv) <= std::numeric_limits<float>::max());
+    const float y = xv * inv_scale;
+    v[i] = y;
+    if constexpr (kWantNorm) lane[l] += static_cast<double>(y) * static_cast<double>(y);
+  }
+  if constexpr (kWantNorm) {
+    for (int l = 0; l < kLanes; ++l) sumsq[l] += lane[l];
+  }
+}
+
 template <bool kWantNorm, typename In, typename Out>
-Partial unscale_block(const In* in, Out* out, int64_t n, float inv_scale) {
+__attribute__((always_inline)) inline Partial unscale_block(const In* in, Out* out, int64_t n, float inv_scale) {
   double sumsq[kLanes] = {};
   int found = 0;  // OR-ed without a branch, so the loop stays vectorisable
   float buf[kSub];
   for (int64_t s = 0; s < n; s += kSub) {
     const int64_t m = std::min(kSub, n - s);
-    const float* x;
-    if constexpr (std::is_same_v<In, float>) {
-      x = in + s;
-    } else {
-      to_float(in + s, buf, m);  // exact widening
-      x = buf;
-    }
-    float* v = buf;
-    if constexpr (std::is_same_v<Out, float>) v = out + s;
-    int64_t i = 0;
-    for (; i + kLanes <= m; i += kLanes) {
-      for (int lane = 0; lane < kLanes; ++lane) {
-        found |= !(std::fabs(x[i + lane]) <= std::numeric_limits<float>::max());  // inf or nan
-        v[i + lane] = x[i + lane] * inv_scale;
-        if constexpr (kWantNorm) sumsq[lane] += static_cast<double>(v[i + lane]) * static_cast<double>(v[i + lane]);
+    if constexpr (std::is_same_v<In, float>) {  // float32 grads: in place, or into a separate float32 out
+      if (static_cast<const void*>(in) == static_cast<const void*>(out)) {
+        scale_check<kWantNorm, true>(nullptr, out + s, m, inv_scale, found, sumsq);
+      } else {
+        scale_check<kWantNorm, false>(in + s, out + s, m, inv_scale, found, sumsq);
       }
+    } else if constexpr (std::is_same_v<Out, float>) {  // 16-bit grads into float32 master grads
+      to_float(in + s, out + s, m);  // exact widening, then unscaled where it lies
+      scale_check<kWantNorm, true>(nullptr, out + s, m, inv_scale, found, sumsq);
+    } else {  // 16-bit grads in place: widen, unscale, round back
+      to_float(in + s, buf, m);
+      scale_check<kWantNorm, true>(nullptr, buf, m, inv_scale, found, sumsq);
+      from_float(buf, out + s, m);
     }
-    for (int lane = 0; i < m; ++i, ++lane) {  // only in the last sub-block
-      found |= !(std::fabs(x[i]) <= std::numeric_limits<float>::max());
-      v[i] = x[i] * inv_scale;
-      if constexpr (kWantNorm) sumsq[lane] += static_cast<double>(v[i]) * static_cast<double>(v[i]);
-    }
-    if constexpr (!std::is_same_v<Out, float>) from_float(buf, out + s, m);  // round back in place
   }
   Partial p;
   p.found = found != 0;
   for (int lane = 0; lane < kLanes; ++lane) p.sumsq += sumsq[lane];
   return p;
 }
+
+// The block loop compiled twice, for baseline x86-64 and for x86-64-v3 (AVX2, FMA), the clone picked at load
+// time by the CPU (GCC's target_clones). unscale_block is force-inlined so each clone vectorises it for its
+// ISA; only the arithmetic's width changes, never its order (no FMA contraction under -std=c++17), so both
+// clones give the same bits.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define PARACOMM_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define PARACOMM_CLONES
+#endif
+#define PARACOMM_UNSCALE_ENTRY(In, Out)                                                                    \
+  PARACOMM_CLONES Partial unscale_block_entry(const In* in, Out* out, int64_t n, float inv, bool norm) {  \
+    return norm ? unscale_block<true>(in, out, n, inv) : unscale_block<false>(in, out, n, inv);           \
+  }
+PARACOMM_UNSCALE_ENTRY(float, float)
+PARACOMM_UNSCALE_ENTRY(at::Half, at::Half)
+PARACOMM_UNSCALE_ENTRY(at::BFloat16, at::BFloat16)
+PARACOMM_UNSCALE_ENTRY(at::Half, float)
+PARACOMM_UNSCALE_ENTRY(at::BFloat16, float)
+#undef PARACOMM_UNSCALE_ENTRY
 
 template <typename F>
 void visit_grad_dtype(at::ScalarType t, F&& f) {
@@ -96,8 +139,7 @@ Partial unscale_tensor(const at::Tensor& in, const at::Tensor& out, float inv_sc
       at::parallel_for(0, num_blocks, 1, [&](int64_t b0, int64_t b1) {
         for (int64_t b = b0; b < b1; ++b) {
           const int64_t begin = b * kNormBlock, len = std::min(kNormBlock, n - begin);
-          partials[b] = want_norm ? unscale_block<true>(src + begin, dst + begin, len, inv_scale)
-                                  : unscale_block<false>(src + begin, dst + begin, len, inv_scale);
+          partials[b] = unscale_block_entry(src + begin, dst + begin, len, inv_scale, want_norm);
         }
       });
     };
