@@ -139,9 +139,11 @@ def unscale_and_check_(
 
 
 def _common_dtype(tensors: Sequence[torch.Tensor]) -> torch.dtype:
-    dtype = tensors[0].dtype
-    for t in tensors[1:]:
-        dtype = torch.promote_types(dtype, t.dtype)
+    # Promote over the distinct dtypes only: a bucket holds thousands of tensors but a handful of dtypes.
+    dtypes = list(dict.fromkeys(t.dtype for t in tensors))
+    dtype = dtypes[0]
+    for other in dtypes[1:]:
+        dtype = torch.promote_types(dtype, other)
     return dtype
 
 

@@ -211,10 +211,16 @@ def _measure(case: Case, device: torch.device, args) -> Dict:
         timing.flush_l2(device)
 
     match = case.check()
-    t_p = timing.median(timing.time_iterations(case.run, device=device, warmup=args.warmup, iters=args.iters,
-                                               before_each=flush))
-    t_b = timing.median(timing.time_iterations(case.run_baseline, device=device, warmup=args.warmup,
-                                               iters=args.iters, before_each=flush))
+    # paracomm and the baseline alternate, run by run, so both see the same allocator and cache history (on
+    # CPU the first few allocating runs are several times slower than later ones, and timing one side's
+    # runs before the other's handed that cost to whichever went first).
+    times_p, times_b = [], []
+    for i in range(args.warmup + args.iters):
+        for fn, times in ((case.run, times_p), (case.run_baseline, times_b)):
+            t = timing.time_iterations(lambda _: fn(i), device=device, warmup=0, iters=1, before_each=flush)[0]
+            if i >= args.warmup:
+                times.append(t)
+    t_p, t_b = timing.median(times_p), timing.median(times_b)
     return {
         "kernel": case.kernel,
         "baseline": case.baseline,
