@@ -8,7 +8,8 @@
 # calls: `env build info test-cuda`, then `test-rest`, then `kernels allreduce ddp` (the build stays in the
 # work tree only while the machine stays warm: run the calls back to back, or repeat `build` first).
 #
-# Writes under $OUT: one <step>.log per step, ptxas.log + ptxas_summary.txt (register / spill / stack report
+# Writes to .tmp/gpu_check (and copies to $OUT: the JSON results, the plot, ptxas_summary.txt and a tarball of
+# everything): one <step>.log per step, ptxas.log + ptxas_summary.txt (register / spill / stack report
 # of every kernel, from the build), build_info.json, pytest-*.xml, kernels.json, allreduce.json + .png, allreduce_bf16.json, ddp.json, and
 # gpu_check.json (every step's exit status and duration). Every step runs under `timeout` and a failing step
 # does not stop the next ones; the script exits non-zero if any step failed. Steps can be run in separate
@@ -16,8 +17,11 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
-OUT=${OUT:-$ROOT/.tmp/gpu_check}
-mkdir -p "$OUT" "$ROOT/.tmp"
+# Everything is written to LOGS in the work tree (it survives between calls while the machine is warm); at the
+# end the results and a tarball of all logs are copied to $LOGS, within the device tool's 8 files.
+LOGS=$ROOT/.tmp/gpu_check
+DEST=${OUT:-}
+mkdir -p "$LOGS" "$ROOT/.tmp"
 PY=${PYTHON:-python3}
 export PATH="/usr/local/cuda/bin:$PATH"
 export TMPDIR="$ROOT/.tmp" TORCHINDUCTOR_CACHE_DIR="$ROOT/.tmp/inductor"
@@ -25,24 +29,24 @@ export TORCH_CUDA_ARCH_LIST=9.0 PARACOMM_PTXAS_VERBOSE=1
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"  # also finds an in-place build if pip install failed
 export PYTHONUNBUFFERED=1
 
-STATUS="$OUT/steps.tsv"
+STATUS="$LOGS/steps.tsv"
 FAILED=0
 
-# run_step NAME SECONDS CMD...: runs CMD under timeout, output to $OUT/NAME.log, status to steps.tsv.
+# run_step NAME SECONDS CMD...: runs CMD under timeout, output to $LOGS/NAME.log, status to steps.tsv.
 run_step() {
   local name=$1 limit=$2
   shift 2
   echo "== $name (limit ${limit}s): $*"
   local start end rc
   start=$(date +%s)
-  timeout --kill-after=30 "$limit" "$@" >"$OUT/$name.log" 2>&1
+  timeout --kill-after=30 "$limit" "$@" >"$LOGS/$name.log" 2>&1
   rc=$?
   end=$(date +%s)
   printf '%s\t%s\t%s\n' "$name" "$rc" "$((end - start))" >>"$STATUS"
   if [ "$rc" -ne 0 ]; then
     FAILED=1
     echo "   FAILED rc=$rc ($((end - start)) s); last lines of $name.log:"
-    tail -n 15 "$OUT/$name.log" | sed 's/^/   | /'
+    tail -n 15 "$LOGS/$name.log" | sed 's/^/   | /'
   else
     echo "   ok ($((end - start)) s)"
   fi
@@ -80,8 +84,8 @@ step_build() {
 }
 
 summarize_ptxas() {
-  grep -E "ptxas info|bytes stack frame" "$OUT/build.log" >"$OUT/ptxas.log" || true
-  "$PY" - "$OUT/ptxas.log" >"$OUT/ptxas_summary.txt" <<'EOF'
+  grep -E "ptxas info|bytes stack frame" "$LOGS/build.log" >"$LOGS/ptxas.log" || true
+  "$PY" - "$LOGS/ptxas.log" >"$LOGS/ptxas_summary.txt" <<'EOF'
 import re, sys
 lines = open(sys.argv[1]).read().splitlines()
 kernels, current = [], None
@@ -103,15 +107,15 @@ if kernels:
 for k in bad:
     print(f"  {k['arch']} stack={k.get('stack')} spill_st={k.get('spill_st')} spill_ld={k.get('spill_ld')} {k['name']}")
 EOF
-  cat "$OUT/ptxas_summary.txt"
+  cat "$LOGS/ptxas_summary.txt"
 }
 
 step_info() {
-  "$PY" -c "import json, paracomm; print(json.dumps(paracomm.build_info()))" | tee "$OUT/build_info.json"
+  "$PY" -c "import json, paracomm; print(json.dumps(paracomm.build_info()))" | tee "$LOGS/build_info.json"
 }
 
 write_summary() {
-  "$PY" - "$STATUS" "$OUT/gpu_check.json" <<'EOF'
+  "$PY" - "$STATUS" "$LOGS/gpu_check.json" <<'EOF'
 import json, sys
 steps = []
 for line in open(sys.argv[1]):
@@ -123,7 +127,7 @@ EOF
 }
 
 export -f step_env step_build step_info
-export PY OUT
+export PY LOGS
 
 STEPS=("$@")
 [ ${#STEPS[@]} -eq 0 ] && STEPS=(env build info test-cuda test-rest kernels allreduce ddp)
@@ -137,18 +141,18 @@ for s in "${STEPS[@]}"; do
     info) run_step info 120 bash -c step_info ;;
     # The CUDA-marked tests first (the kernels against their CPU twins), then everything else, which includes
     # the multi-rank tests: both under timeout, a hung rank cannot stall the run.
-    test-cuda) run_step test-cuda 540 "$PY" -m pytest -q -rs -m cuda --durations=15 --junitxml="$OUT/pytest-cuda.xml" ;;
-    test-rest) run_step test-rest 540 "$PY" -m pytest -q -rs -m "not cuda" --durations=15 --junitxml="$OUT/pytest-rest.xml" ;;
-    kernels) run_step kernels 420 "$PY" -m paracomm.bench kernels --json "$OUT/kernels.json" ;;
+    test-cuda) run_step test-cuda 540 "$PY" -m pytest -q -rs -m cuda --durations=15 --junitxml="$LOGS/pytest-cuda.xml" ;;
+    test-rest) run_step test-rest 540 "$PY" -m pytest -q -rs -m "not cuda" --durations=15 --junitxml="$LOGS/pytest-rest.xml" ;;
+    kernels) run_step kernels 420 "$PY" -m paracomm.bench kernels --json "$LOGS/kernels.json" ;;
     allreduce)
       # One GPU: 4 ranks on it over NCCL's socket transport (DESIGN.md), paracomm's ring beside NCCL's own
       # all-reduce on the same ranks; then the bf16 wire (its algbw against NCCL's fp32 is the issue's target).
       run_step allreduce 540 "$PY" -m paracomm.bench allreduce --ranks-per-gpu 4 -b 1K -e 256M -f 4 \
-        --timeout 120 --json "$OUT/allreduce.json" --plot "$OUT/allreduce.png"
+        --timeout 120 --json "$LOGS/allreduce.json" --plot "$LOGS/allreduce.png"
       run_step allreduce-bf16 300 "$PY" -m paracomm.bench allreduce --ranks-per-gpu 4 -b 1M -e 256M -f 4 \
-        --wire-dtype bfloat16 --timeout 120 --json "$OUT/allreduce_bf16.json"
+        --wire-dtype bfloat16 --timeout 120 --json "$LOGS/allreduce_bf16.json"
       ;;
-    ddp) run_step ddp 420 "$PY" -m paracomm.bench ddp --ranks-per-gpu 2 --timeout 120 --json "$OUT/ddp.json" ;;
+    ddp) run_step ddp 420 "$PY" -m paracomm.bench ddp --ranks-per-gpu 2 --timeout 120 --json "$LOGS/ddp.json" ;;
     *)
       echo "unknown step: $s (env build info test-cuda test-rest kernels allreduce ddp)" >&2
       FAILED=1
@@ -156,4 +160,11 @@ for s in "${STEPS[@]}"; do
   esac
 done
 write_summary
+if [ -n "$DEST" ]; then
+  mkdir -p "$DEST"
+  tar czf "$DEST/gpu_check_logs.tgz" -C "$LOGS" .
+  for f in gpu_check.json ptxas_summary.txt kernels.json allreduce.json allreduce.png allreduce_bf16.json ddp.json; do
+    [ -f "$LOGS/$f" ] && cp "$LOGS/$f" "$DEST/"
+  done
+fi
 exit "$FAILED"
