@@ -249,6 +249,21 @@ def _rank_steady_memory(rank, world_size):
     return rss1 - rss0, alloc1 - alloc0, ok
 
 
+def _all_reduce_until_error(comm, x, timeout_s):
+    """Start an all-reduce a peer will never join and poll check() until the watchdog reports it (or give up
+    30 s past the timeout). Returns (the error text or None, seconds it took)."""
+    start = time.monotonic()
+    error = None
+    try:
+        _all_reduce(comm, x)
+        while time.monotonic() - start < timeout_s + 30:
+            comm.check()
+            time.sleep(0.05)
+    except RuntimeError as e:
+        error = str(e)
+    return error, time.monotonic() - start
+
+
 def _rank_killed_peer(rank, world_size, timeout_s):
     comm = _make_comm(rank, world_size, timeout_s)
     x = _data(5000, rank, torch.float32, 1 << 16).cuda()
@@ -259,16 +274,7 @@ def _rank_killed_peer(rank, world_size, timeout_s):
     if rank == world_size - 1:
         os._exit(0)  # dies without a word: no destructor, no NCCL shutdown
     time.sleep(1.0)
-    start = time.monotonic()
-    error = None
-    try:
-        _all_reduce(comm, x)
-        while time.monotonic() - start < timeout_s + 30:
-            comm.check()
-            time.sleep(0.05)
-    except RuntimeError as e:
-        error = str(e)
-    elapsed = time.monotonic() - start
+    error, elapsed = _all_reduce_until_error(comm, x, timeout_s)
     torch.cuda.synchronize()  # the abort released the kernels that waited for the dead peer
     try:
         _all_reduce(comm, x)
@@ -293,16 +299,7 @@ def _rank_stalled_peer(rank, world_size, timeout_s):
             return "check() did not raise after abort()"
         except RuntimeError as e:
             return str(e)
-    start = time.monotonic()
-    error = None
-    try:
-        _all_reduce(comm, x)
-        while time.monotonic() - start < timeout_s + 30:
-            comm.check()
-            time.sleep(0.05)
-    except RuntimeError as e:
-        error = str(e)
-    elapsed = time.monotonic() - start
+    error, elapsed = _all_reduce_until_error(comm, x, timeout_s)
     torch.cuda.synchronize()
     return error, elapsed
 
