@@ -104,8 +104,12 @@ class Work:
         self._check = check  # raises the communicator's asynchronous error (NCCL), or None
 
     def wait(self, timeout: Optional[timedelta] = None):
-        """Wait for completion; return the reduced tensor (or the ``__dlpack__`` object given). Raises its error."""
-        del timeout  # the Communicator's own timeout bounds every call
+        """Wait for completion; return the reduced tensor (or the ``__dlpack__`` object given). Raises its error.
+
+        ``timeout`` is accepted for compatibility with ``torch.distributed.Work.wait`` and not used: the
+        Communicator's own timeout already bounds every call, and a call past it raises here.
+        """
+        del timeout
         self._future.wait()
         if self._check is not None:
             self._check()
