@@ -81,6 +81,8 @@ def _unflatten_fake(flat, tensors, scale=1.0, scale_tensor=None):
 
 @torch.library.register_fake("paracomm::ring_reduce_")
 def _ring_reduce_fake(out, a, b, divisor=1.0, scale=None, found_inf=None, wire_out=None):
+    _check_one_device("ring_reduce_", [("out", out), ("a", a), ("b", b), ("scale", scale), ("found_inf", found_inf),
+                                       ("wire_out", wire_out)])
     return None
 
 
