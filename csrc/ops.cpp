@@ -34,13 +34,14 @@ TORCH_LIBRARY(paracomm, m) {
   m.def("flatten_out(Tensor[] tensors, Tensor(a!) out, float scale=1.0, Tensor? scale_tensor=None) -> ()");
   // tensors[i] = cast(flat[segment i] * scale (* scale_tensor[0])), segments consecutive in order.
   m.def("unflatten_(Tensor flat, Tensor(a!)[] tensors, float scale=1.0, Tensor? scale_tensor=None) -> ()");
-  // The ring's local reduction, one chunk (see csrc/ring/schedule.h), accumulating in fp32 (fp64 for float64,
-  // int64 for integers):  v = a[i] (+ b[i]);  v /= divisor;  v *= scale[0];
-  // if wire_out: wire_out[i] = cast(v), v = wire_out[i] (the owner keeps the bits the others receive);
-  // found_inf |= !isfinite(v) (the stored value, after that rounding);  out[i] = cast(v).  out may be a itself.
+  // The all-reduce's local reduction (every step of every plan, csrc/allreduce/plan.h), accumulating in fp32
+  // (fp64 for float64, int64 for integers):  v = inputs[0][i] + inputs[1][i] + ... (in this order);
+  // v /= divisor;  v *= scale[0];  if wire_dtype: w = cast(v), wire_out[i] = w (if given), v = w;
+  // found_inf |= !isfinite(v) (the stored value, after that rounding);  out[i] = cast(v).
+  // An input may be the very tensor out or wire_out is (each element is read before it is written).
   m.def(
-      "ring_reduce_(Tensor(a!) out, Tensor a, Tensor? b, float divisor=1.0, Tensor? scale=None, "
-      "Tensor(b!)? found_inf=None, Tensor(c!)? wire_out=None) -> ()");
+      "reduce_(Tensor(a!) out, Tensor[] inputs, float divisor=1.0, Tensor? scale=None, Tensor(b!)? found_inf=None, "
+      "ScalarType? wire_dtype=None, Tensor(c!)? wire_out=None) -> ()");
 }
 
 namespace py = pybind11;

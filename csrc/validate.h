@@ -24,11 +24,13 @@ void check_unscale_args(const char* op, at::TensorList grads, const at::Tensor& 
 int64_t check_flatten_args(const char* op, at::TensorList tensors, const at::Tensor& flat,
                            const std::optional<at::Tensor>& scale_tensor);
 
-// ring_reduce_: out, a, b, wire_out contiguous, same device, same numel; dtype combinations the core supports
-// (all one dtype, or float32 accumulation with float16/bfloat16 wire buffers); divisor > 0 and 1 for
-// integers; scale/found_inf 1-element fp32.   (csrc/validate_ring.cpp)
-void check_ring_reduce_args(const at::Tensor& out, const at::Tensor& a, const std::optional<at::Tensor>& b,
-                            double divisor, const std::optional<at::Tensor>& scale,
-                            const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& wire_out);
+// reduce_ (the all-reduce's local reduction, csrc/kernels/reduce.h): out, inputs[k], wire_out contiguous, same
+// device, same numel; 1..32 inputs, inputs[1:] of one dtype; dtypes of one accumulation family (float32
+// accumulation mixes float32 with one of float16/bfloat16; float64 and integers take one dtype throughout);
+// wire_dtype float16/bfloat16 with float32 accumulation only, wire_out (needs wire_dtype) of that dtype;
+// divisor > 0 and 1 for integers; scale/found_inf 1-element fp32.   (csrc/validate_reduce.cpp)
+void check_reduce_args(const at::Tensor& out, at::TensorList inputs, double divisor,
+                       const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& found_inf,
+                       std::optional<at::ScalarType> wire_dtype, const std::optional<at::Tensor>& wire_out);
 
 }  // namespace paracomm
