@@ -76,7 +76,7 @@ if _want_cuda():
         nvcc_flags += ["-Xptxas", "-v"]  # registers, spills and stack frame of every kernel, in the build log
     ext = cpp_extension.CUDAExtension(
         name="paracomm._C",
-        sources=common_sources + _sources("cuda/*.cpp", "cuda/*.cu", "kernels/*.cu", "ring/nccl_*.cpp"),
+        sources=common_sources + _sources("cuda/*.cpp", "cuda/*.cu", "kernels/*.cu", "allreduce/nccl_*.cpp"),
         include_dirs=[os.path.join(ROOT, "csrc"), os.path.join(nccl, "include")],
         library_dirs=[os.path.join(nccl, "lib")],
         # The wheel ships libnccl.so.2 without the libnccl.so symlink, so name the file itself.

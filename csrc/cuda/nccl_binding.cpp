@@ -1,11 +1,12 @@
-// paracomm._C's NCCL API (CUDA builds only): nccl_unique_id, nccl_workspace_bytes and the NcclComm class.
+// paracomm._C's NCCL API (CUDA builds only): nccl_unique_id and the NcclComm class.
 //
 // Torch-free on purpose: tensors arrive as raw device pointers (int), streams as cudaStream_t values (int),
-// dtypes as DType codes (csrc/dtype.h). paracomm/comm.py validates tensors, allocates the workspace on the
-// current stream and calls in here. Blocking calls (construction, which waits for every rank; all_reduce,
-// which may wait for NCCL to connect to its peers; abort; destruction) release the GIL.
-// Contract: /work/briefs/nccl_api.md.
-#include "ring/nccl_comm.h"
+// dtypes as DType codes (csrc/dtype.h), the algorithm as the int of paracomm::Algorithm. paracomm/comm.py
+// validates tensors, sizes the workspace with _C.all_reduce_workspace_bytes (ops.cpp, backend-neutral),
+// allocates it on the current stream and calls in here. Calls that may block (construction, which waits for
+// every rank; all_reduce, whose blocking NCCL enqueue may wait while NCCL connects to a peer; abort;
+// destruction) release the GIL.
+#include "allreduce/nccl_comm.h"
 
 #include <Python.h>
 #include <pybind11/pybind11.h>
@@ -20,8 +21,8 @@ namespace paracomm {
 
 namespace {
 
-// Destroying a communicator may wait (finalize flushes outstanding work, bounded by timeout_s): do it
-// without the GIL so other Python threads keep running.
+// Destroying a communicator may wait (finalize, bounded by timeout_s): do it without the GIL so other Python
+// threads keep running.
 struct NcclCommDeleter {
   void operator()(NcclComm* comm) const {
     if (PyGILState_Check()) {
@@ -39,15 +40,16 @@ T* as_ptr(uintptr_t address) {
   return reinterpret_cast<T*>(address);
 }
 
-RingAllReduceSpec make_spec(int64_t numel, int64_t dtype, int64_t wire_dtype, int64_t chunk_elems) {
-  RingAllReduceSpec spec;
-  spec.numel = numel;
-  spec.dtype = dtype_from_code(dtype, "dtype");
-  PARACOMM_CHECK(wire_dtype == kNoWireDType || (wire_dtype >= 0 && wire_dtype <= 5),
-                 "wire_dtype must be -1 (none) or a DType code, got ", wire_dtype);
-  spec.wire_dtype = static_cast<int32_t>(wire_dtype);
-  spec.chunk_elems = chunk_elems;
-  return spec;
+DType dtype_from_code(int64_t code, const char* arg) {
+  PARACOMM_CHECK(code >= 0 && code <= static_cast<int64_t>(DType::kInt64), arg,
+                 " must be a DType code in [0, 5] (float32, float16, bfloat16, float64, int32, int64), got ", code);
+  return static_cast<DType>(code);
+}
+
+Algorithm algorithm_from_code(int64_t code) {
+  PARACOMM_CHECK(code >= static_cast<int64_t>(Algorithm::kRing) && code <= static_cast<int64_t>(Algorithm::kOneShot),
+                 "algorithm must be 0 (ring), 1 (direct) or 2 (one_shot), got ", code);
+  return static_cast<Algorithm>(code);
 }
 
 }  // namespace
@@ -65,61 +67,64 @@ void bind_nccl(py::module_& m) {
       },
       "A fresh ncclUniqueId (NCCL_UNIQUE_ID_BYTES = 128 bytes) for rank 0 to share with the other ranks.");
 
-  m.def(
-      "nccl_workspace_bytes",
-      [](int64_t numel, int64_t dtype, int64_t wire_dtype, int64_t chunk_elems) {
-        return ring_workspace_layout(make_spec(numel, dtype, wire_dtype, chunk_elems)).total_bytes;
-      },
-      py::arg("numel"), py::arg("dtype"), py::arg("wire_dtype"), py::arg("chunk_elems"),
-      "Device workspace bytes NcclComm.all_reduce needs for numel elements of DType code `dtype`, travelling as "
-      "`wire_dtype` (-1: uncompressed) in chunks of chunk_elems elements: two receive buffers of "
-      "min(chunk_elems, numel) travelling elements, plus numel wire elements of staging when compressed "
-      "(256-byte aligned). Valid for every world size (world size 1 needs none). Raises on invalid arguments.");
-
   py::class_<NcclComm, NcclCommHolder>(m, "NcclComm",
-                                       "A non-blocking NCCL communicator with its own stream and a watchdog "
-                                       "(csrc/ring/nccl_comm.h).")
+                                       "paracomm's NCCL communicator: a blocking data path, its own stream and a "
+                                       "watchdog (csrc/allreduce/nccl_comm.h).")
       .def(py::init([](py::bytes unique_id, int world_size, int rank, int device, double timeout_s) {
              std::string id = unique_id;  // copied while the GIL is held
              py::gil_scoped_release release;
              return NcclCommHolder(new NcclComm(id, world_size, rank, device, timeout_s));
            }),
            py::arg("unique_id"), py::arg("world_size"), py::arg("rank"), py::arg("device"), py::arg("timeout_s"),
-           "Joins the communicator (blocks until every rank has joined; raises after timeout_s seconds, or on "
-           "bad arguments / NCCL errors).")
+           "Joins the communicator (blocks until every rank has joined; raises after timeout_s seconds, on bad "
+           "arguments, on NCCL errors, or when the NCCL loaded at run time is older than the one paracomm was "
+           "compiled against).")
       .def(
           "all_reduce",
           [](NcclComm& self, uintptr_t ptr, int64_t numel, int64_t dtype, double divisor, int64_t wire_dtype,
              uintptr_t scale_ptr, uintptr_t found_inf_ptr, uintptr_t workspace_ptr, int64_t workspace_bytes,
-             uintptr_t stream, int64_t chunk_elems) {
-            RingAllReduceSpec spec = make_spec(numel, dtype, wire_dtype, chunk_elems);
-            spec.divisor = divisor;
-            RingBuffers buf;
-            buf.data = as_ptr<void>(ptr);
-            buf.scale = as_ptr<const float>(scale_ptr);
-            buf.found_inf = as_ptr<float>(found_inf_ptr);
-            buf.workspace = as_ptr<void>(workspace_ptr);
-            buf.workspace_bytes = workspace_bytes;
+             uintptr_t stream, int64_t algorithm, int64_t chunk_bytes) {
+            NcclAllReduceCall call;
+            call.data = as_ptr<void>(ptr);
+            call.numel = numel;
+            call.dtype = dtype_from_code(dtype, "dtype");
+            PARACOMM_CHECK(wire_dtype == kNoWire || (wire_dtype >= 0 && wire_dtype <= 5),
+                           "wire_dtype must be -1 (none) or a DType code, got ", wire_dtype);
+            call.wire_dtype = static_cast<int32_t>(wire_dtype);
+            call.divisor = divisor;
+            call.scale = as_ptr<const float>(scale_ptr);
+            call.found_inf = as_ptr<float>(found_inf_ptr);
+            call.workspace = as_ptr<void>(workspace_ptr);
+            call.workspace_bytes = workspace_bytes;
+            call.algorithm = algorithm_from_code(algorithm);
+            call.chunk_bytes = chunk_bytes;
             py::gil_scoped_release release;
-            self.all_reduce(spec, buf, as_ptr<CUstream_st>(stream));
+            self.all_reduce(call, as_ptr<CUstream_st>(stream));
           },
           py::arg("ptr"), py::arg("numel"), py::arg("dtype"), py::arg("divisor"), py::arg("wire_dtype"),
           py::arg("scale_ptr"), py::arg("found_inf_ptr"), py::arg("workspace_ptr"), py::arg("workspace_bytes"),
-          py::arg("stream"), py::arg("chunk_elems"),
-          "In-place ring all_reduce of numel elements at device address `ptr` (DType code `dtype`), enqueued on "
-          "cudaStream_t `stream` without host synchronisation. divisor: N for avg, else 1. wire_dtype: -1 or "
-          "1/2 (float16/bfloat16, float32 data only). scale_ptr/found_inf_ptr: 1-element float32 device "
-          "buffers or 0. workspace: >= nccl_workspace_bytes(...) device bytes, may be freed (on `stream`) as "
-          "soon as this returns. Raises if the communicator has failed or been aborted, or on invalid arguments "
-          "(nothing enqueued then).")
+          py::arg("stream"), py::arg("algorithm"), py::arg("chunk_bytes"),
+          "In-place all_reduce of numel elements at device address `ptr` (DType code `dtype`: 0 float32, "
+          "1 float16, 2 bfloat16, 3 float64, 4 int32, 5 int64), enqueued on cudaStream_t `stream` without host "
+          "synchronisation, running the plan of `algorithm` (0 ring, 1 direct, 2 one_shot; see "
+          "csrc/allreduce/plan.h). divisor: N for avg, else 1 (exactly 1 for integers). wire_dtype: -1 or 1/2 "
+          "(float16/bfloat16, float32 data only). scale_ptr / found_inf_ptr: 1-element float32 device buffers "
+          "or 0. workspace: >= _C.all_reduce_workspace_bytes(...) device bytes for the same arguments; it and "
+          "every other buffer may be freed (on `stream`) as soon as this returns. chunk_bytes: 0 for the plan's "
+          "default, else bytes of the wire dtype per piece. Raises (nothing enqueued) on invalid arguments, a "
+          "stream that is capturing a CUDA graph, or a failed/aborted communicator; raises after aborting the "
+          "communicator if enqueuing fails midway.")
       .def("check", &NcclComm::check, py::call_guard<py::gil_scoped_release>(),
            "Raises if the communicator has failed (asynchronous NCCL error, timeout) or been aborted.")
       .def("abort", &NcclComm::abort, py::call_guard<py::gil_scoped_release>(),
-           "Aborts the communicator (ncclCommAbort); every later call raises. Idempotent.")
+           "Aborts the communicator (ncclCommAbort, by its watchdog); every later call raises. Idempotent.")
       .def_property_readonly("rank", &NcclComm::rank)
       .def_property_readonly("world_size", &NcclComm::world_size)
       .def_property_readonly("device", &NcclComm::device)
-      .def_property_readonly("timeout_s", &NcclComm::timeout_s);
+      .def_property_readonly("timeout_s", &NcclComm::timeout_s)
+      .def_property_readonly("last_enqueue_us", &NcclComm::last_enqueue_us,
+                             "Host microseconds the last all_reduce spent enqueuing (plan lookup, checks, NCCL "
+                             "groups and kernel launches), for the benchmark.");
 }
 
 }  // namespace paracomm

@@ -1,0 +1,499 @@
+// paracomm's NCCL communicator: bounded construction, the blocking data path, the watchdog, bounded
+// destruction. Design, lifecycle and locking: nccl_comm.h.
+#include "allreduce/nccl_comm.h"
+
+#include <cmath>
+#include <cstring>
+#include <exception>
+#include <functional>
+#include <utility>
+
+namespace paracomm {
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+// Watchdog polling: tight while work is in flight, relaxed when idle (it still watches for asynchronous
+// errors then, so check() reports a dead peer promptly).
+constexpr auto kPollBusy = std::chrono::milliseconds(2);
+constexpr auto kPollIdle = std::chrono::milliseconds(50);
+// How long the watchdog defers an abort while another thread is inside an enqueue (nccl_comm.h, Locking).
+constexpr auto kAbortGrace = std::chrono::milliseconds(1000);
+// Plans cached per communicator (a training loop uses a handful: one per bucket size); past this the cache
+// starts over rather than growing without bound.
+constexpr size_t kMaxCachedPlans = 256;
+
+// Makes `device` current for a scope and restores the caller's device afterwards (torch keeps its own notion
+// of the current device; a communicator call must not change it).
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device) {
+    PARACOMM_CUDA_CHECK(cudaGetDevice(&previous_));
+    if (previous_ != device) {
+      PARACOMM_CUDA_CHECK(cudaSetDevice(device));
+      changed_ = true;
+    }
+  }
+  ~DeviceGuard() {
+    if (changed_) (void)cudaSetDevice(previous_);
+  }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  int previous_ = 0;
+  bool changed_ = false;
+};
+
+// NCCL's name for `result` plus its explanation of the last failure, when it has one.
+std::string nccl_error_text(ncclResult_t result, ncclComm_t comm) {
+  const char* last = ncclGetLastError(comm);
+  return concat(ncclGetErrorString(result), (last && *last) ? ": " : "", last ? last : "");
+}
+
+// NCCL >= 2.9 encodes versions as major * 10000 + minor * 100 + patch.
+std::string nccl_version_string(int code) {
+  return concat(code / 10000, ".", code % 10000 / 100, ".", code % 100);
+}
+
+// Runs `on_expiry` on its own thread unless disarmed before `deadline`: bounds a blocking NCCL call (the
+// split, the finalize) by aborting the communicator it waits on.
+class AbortTimer {
+ public:
+  AbortTimer(int device, Clock::time_point deadline, std::function<void()> on_expiry)
+      : thread_([this, device, deadline, f = std::move(on_expiry)] {
+          std::unique_lock<std::mutex> lock(mu_);
+          if (cv_.wait_until(lock, deadline, [this] { return disarmed_; })) return;
+          fired_ = true;
+          lock.unlock();
+          (void)cudaSetDevice(device);
+          f();
+        }) {}
+  // Returns true if the timer fired (then on_expiry has completed). Joins the thread.
+  bool disarm() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      disarmed_ = true;
+    }
+    cv_.notify_all();
+    if (thread_.joinable()) thread_.join();
+    return fired_;
+  }
+  ~AbortTimer() { disarm(); }
+  AbortTimer(const AbortTimer&) = delete;
+  AbortTimer& operator=(const AbortTimer&) = delete;
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool disarmed_ = false;
+  bool fired_ = false;
+  std::thread thread_;  // last: starts once the members above exist
+};
+
+// Polls a non-blocking communicator until its pending operation settles; throws past `deadline`.
+void wait_ready(ncclComm_t comm, const char* what, Clock::time_point deadline, double timeout_s,
+                const std::string& who) {
+  for (int spin = 0;; ++spin) {
+    ncclResult_t state = ncclInProgress;
+    const ncclResult_t q = ncclCommGetAsyncError(comm, &state);
+    if (q != ncclSuccess) {
+      PARACOMM_THROW(who, ": ncclCommGetAsyncError failed during ", what, ": ", nccl_error_text(q, comm));
+    }
+    if (state == ncclSuccess) return;
+    if (state != ncclInProgress) PARACOMM_THROW(who, ": ", what, " failed: ", nccl_error_text(state, comm));
+    if (Clock::now() >= deadline) PARACOMM_THROW(who, ": ", what, " did not complete within ", timeout_s, " s");
+    if (spin < 256) {
+      std::this_thread::yield();
+    } else {
+      std::this_thread::sleep_for(std::chrono::microseconds(100));
+    }
+  }
+}
+
+}  // namespace
+
+NcclComm::NcclComm(const std::string& unique_id, int world_size, int rank, int device, double timeout_s)
+    : world_size_(world_size), rank_(rank), device_(device), timeout_s_(timeout_s) {
+  PARACOMM_CHECK(unique_id.size() == NCCL_UNIQUE_ID_BYTES, "NcclComm: unique_id must be ", NCCL_UNIQUE_ID_BYTES,
+                 " bytes (nccl_unique_id()), got ", unique_id.size());
+  PARACOMM_CHECK(world_size >= 1, "NcclComm: world_size must be >= 1, got ", world_size);
+  PARACOMM_CHECK(rank >= 0 && rank < world_size, "NcclComm: rank must be in [0, ", world_size, "), got ", rank);
+  PARACOMM_CHECK(std::isfinite(timeout_s) && timeout_s > 0 && timeout_s <= 1e9,
+                 "NcclComm: timeout_s must be in (0, 1e9] seconds, got ", timeout_s);
+  int loaded = 0;
+  PARACOMM_NCCL_CHECK(ncclGetVersion(&loaded), nullptr);
+  PARACOMM_CHECK(loaded >= NCCL_VERSION_CODE, "NcclComm: the NCCL library loaded at run time is ",
+                 nccl_version_string(loaded), ", older than NCCL ", nccl_version_string(NCCL_VERSION_CODE),
+                 " that paracomm was compiled against; install NCCL >= ", nccl_version_string(NCCL_VERSION_CODE),
+                 " (e.g. the nvidia-nccl wheel) or rebuild paracomm against the older one");
+  int device_count = 0;
+  PARACOMM_CUDA_CHECK(cudaGetDeviceCount(&device_count));
+  PARACOMM_CHECK(device >= 0 && device < device_count, "NcclComm: device must be in [0, ", device_count,
+                 "), got ", device);
+  const std::string who = concat("NcclComm (rank ", rank_, " of ", world_size_, ", device ", device_, ")");
+
+  DeviceGuard guard(device_);
+  ncclComm_t parent = nullptr;
+  try {
+    PARACOMM_CUDA_CHECK(cudaStreamCreateWithFlags(&comm_stream_, cudaStreamNonBlocking));
+    PARACOMM_CUDA_CHECK(cudaEventCreateWithFlags(&start_event_, cudaEventDisableTiming));
+    PARACOMM_CUDA_CHECK(cudaEventCreateWithFlags(&end_event_, cudaEventDisableTiming));
+
+    ncclUniqueId id;
+    std::memcpy(id.internal, unique_id.data(), NCCL_UNIQUE_ID_BYTES);
+    const Clock::time_point deadline = deadline_from_now();
+
+    // 1. Bounded initialisation: a non-blocking communicator, polled against the deadline.
+    ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
+    config.blocking = 0;
+    config.splitShare = 0;  // the child must own its resources (and its abort flag): the parent goes away
+    ncclResult_t r = ncclCommInitRankConfig(&parent, world_size_, id, rank_, &config);
+    if (r != ncclSuccess && r != ncclInProgress) {
+      PARACOMM_THROW(who, ": ncclCommInitRankConfig failed: ", nccl_error_text(r, parent));
+    }
+    wait_ready(parent, "communicator initialisation", deadline, timeout_s_, who);
+
+    // 2. The blocking child for the data path. ncclCommSplit blocks (the child is blocking); past the
+    // deadline the timer aborts the parent, which NCCL forwards to the child being initialised.
+    ncclConfig_t child_config = NCCL_CONFIG_INITIALIZER;
+    child_config.blocking = 1;
+    child_config.splitShare = 0;
+    AbortTimer timer(device_, deadline, [parent] { (void)ncclCommAbort(parent); });
+    r = ncclCommSplit(parent, 0, rank_, &comm_, &child_config);
+    if (timer.disarm()) {
+      parent = nullptr;  // aborted by the timer
+      if (comm_ != nullptr) (void)ncclCommAbort(comm_);
+      comm_ = nullptr;
+      PARACOMM_THROW(who, ": ncclCommSplit (the blocking communicator) did not complete within ", timeout_s_, " s");
+    }
+    if (r != ncclSuccess) PARACOMM_THROW(who, ": ncclCommSplit failed: ", nccl_error_text(r, parent));
+    PARACOMM_CHECK(comm_ != nullptr, who, ": ncclCommSplit returned no communicator");
+
+    // 3. Release the parent (it never ran an operation): finalize + destroy, polled; abort past the deadline.
+    ncclComm_t p = parent;
+    parent = nullptr;
+    bool finalized = false;
+    try {
+      r = ncclCommFinalize(p);
+      if (r != ncclSuccess && r != ncclInProgress) PARACOMM_THROW("ncclCommFinalize: ", nccl_error_text(r, p));
+      wait_ready(p, "finalizing the bootstrap communicator", deadline_from_now(), timeout_s_, who);
+      finalized = true;
+    } catch (...) {
+    }
+    // Non-blocking: destroy (or abort) may complete in the background; the handle is not touched again.
+    (void)(finalized ? ncclCommDestroy(p) : ncclCommAbort(p));
+  } catch (...) {
+    if (comm_ != nullptr) (void)ncclCommAbort(comm_);
+    comm_ = nullptr;
+    if (parent != nullptr) (void)ncclCommAbort(parent);  // stops an init still waiting for absent ranks
+    release_cuda_resources();
+    throw;
+  }
+  watchdog_ = std::thread([this] { watchdog_loop(); });
+}
+
+NcclComm::~NcclComm() {
+  {
+    std::lock_guard<std::mutex> lock(state_mu_);
+    stop_ = true;
+  }
+  wake_.notify_all();
+  aborted_.notify_all();
+  if (watchdog_.joinable()) watchdog_.join();
+  // From here on this is the only thread: no enqueue can run (the binding holds a reference while it calls
+  // in), and the watchdog has stopped.
+  try {
+    DeviceGuard guard(device_);
+    ncclComm_t comm = comm_;
+    comm_ = nullptr;
+    bool abort_now = failed_;
+    for (const Pending& p : pending_) {
+      if (cudaEventQuery(p.done) != cudaSuccess) abort_now = true;  // still running (or broken)
+    }
+    (void)cudaGetLastError();
+    if (comm != nullptr) {
+      if (abort_now) {
+        (void)ncclCommAbort(comm);  // at once: pending work may wait on a peer that never comes
+      } else {
+        // Healthy and idle: finalize (blocking communicator) then destroy; a timer aborts past the timeout
+        // so a destructor never hangs on a dead peer.
+        AbortTimer timer(device_, deadline_from_now(), [comm] { (void)ncclCommAbort(comm); });
+        const ncclResult_t r = ncclCommFinalize(comm);
+        if (!timer.disarm()) (void)(r == ncclSuccess ? ncclCommDestroy(comm) : ncclCommAbort(comm));
+      }
+    }
+  } catch (...) {
+    // Destructors do not throw (this can run at interpreter exit, when CUDA may already be unloading).
+  }
+  release_cuda_resources();
+}
+
+void NcclComm::release_cuda_resources() noexcept {
+  auto destroy = [](cudaEvent_t& e) {
+    if (e != nullptr) (void)cudaEventDestroy(e);
+    e = nullptr;
+  };
+  destroy(start_event_);
+  destroy(end_event_);
+  for (auto& e : transfer_events_) destroy(e);
+  for (auto& e : reduce_events_) destroy(e);
+  for (auto& e : all_events_) destroy(e);
+  transfer_events_.clear();
+  reduce_events_.clear();
+  all_events_.clear();
+  free_events_.clear();
+  pending_.clear();
+  if (comm_stream_ != nullptr) (void)cudaStreamDestroy(comm_stream_);
+  comm_stream_ = nullptr;
+}
+
+NcclComm::Clock::time_point NcclComm::deadline_from_now() const {
+  return Clock::now() + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(timeout_s_));
+}
+
+void NcclComm::throw_failed_locked() const {
+  PARACOMM_THROW("NcclComm (rank ", rank_, " of ", world_size_, ") is unusable: ", failure_);
+}
+
+void NcclComm::record_failure_locked(const std::string& reason) {
+  if (failed_) return;  // keep the first reason: later ones are consequences
+  failed_ = true;
+  failure_ = reason;
+  failed_at_ = Clock::now();
+  failed_flag_.store(true, std::memory_order_release);
+}
+
+std::shared_ptr<const Plan> NcclComm::plan_for(const PlanSpec& spec) {
+  const PlanKey key{spec.numel,         static_cast<int32_t>(spec.dtype), spec.wire_dtype,
+                    static_cast<int32_t>(spec.algorithm), spec.has_found_inf, spec.has_final_op,
+                    spec.chunk_bytes};
+  auto it = plans_.find(key);
+  if (it != plans_.end()) return it->second;
+  auto plan = std::make_shared<Plan>(make_plan(spec));  // validates spec, naming the argument
+  check_plan(*plan);
+  PARACOMM_CHECK(plan->spec.world_size == world_size_ && plan->spec.rank == rank_ && plan->spec.numel == spec.numel,
+                 "make_plan returned a plan for another call");
+  if (plans_.size() >= kMaxCachedPlans) plans_.clear();
+  plans_.emplace(key, plan);
+  return plan;
+}
+
+void NcclComm::ensure_step_events(int64_t steps) {
+  auto grow = [steps](std::vector<cudaEvent_t>& events) {
+    while (static_cast<int64_t>(events.size()) < steps) {
+      cudaEvent_t e = nullptr;
+      PARACOMM_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+      events.push_back(e);
+    }
+  };
+  grow(transfer_events_);
+  grow(reduce_events_);
+}
+
+cudaEvent_t NcclComm::take_completion_event() {
+  {
+    std::lock_guard<std::mutex> lock(state_mu_);
+    if (!free_events_.empty()) {
+      cudaEvent_t e = free_events_.back();
+      free_events_.pop_back();
+      return e;
+    }
+  }
+  cudaEvent_t e = nullptr;
+  PARACOMM_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+  std::lock_guard<std::mutex> lock(state_mu_);
+  all_events_.push_back(e);
+  return e;
+}
+
+void NcclComm::all_reduce(const NcclAllReduceCall& call, cudaStream_t stream) {
+  std::lock_guard<std::mutex> enqueue_lock(enqueue_mu_);
+  const Clock::time_point t0 = Clock::now();
+  {
+    std::lock_guard<std::mutex> lock(state_mu_);
+    if (failed_) throw_failed_locked();
+  }
+  PlanSpec spec;
+  spec.numel = call.numel;
+  spec.dtype = call.dtype;
+  spec.wire_dtype = call.wire_dtype;
+  spec.world_size = world_size_;
+  spec.rank = rank_;
+  spec.algorithm = call.algorithm;
+  spec.backend = Backend::kNccl;
+  spec.has_found_inf = call.found_inf != nullptr;
+  spec.has_final_op = call.divisor != 1.0 || call.scale != nullptr || call.found_inf != nullptr;
+  spec.chunk_bytes = call.chunk_bytes;
+
+  DeviceGuard guard(device_);
+  // Refuse a capturing stream before anything is enqueued: the comm stream would join the capture and NCCL's
+  // blocking enqueue is not capturable through this path.
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  PARACOMM_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+  PARACOMM_CHECK(capture == cudaStreamCaptureStatusNone,
+                 "all_reduce cannot be captured in a CUDA graph (the stream is capturing)");
+
+  const std::shared_ptr<const Plan> plan = plan_for(spec);
+  PlanBuffers buf;
+  buf.data = call.data;
+  buf.scale = call.scale;
+  buf.found_inf = call.found_inf;
+  buf.workspace = call.workspace;
+  buf.workspace_bytes = call.workspace_bytes;
+  check_plan_buffers(*plan, buf, call.divisor);
+  ensure_step_events(static_cast<int64_t>(plan->steps.size()));
+  const bool transfers = plan_has_transfers(*plan);
+  cudaEvent_t done = transfers ? take_completion_event() : nullptr;
+  const uint64_t seq = next_seq_++;
+
+  ncclComm_t comm = nullptr;
+  {
+    std::lock_guard<std::mutex> lock(state_mu_);
+    if (failed_) {
+      if (done != nullptr) free_events_.push_back(done);
+      throw_failed_locked();
+    }
+    comm = comm_;
+    enqueue_active_ = true;
+    enqueue_deadline_ = deadline_from_now();
+    enqueue_seq_ = seq;
+  }
+  bool nccl_issued = false;
+  NcclExecContext ctx;
+  ctx.comm = comm;
+  ctx.comm_stream = comm_stream_;
+  ctx.stream = stream;
+  ctx.events.start = start_event_;
+  ctx.events.end = end_event_;
+  ctx.events.transfer = transfer_events_.data();
+  ctx.events.reduce = reduce_events_.data();
+  ctx.events.steps = static_cast<int64_t>(transfer_events_.size());
+  ctx.failed = &failed_flag_;
+  ctx.nccl_issued = &nccl_issued;
+  try {
+    enqueue_plan(ctx, *plan, buf, call.divisor);
+    // The caller's stream has waited for the comm stream, so this event completes with the whole call.
+    if (done != nullptr) PARACOMM_CUDA_CHECK(cudaEventRecord(done, stream));
+  } catch (const std::exception& e) {
+    {
+      std::lock_guard<std::mutex> lock(state_mu_);
+      enqueue_active_ = false;
+      // Before the first NCCL call nothing was sent: the refusal leaves the communicator usable. After it,
+      // the peers are mid-plan and would wait forever: fail (the watchdog aborts, so they fail too).
+      if (nccl_issued) record_failure_locked(concat("all_reduce #", seq, " failed while being enqueued: ", e.what()));
+      if (done != nullptr) free_events_.push_back(done);
+    }
+    wake_.notify_all();
+    throw;
+  }
+  {
+    std::lock_guard<std::mutex> lock(state_mu_);
+    enqueue_active_ = false;
+    if (done != nullptr) pending_.push_back(Pending{done, deadline_from_now(), seq});
+  }
+  wake_.notify_one();
+  last_enqueue_us_.store(std::chrono::duration<double, std::micro>(Clock::now() - t0).count(),
+                         std::memory_order_relaxed);
+}
+
+void NcclComm::check() {
+  std::lock_guard<std::mutex> lock(state_mu_);
+  if (failed_) throw_failed_locked();
+}
+
+void NcclComm::abort() {
+  std::unique_lock<std::mutex> lock(state_mu_);
+  record_failure_locked("aborted by NcclComm.abort()");
+  wake_.notify_all();
+  aborted_.wait_for(lock, kAbortGrace + std::chrono::seconds(1), [this] { return comm_ == nullptr || stop_; });
+}
+
+void NcclComm::watchdog_loop() {
+  // Event queries and ncclCommAbort act on this device's context.
+  (void)cudaSetDevice(device_);
+  // Relaxed capture mode for this thread: cudaEventQuery is "unsafe" under a global-mode capture started by
+  // any other thread and would invalidate it; relaxed mode lets this thread's queries proceed.
+  cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
+  (void)cudaThreadExchangeStreamCaptureMode(&mode);
+  std::unique_lock<std::mutex> lock(state_mu_);
+  while (!stop_) {
+    const bool busy = !pending_.empty() || enqueue_active_ || (failed_ && comm_ != nullptr);
+    wake_.wait_for(lock, busy ? kPollBusy : kPollIdle);
+    if (stop_) break;
+    try {
+      watchdog_round(lock);
+    } catch (...) {
+      // Only allocation failures can land here; the next round tries again.
+    }
+  }
+}
+
+void NcclComm::watchdog_round(std::unique_lock<std::mutex>& lock) {
+  const Clock::time_point now = Clock::now();
+  if (!failed_ && comm_ != nullptr) {
+    if (enqueue_active_ && now >= enqueue_deadline_) {
+      record_failure_locked(concat("all_reduce #", enqueue_seq_, " was still being enqueued after ", timeout_s_,
+                                   " s (NCCL waits for a peer that is absent or dead); the communicator was aborted"));
+      failed_at_ = now - kAbortGrace;  // the enqueue is blocked inside NCCL: only the abort releases it
+    } else {
+      // Poll outside the lock: only this thread aborts or destroys comm_ while the watchdog runs, and pending
+      // entries are only appended by others, so the snapshot stays valid.
+      const ncclComm_t comm = comm_;
+      const std::vector<Pending> snapshot(pending_.begin(), pending_.end());
+      lock.unlock();
+      ncclResult_t state = ncclSuccess;
+      const ncclResult_t q = ncclCommGetAsyncError(comm, &state);
+      std::vector<cudaError_t> status(snapshot.size(), cudaErrorNotReady);
+      for (size_t k = 0; k < snapshot.size(); ++k) {
+        status[k] = cudaEventQuery(snapshot[k].done);
+        if (status[k] != cudaSuccess) (void)cudaGetLastError();  // a not-ready query must not linger
+      }
+      lock.lock();
+      if (q != ncclSuccess) {
+        record_failure_locked(concat("ncclCommGetAsyncError failed: ", nccl_error_text(q, comm)));
+      } else if (state != ncclSuccess && state != ncclInProgress) {
+        record_failure_locked(
+            concat("asynchronous NCCL error (a peer may have died): ", nccl_error_text(state, comm)));
+      }
+      // pending_ still starts with the snapshot (only the watchdog removes entries).
+      std::deque<Pending> keep;
+      for (size_t k = 0; k < snapshot.size(); ++k) {
+        const Pending& p = snapshot[k];
+        if (status[k] == cudaSuccess) {
+          free_events_.push_back(p.done);
+          continue;
+        }
+        if (status[k] != cudaErrorNotReady) {
+          record_failure_locked(concat("all_reduce #", p.seq, ": CUDA error ", cudaGetErrorName(status[k]), " (",
+                                       cudaGetErrorString(status[k]), ") while waiting for it to complete"));
+        } else if (now >= p.deadline) {
+          record_failure_locked(concat("all_reduce #", p.seq, " did not complete within ", timeout_s_,
+                                       " s (a peer may have died or stalled); the communicator was aborted"));
+        }
+        keep.push_back(p);
+      }
+      for (size_t k = snapshot.size(); k < pending_.size(); ++k) keep.push_back(pending_[k]);
+      pending_.swap(keep);
+    }
+  }
+  if (failed_ && comm_ != nullptr) {
+    // Abort once no enqueue is inside NCCL, or once one has stayed there past the grace (it is blocked).
+    if (!enqueue_active_ || Clock::now() - failed_at_ >= kAbortGrace) {
+      const ncclComm_t comm = comm_;
+      comm_ = nullptr;
+      lock.unlock();
+      (void)ncclCommAbort(comm);
+      lock.lock();
+      aborted_.notify_all();
+    }
+  }
+  if (failed_ && comm_ == nullptr) {
+    // Nothing more completes or matters once aborted: recycle the completion events.
+    for (const Pending& p : pending_) free_events_.push_back(p.done);
+    pending_.clear();
+  }
+}
+
+}  // namespace paracomm

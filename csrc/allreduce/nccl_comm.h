@@ -1,0 +1,169 @@
+// paracomm's NCCL communicator (torch-free): a blocking ncclComm_t for the data path, its own stream, an event
+// pool, a plan cache, and a watchdog thread that turns hangs and asynchronous NCCL errors into exceptions.
+//
+// Lifecycle
+//   * Construction refuses an NCCL library older at run time (ncclGetVersion) than the headers compiled
+//     against (NCCL_VERSION_CODE). It then initialises a NON-blocking communicator (ncclCommInitRankConfig,
+//     polled with ncclCommGetAsyncError against a deadline of timeout_s, aborted past it), and splits it
+//     (ncclCommSplit, color 0, key rank, splitShare 0) into a BLOCKING child used for every enqueue. The split
+//     blocks, so a timer thread aborts the parent past the deadline; NCCL forwards a parent's abort to a child
+//     still being initialised (the parent's childAbortFlag), so the split returns. The parent is then
+//     released: the child shares nothing with it.
+//   * all_reduce looks up (or makes and checks) the plan for its PlanSpec, validates the call, and runs the
+//     plan (nccl_executor.h): enqueue only, no host synchronisation, no thread start and no ncclInProgress
+//     polling (the blocking communicator finishes every NCCL call before returning). It hands the call's
+//     completion event and deadline (now + timeout_s) to the watchdog.
+//   * The watchdog polls the pending completion events (cudaEventQuery) and ncclCommGetAsyncError. On an
+//     asynchronous error, an expired completion deadline, an enqueue blocked past its deadline, or abort(), the
+//     communicator is marked failed (every later all_reduce/check() throws with the first reason) and aborted
+//     (ncclCommAbort, which also releases NCCL kernels spinning on a dead peer). It runs with the thread's
+//     stream-capture mode relaxed, so its event queries never invalidate a user's global-mode graph capture.
+//   * Destruction stops the watchdog; it aborts at once when the communicator failed or work is still
+//     pending, else finalizes and destroys it, bounded by timeout_s (a timer aborts past it).
+//
+// Locking (the watchdog must always be able to abort):
+//   * enqueue_mu_ serialises all_reduce calls (NCCL requires one thread at a time per communicator; it also
+//     guards the plan cache, the event pool and the comm stream's order). It IS held across ncclGroupEnd,
+//     which on a blocking communicator may wait while NCCL connects to a peer, so nothing else ever takes it:
+//     not the watchdog, not check(), not abort().
+//   * state_mu_ guards the failure record, the pending completions, the free completion events and the
+//     communicator handle. It is only held for bookkeeping, never across an NCCL or CUDA call that can block
+//     (ncclCommAbort and the event queries run outside it).
+//   * Only the watchdog thread calls ncclCommGetAsyncError and ncclCommAbort while the communicator is live
+//     (construction and destruction run before it starts and after it stopped), so no thread ever frees the
+//     handle under another one's query. While an all_reduce is enqueueing, the watchdog records a failure at
+//     once (the enqueue stops before its next transfer group: it checks failed_flag_) but defers the abort for
+//     kAbortGrace, or until the enqueue leaves; an enqueue still inside NCCL after that is blocked there (on a
+//     dead or absent peer) and only the abort can release it: NCCL's wait loops poll the abort flag. That
+//     concurrent abort is the one NCCL call that overlaps another thread's; it is NCCL's documented way out of
+//     a hung blocking call, and the same one torch's ProcessGroupNCCL watchdog relies on.
+#pragma once
+
+#ifndef PARACOMM_WITH_NCCL
+#define PARACOMM_WITH_NCCL 1
+#endif
+
+#include <cuda_runtime_api.h>
+#include <nccl.h>
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <tuple>
+#include <vector>
+
+#include "allreduce/nccl_executor.h"
+#include "allreduce/plan.h"
+#include "checks.h"
+
+namespace paracomm {
+
+// One all_reduce as the binding passes it (device pointers, DType codes already mapped).
+struct NcclAllReduceCall {
+  void* data = nullptr;              // numel elements of dtype, reduced in place
+  int64_t numel = 0;
+  DType dtype = DType::kFloat32;
+  int32_t wire_dtype = kNoWire;      // kNoWire or float16/bfloat16 (float32 data only)
+  double divisor = 1.0;              // N for avg, else 1
+  const float* scale = nullptr;      // 1 float32 on the device, or null
+  float* found_inf = nullptr;        // 1 float32 on the device, or null
+  void* workspace = nullptr;         // >= make_plan(spec).workspace_bytes() device bytes
+  int64_t workspace_bytes = 0;
+  Algorithm algorithm = Algorithm::kRing;
+  int64_t chunk_bytes = 0;           // 0: the plan's chunk policy
+};
+
+class NcclComm {
+ public:
+  // unique_id: the NCCL_UNIQUE_ID_BYTES bytes of an ncclUniqueId (rank 0's ncclGetUniqueId, shared by all
+  // ranks). device: the CUDA device of this rank. timeout_s: bound on init, on each enqueue, and on each
+  // all_reduce's completion. Blocks until the communicator is ready; throws paracomm::Error on bad arguments,
+  // an NCCL older than the one compiled against, NCCL failure or timeout (the calling thread's current CUDA
+  // device is left unchanged).
+  NcclComm(const std::string& unique_id, int world_size, int rank, int device, double timeout_s);
+  ~NcclComm();
+  NcclComm(const NcclComm&) = delete;
+  NcclComm& operator=(const NcclComm&) = delete;
+
+  // One in-place all_reduce on `stream` (the caller's stream, on this communicator's device), run from the
+  // plan of (numel, dtype, wire_dtype, world size, rank, algorithm, found_inf given, final op, chunk_bytes).
+  // Throws paracomm::Error if the communicator failed or was aborted, if the stream is capturing a CUDA
+  // graph, or on invalid arguments (in these cases nothing was enqueued and the communicator stays as it
+  // was); if enqueuing fails midway, the communicator is marked failed and aborted (the peers cannot finish
+  // the plan) and the error is thrown.
+  void all_reduce(const NcclAllReduceCall& call, cudaStream_t stream);
+
+  // Throws paracomm::Error if the communicator has failed (asynchronous NCCL error, timeout, abort()).
+  void check();
+  // Marks the communicator failed ("aborted by NcclComm.abort()") and has the watchdog abort it; returns once
+  // ncclCommAbort has run (or, while another thread's all_reduce is still enqueueing, after kAbortGrace at
+  // most plus one watchdog round). Later calls throw. Idempotent.
+  void abort();
+
+  int rank() const { return rank_; }
+  int world_size() const { return world_size_; }
+  int device() const { return device_; }
+  double timeout_s() const { return timeout_s_; }
+  // Host microseconds the last all_reduce spent in this class (plan lookup, checks, enqueue).
+  double last_enqueue_us() const { return last_enqueue_us_.load(std::memory_order_relaxed); }
+
+ private:
+  using Clock = std::chrono::steady_clock;
+  struct Pending {
+    cudaEvent_t done;
+    Clock::time_point deadline;
+    uint64_t seq;
+  };
+  using PlanKey = std::tuple<int64_t, int32_t, int32_t, int32_t, bool, bool, int64_t>;
+
+  Clock::time_point deadline_from_now() const;
+  std::shared_ptr<const Plan> plan_for(const PlanSpec& spec);  // enqueue_mu_ held
+  void ensure_step_events(int64_t steps);                       // enqueue_mu_ held
+  cudaEvent_t take_completion_event();                          // takes state_mu_
+  void record_failure_locked(const std::string& reason);        // state_mu_ held
+  [[noreturn]] void throw_failed_locked() const;                // state_mu_ held
+  void watchdog_loop();
+  void watchdog_round(std::unique_lock<std::mutex>& lock);      // state_mu_ held on entry and exit
+  void release_cuda_resources() noexcept;
+
+  const int world_size_;
+  const int rank_;
+  const int device_;
+  const double timeout_s_;
+
+  // ---- enqueue side (enqueue_mu_) ----
+  std::mutex enqueue_mu_;
+  cudaStream_t comm_stream_ = nullptr;
+  cudaEvent_t start_event_ = nullptr, end_event_ = nullptr;
+  std::vector<cudaEvent_t> transfer_events_, reduce_events_;  // one per step of the longest plan seen
+  std::map<PlanKey, std::shared_ptr<const Plan>> plans_;
+  uint64_t next_seq_ = 0;
+  std::atomic<double> last_enqueue_us_{0.0};
+
+  // ---- shared state (state_mu_) ----
+  mutable std::mutex state_mu_;
+  std::condition_variable wake_;      // wakes the watchdog
+  std::condition_variable aborted_;   // signals abort() waiters
+  ncclComm_t comm_ = nullptr;         // the blocking data-path communicator; null once aborted/destroyed
+  bool failed_ = false;
+  std::string failure_;
+  Clock::time_point failed_at_;
+  std::atomic<bool> failed_flag_{false};  // == failed_, readable by the enqueue without the lock
+  bool enqueue_active_ = false;
+  Clock::time_point enqueue_deadline_;
+  uint64_t enqueue_seq_ = 0;
+  bool stop_ = false;
+  std::deque<Pending> pending_;
+  std::vector<cudaEvent_t> free_events_;  // completion events ready for reuse
+  std::vector<cudaEvent_t> all_events_;   // every completion event ever created
+  std::thread watchdog_;
+};
+
+}  // namespace paracomm
