@@ -307,91 +307,192 @@ def test_flatten_refused_call_writes_nothing(gen):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# ring_reduce_
+# reduce_ (the all-reduce's N-input local reduction, csrc/kernels/reduce.cu)
 # ----------------------------------------------------------------------------------------------------------
 
 
-def ring_both(out, a, b=None, *, divisor=1.0, scale=None, found_inf=None, wire_out=None):
-    """Runs ring_reduce_ on the given CUDA tensors and on CPU copies; checks every written buffer bitwise."""
+def reduce_reference(inputs, out_dtype, *, divisor=1.0, scale=None, wire_dtype=None):
+    """The formula of ops.cpp in torch's own CPU arithmetic: sum left to right in acc (float32, float64, int64;
+    torch's int64 add wraps), divide by a tensor (exact IEEE division, unlike a scalar divide, which may multiply
+    by the reciprocal), scale, round through the wire dtype. Returns (out, wire or None, any non-finite)."""
+    first = inputs[0].cpu()
+    if first.dtype in (torch.int32, torch.int64):
+        acc_t = torch.int64
+    elif first.dtype == torch.float64:
+        acc_t = torch.float64
+    else:
+        acc_t = torch.float32
+    acc = first.to(acc_t)
+    for t in inputs[1:]:
+        acc = acc + t.cpu().to(acc_t)
+    if acc_t.is_floating_point:
+        if divisor != 1.0:
+            acc = acc / torch.full_like(acc, divisor)
+        if scale is not None:
+            acc = acc * scale.cpu().to(acc_t)
+    wire = None
+    if wire_dtype is not None:
+        wire = acc.to(wire_dtype)
+        acc = wire.to(acc_t)
+    bad = bool((~torch.isfinite(acc)).any()) if acc_t.is_floating_point else False
+    return acc.to(out_dtype), wire, bad
+
+
+def reduce_both(out, inputs, *, divisor=1.0, scale=None, found_inf=None, wire_dtype=None, wire_out=None):
+    """Runs reduce_ on the given CUDA tensors and on CPU copies (keeping which input *is* out or wire_out);
+    checks every written buffer bitwise against the CPU op and against reduce_reference."""
+    ref_out, ref_wire, ref_bad = reduce_reference(inputs, out.dtype, divisor=divisor, scale=scale,
+                                                  wire_dtype=wire_dtype)
     cpu = lambda t: None if t is None else t.detach().cpu().clone()  # noqa: E731
-    c_out, c_a, c_b, c_scale, c_found, c_wire = map(cpu, (out, a, b, scale, found_inf, wire_out))
-    if a is out:
-        c_a = c_out
-    _ops.ring_reduce_(out, a, b, divisor=divisor, scale=scale, found_inf=found_inf, wire_out=wire_out)
-    _ops.ring_reduce_(c_out, c_a, c_b, divisor=divisor, scale=c_scale, found_inf=c_found, wire_out=c_wire)
+    c_out, c_scale, c_found, c_wire = map(cpu, (out, scale, found_inf, wire_out))
+    c_inputs = [c_out if t is out else c_wire if (wire_out is not None and t is wire_out) else cpu(t) for t in inputs]
+    found_before = None if found_inf is None else found_inf.item()
+    ops.reduce_(out, inputs, divisor, scale, found_inf, wire_dtype, wire_out)
+    ops.reduce_(c_out, c_inputs, divisor, c_scale, c_found, wire_dtype, c_wire)
     bitwise(out, c_out)
+    bitwise(out, ref_out)
     if wire_out is not None:
         bitwise(wire_out, c_wire)
+        bitwise(wire_out, ref_wire)
     if found_inf is not None:
         bitwise(found_inf, c_found)
+        expected = 1.0 if (ref_bad and out.dtype.is_floating_point) or found_before == 1.0 else 0.0
+        assert found_inf.item() == expected
 
 
-RING_SIZES = [1, 7, 4099, 1_000_003]
+REDUCE_SIZES = [1, 7, 8, 17, 4099, 1_000_003]
+WIRES = [torch.float16, torch.bfloat16]
 
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
-@pytest.mark.parametrize("n", RING_SIZES)
-def test_ring_reduce_uncompressed(dtype, n, gen):
+@pytest.mark.parametrize("n", REDUCE_SIZES)
+@pytest.mark.parametrize("k", [1, 2, 3, 8, 32])
+def test_reduce_one_dtype_any_input_count(dtype, n, k, gen):
+    """All buffers of one dtype (every plan step of an uncompressed all-reduce), 1..32 inputs, in place and into
+    a separate out, with and without the owner's final fusions."""
+    if k == 32 and n > 4099:
+        n = 65537  # 32 inputs of 1e6 elements add nothing but time
     floating = dtype.is_floating_point
     for misaligned in (False, True):
-        x = rand(n, dtype, gen, misaligned=misaligned)
-        recv = rand(n, dtype, gen, misaligned=misaligned)
-        # reduce-scatter step: x[R] += recv, in place
-        ring_both(x, x, recv)
-        # final step: divisor, scale and found_inf (floating only)
+        xs = [rand(n, dtype, gen, misaligned=misaligned) for _ in range(k)]
+        out = torch.empty_like(xs[0])
+        reduce_both(out, xs)
         if floating:
-            ring_both(x, x, recv, divisor=4.0, scale=scalar(0.25), found_inf=scalar(0.0))
+            reduce_both(out, xs, divisor=float(k + 1), scale=scalar(0.375), found_inf=scalar(0.0))
         else:
-            ring_both(x, x, recv, found_inf=scalar(0.0))
-        # N == 1 with avg: one in-place pass without b
-        if floating:
-            ring_both(x, x, None, divisor=3.0, found_inf=scalar(0.0))
-        # into a separate out
-        out = torch.empty_like(x)
-        ring_both(out, x, recv)
+            reduce_both(out, xs, found_inf=scalar(0.0))  # integers are always finite
+        x0 = xs[0]
+        reduce_both(x0, xs, divisor=float(k) if floating else 1.0)  # out *is* inputs[0]
 
 
-@pytest.mark.parametrize("wire", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("n", RING_SIZES)
-def test_ring_reduce_compressed_steps(wire, n, gen):
-    """The four local steps of a compressed ring (csrc/ring, executor brief), each against the CPU op."""
+@pytest.mark.parametrize("wire", WIRES)
+@pytest.mark.parametrize("n", REDUCE_SIZES)
+def test_reduce_ring_steps_float32_with_wire(wire, n, gen):
+    """The ring's steps with a compressed wire: (f32, W) -> W partial sums, (f32, W) -> f32 with the owner's
+    rounding kept in wire_out, (f32) -> W casts, (W) -> f32 widening, in place where the ring is."""
     for misaligned in (False, True):
         x = rand(n, torch.float32, gen, misaligned=misaligned)
-        w = torch.empty(n, dtype=wire, device=DEV)
         recv = rand(n, wire, gen, misaligned=misaligned)
-        ring_both(w, x)  # step 0: w[S] = cast(x[S])
-        ring_both(w, x, recv)  # reduce-scatter, not final: w[R] = W(x[R] + recv)
-        ring_both(x, x, recv, divisor=4.0, scale=scalar(0.5), found_inf=scalar(0.0), wire_out=w)  # final
-        ring_both(x, recv, found_inf=scalar(0.0))  # all-gather: x[R] = float(w[R])
-        # an f32 out from f32 a and W b without the wire, and a W out from W a and f32 b
-        ring_both(torch.empty(n, device=DEV), x, recv)
-        ring_both(torch.empty(n, dtype=wire, device=DEV), recv, x)
+        w = torch.empty(n, dtype=wire, device=DEV)
+        reduce_both(w, [x])  # cast: w = W(x)
+        reduce_both(w, [x, recv])  # partial: w = W(x + recv)
+        reduce_both(x, [x, recv], divisor=4.0, scale=scalar(0.5), found_inf=scalar(0.0), wire_dtype=wire,
+                    wire_out=w)  # final, out is inputs[0]
+        reduce_both(x, [x, recv], wire_dtype=wire)  # rounding without keeping the bits
+        reduce_both(x, [recv], found_inf=scalar(0.0))  # all-gather: x = float(w)
+        reduce_both(torch.empty(n, device=DEV), [x, recv])
+        reduce_both(torch.empty(n, dtype=wire, device=DEV), [recv, x])  # a W first input, an f32 rest
 
 
-def test_ring_reduce_found_inf_after_wire_round_trip():
+@pytest.mark.parametrize("wire", WIRES)
+@pytest.mark.parametrize("n", REDUCE_SIZES)
+@pytest.mark.parametrize("k", [1, 2, 5, 8, 32])
+def test_reduce_direct_final_widening(wire, n, k, gen):
+    """direct / one_shot's owner reduction: N wire-dtype inputs (one of them this rank's own rounded copy,
+    which is also wire_out) summed in float32 into float32 data, rounded once, the bits kept."""
+    if k == 32 and n > 4099:
+        n = 65537
+    for misaligned in (False, True):
+        xs = [rand(n, wire, gen, misaligned=misaligned) for _ in range(k)]
+        out = rand(n, torch.float32, gen, misaligned=misaligned)
+        own = xs[k // 2]
+        reduce_both(out, xs, divisor=float(k), scale=scalar(2.0), found_inf=scalar(0.0), wire_dtype=wire,
+                    wire_out=own)  # wire_out *is* inputs[k // 2]
+        reduce_both(out, xs, wire_dtype=wire)
+        reduce_both(out, xs)  # widening sum without rounding (one_shot, uncompressed result)
+        reduce_both(out, xs, found_inf=scalar(0.0))
+
+
+def test_reduce_misaligned_single_buffers(gen):
+    """One misaligned buffer among aligned ones sends the whole call down the scalar path."""
+    n = 4099
+    for bad in range(4):
+        xs = [rand(n, torch.bfloat16, gen, misaligned=(bad == j)) for j in range(3)]
+        wo = rand(n, torch.bfloat16, gen, misaligned=(bad == 3))
+        reduce_both(torch.empty(n, device=DEV), xs, divisor=3.0, wire_dtype=torch.bfloat16, wire_out=wo)
+
+
+def test_reduce_found_inf_after_wire_round_trip():
     """A finite float32 sum that overflows float16 is flagged (the stored result is inf on every rank)."""
     x = torch.full((1000,), 60000.0, device=DEV)
     recv = torch.full((1000,), 30000.0, dtype=torch.float16, device=DEV)
     w = torch.empty(1000, dtype=torch.float16, device=DEV)
     found = scalar(0.0)
-    ring_both(x, x, recv, found_inf=found, wire_out=w)
+    reduce_both(x, [x, recv], found_inf=found, wire_dtype=torch.float16, wire_out=w)
     assert found.item() == 1.0
     assert torch.isinf(x).all()
 
 
-def test_ring_reduce_integer_sum_wraps():
+def test_reduce_found_inf_is_never_cleared(gen):
+    found = scalar(1.0)
+    reduce_both(torch.empty(100, device=DEV), [rand(100, torch.float32, gen)], found_inf=found)
+    assert found.item() == 1.0
+
+
+def test_reduce_integer_sum_wraps():
     big = torch.full((37,), 2**31 - 5, dtype=torch.int32, device=DEV)
-    ring_both(big, big, torch.full((37,), 10, dtype=torch.int32, device=DEV))
+    reduce_both(big, [big, torch.full((37,), 10, dtype=torch.int32, device=DEV)])
     assert (big.cpu() == -(2**31) + 5).all()
+    huge = torch.full((9,), 2**63 - 1, dtype=torch.int64, device=DEV)
+    reduce_both(huge, [huge, huge, huge])
+    assert (huge.cpu() == 2**63 - 3).all()
 
 
-def test_ring_reduce_inf_and_nan_inputs_set_found_inf(gen):
-    for bad in (float("inf"), float("nan")):
-        x = rand(4099, torch.float32, gen)
-        x[4098] = bad
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
+@pytest.mark.parametrize("where", [0, 4095, 4098])
+def test_reduce_inf_and_nan_inputs_set_found_inf(bad, where, gen):
+    """A non-finite value in any input, in the vector body or the scalar tail, sets found_inf."""
+    for j in range(3):
+        xs = [rand(4099, torch.float32, gen) for _ in range(3)]
+        xs[j][where] = bad
         found = scalar(0.0)
-        ring_both(x, x, rand(4099, torch.float32, gen), divisor=2.0, found_inf=found)
+        reduce_both(torch.empty(4099, device=DEV), xs, divisor=2.0, found_inf=found)
         assert found.item() == 1.0
+
+
+def test_reduce_empty_tensors_write_nothing():
+    out = torch.empty(0, device=DEV)
+    found = scalar(0.0)
+    ops.reduce_(out, [torch.empty(0, device=DEV)], 2.0, None, found, None, None)
+    assert found.item() == 0.0
+
+
+def test_reduce_refused_call_writes_nothing(gen):
+    """Bad arguments raise before the kernel runs (the shared check_reduce_args), and leave out untouched."""
+    out = rand(64, torch.float32, gen)
+    before = out.clone()
+    cases = [
+        ([rand(64, torch.float32, gen)], dict(divisor=0.0)),
+        ([rand(65, torch.float32, gen)], {}),
+        ([rand(64, torch.float64, gen)], {}),
+        ([rand(64, torch.float32, gen) for _ in range(33)], {}),
+        ([rand(64, torch.float16, gen), rand(64, torch.float16, gen), rand(64, torch.bfloat16, gen)], {}),
+        ([rand(64, torch.float32, gen)], dict(wire_out=torch.empty(64, dtype=torch.float16, device=DEV))),
+    ]
+    for inputs, kw in cases:
+        with pytest.raises((ValueError, TypeError, RuntimeError)):
+            ops.reduce_(out, inputs, kw.get("divisor", 1.0), None, None, None, kw.get("wire_out"))
+    bitwise(out, before)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -411,8 +512,10 @@ def test_opcheck_on_cuda_inputs(gen):
     x = rand(4099, torch.float32, gen)
     w = torch.empty(4099, dtype=torch.float16, device=DEV)
     torch.library.opcheck(
-        ops.ring_reduce_.default, (x, x.clone(), rand(4099, torch.float16, gen), 2.0, scalar(0.5), scalar(0.0), w)
+        ops.reduce_.default,
+        (x, [x.clone(), rand(4099, torch.float16, gen)], 2.0, scalar(0.5), scalar(0.0), torch.float16, w),
     )
+    torch.library.opcheck(ops.reduce_.default, (x, [x.clone() for _ in range(5)], 1.0, None, None, None, None))
 
 
 def test_no_host_synchronisation(gen):
@@ -432,7 +535,7 @@ def test_no_host_synchronisation(gen):
         ops.flatten(grads, torch.float32, 1.0, st)
         ops.flatten_out(grads, flat, 0.5, None)
         ops.unflatten_(flat, grads, 1.0, st)
-        ops.ring_reduce_(x, x, recv, 2.0, inv, found, w)
+        ops.reduce_(x, [x, recv], 2.0, inv, found, torch.bfloat16, w)
     finally:
         torch.cuda.set_sync_debug_mode(previous)
     torch.cuda.synchronize()

@@ -136,6 +136,7 @@ NcclComm::NcclComm(const std::string& unique_id, int world_size, int rank, int d
 
   DeviceGuard guard(device_);
   ncclComm_t parent = nullptr;
+  ncclComm_t child = nullptr;  // NCCL's split job stores the child handle here once it is complete
   try {
     PARACOMM_CUDA_CHECK(cudaStreamCreateWithFlags(&comm_stream_, cudaStreamNonBlocking));
     PARACOMM_CUDA_CHECK(cudaEventCreateWithFlags(&start_event_, cudaEventDisableTiming));
@@ -155,21 +156,34 @@ NcclComm::NcclComm(const std::string& unique_id, int world_size, int rank, int d
     }
     wait_ready(parent, "communicator initialisation", deadline, timeout_s_, who);
 
-    // 2. The blocking child for the data path. ncclCommSplit blocks (the child is blocking); past the
-    // deadline the timer aborts the parent, which NCCL forwards to the child being initialised.
+    // 2. The blocking child for the data path. NCCL runs the split as a job of the parent's group, so with
+    // this non-blocking parent ncclCommSplit returns ncclInProgress and the parent's async state reports the
+    // job's outcome (the child handle is stored once it is complete): polled against the same deadline. Should
+    // a library run the split synchronously instead, the timer bounds it by aborting the parent, which NCCL
+    // forwards to a child still being initialised (the parent's childAbortFlag).
     ncclConfig_t child_config = NCCL_CONFIG_INITIALIZER;
     child_config.blocking = 1;
     child_config.splitShare = 0;
-    AbortTimer timer(device_, deadline, [parent] { (void)ncclCommAbort(parent); });
-    r = ncclCommSplit(parent, 0, rank_, &comm_, &child_config);
-    if (timer.disarm()) {
-      parent = nullptr;  // aborted by the timer
-      if (comm_ != nullptr) (void)ncclCommAbort(comm_);
-      comm_ = nullptr;
-      PARACOMM_THROW(who, ": ncclCommSplit (the blocking communicator) did not complete within ", timeout_s_, " s");
+    {
+      AbortTimer timer(device_, deadline, [parent] { (void)ncclCommAbort(parent); });
+      r = ncclCommSplit(parent, 0, rank_, &child, &child_config);
+      if (timer.disarm()) {
+        parent = nullptr;  // aborted by the timer (the catch below releases a child that got made)
+        PARACOMM_THROW(who, ": ncclCommSplit (the blocking communicator) did not complete within ", timeout_s_,
+                       " s");
+      }
     }
-    if (r != ncclSuccess) PARACOMM_THROW(who, ": ncclCommSplit failed: ", nccl_error_text(r, parent));
+    if (r != ncclSuccess && r != ncclInProgress) {
+      PARACOMM_THROW(who, ": ncclCommSplit failed: ", nccl_error_text(r, parent));
+    }
+    // On failure or timeout the catch below aborts the parent, which stops the split job.
+    wait_ready(parent, "ncclCommSplit (the blocking communicator)", deadline, timeout_s_, who);
+    comm_ = __atomic_load_n(&child, __ATOMIC_ACQUIRE);
     PARACOMM_CHECK(comm_ != nullptr, who, ": ncclCommSplit returned no communicator");
+    ncclResult_t child_state = ncclInProgress;
+    PARACOMM_NCCL_CHECK(ncclCommGetAsyncError(comm_, &child_state), comm_);
+    PARACOMM_CHECK(child_state == ncclSuccess, who, ": the blocking communicator is not ready: ",
+                   nccl_error_text(child_state, comm_));
 
     // 3. Release the parent (it never ran an operation): finalize + destroy, polled; abort past the deadline.
     ncclComm_t p = parent;
@@ -185,9 +199,13 @@ NcclComm::NcclComm(const std::string& unique_id, int world_size, int rank, int d
     // Non-blocking: destroy (or abort) may complete in the background; the handle is not touched again.
     (void)(finalized ? ncclCommDestroy(p) : ncclCommAbort(p));
   } catch (...) {
+    // Aborting the parent stops an init or split still waiting for absent ranks, and joins NCCL's job, so
+    // the child handle (if the split got that far) is final afterwards.
+    if (parent != nullptr) (void)ncclCommAbort(parent);
+    child = __atomic_load_n(&child, __ATOMIC_ACQUIRE);
+    if (child != nullptr && child != comm_) (void)ncclCommAbort(child);
     if (comm_ != nullptr) (void)ncclCommAbort(comm_);
     comm_ = nullptr;
-    if (parent != nullptr) (void)ncclCommAbort(parent);  // stops an init still waiting for absent ranks
     release_cuda_resources();
     throw;
   }
@@ -377,6 +395,7 @@ void NcclComm::all_reduce(const NcclAllReduceCall& call, cudaStream_t stream) {
     // The caller's stream has waited for the comm stream, so this event completes with the whole call.
     if (done != nullptr) PARACOMM_CUDA_CHECK(cudaEventRecord(done, stream));
   } catch (const std::exception& e) {
+    std::string failure;
     {
       std::lock_guard<std::mutex> lock(state_mu_);
       enqueue_active_ = false;
@@ -384,9 +403,14 @@ void NcclComm::all_reduce(const NcclAllReduceCall& call, cudaStream_t stream) {
       // the peers are mid-plan and would wait forever: fail (the watchdog aborts, so they fail too).
       if (nccl_issued) record_failure_locked(concat("all_reduce #", seq, " failed while being enqueued: ", e.what()));
       if (done != nullptr) free_events_.push_back(done);
+      if (failed_) failure = failure_;
     }
     wake_.notify_all();
-    throw;
+    if (failure.empty()) throw;
+    // The first reason (e.g. the watchdog's enqueue deadline, which is why NCCL returned) says more than
+    // NCCL's error after an abort.
+    PARACOMM_THROW("NcclComm (rank ", rank_, " of ", world_size_, ") is unusable: ", failure,
+                   " [this all_reduce: ", e.what(), "]");
   }
   {
     std::lock_guard<std::mutex> lock(state_mu_);
