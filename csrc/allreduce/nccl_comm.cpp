@@ -178,12 +178,12 @@ NcclComm::NcclComm(const std::string& unique_id, int world_size, int rank, int d
     }
     // On failure or timeout the catch below aborts the parent, which stops the split job.
     wait_ready(parent, "ncclCommSplit (the blocking communicator)", deadline, timeout_s_, who);
-    comm_ = __atomic_load_n(&child, __ATOMIC_ACQUIRE);
+    // NCCL stores the handle from its job thread: read it atomically, and give a late store until the deadline.
+    while ((comm_ = __atomic_load_n(&child, __ATOMIC_ACQUIRE)) == nullptr && Clock::now() < deadline) {
+      std::this_thread::sleep_for(std::chrono::microseconds(100));
+    }
     PARACOMM_CHECK(comm_ != nullptr, who, ": ncclCommSplit returned no communicator");
-    ncclResult_t child_state = ncclInProgress;
-    PARACOMM_NCCL_CHECK(ncclCommGetAsyncError(comm_, &child_state), comm_);
-    PARACOMM_CHECK(child_state == ncclSuccess, who, ": the blocking communicator is not ready: ",
-                   nccl_error_text(child_state, comm_));
+    wait_ready(comm_, "initialising the blocking communicator", deadline, timeout_s_, who);
 
     // 3. Release the parent (it never ran an operation): finalize + destroy, polled; abort past the deadline.
     ncclComm_t p = parent;
