@@ -52,7 +52,7 @@ def _want_cuda():
 # torch already loaded (torch's OpenMP backend), so there is one OpenMP runtime and one thread pool.
 CXX_FLAGS = ["-O3", "-std=c++17", "-Wall", "-Wno-unused-function", "-fopenmp"]
 LINK_FLAGS = ["-fopenmp"]
-common_sources = _sources("*.cpp", "cpu/*.cpp", "ring/schedule.cpp")
+common_sources = _sources("*.cpp", "cpu/*.cpp", "allreduce/plan*.cpp")
 
 def _cuda_arch_list():
     """The architectures the CUDA build compiles for, pinned in TORCH_CUDA_ARCH_LIST so that the build and
