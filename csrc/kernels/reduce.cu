@@ -226,7 +226,9 @@ void launch_reduce(const ReduceArgs& args, cudaStream_t stream) {
   PARACOMM_CHECK(args.wire_out == nullptr || args.round_to_wire, "reduce: wire_out requires round_to_wire");
   if (args.n == 0) return;
   PARACOMM_CHECK(args.out != nullptr, "reduce: out is null");
-  for (int j = 0; j < args.num_inputs; ++j) PARACOMM_CHECK(args.inputs[j] != nullptr, "reduce: inputs[", j, "] is null");
+  for (int j = 0; j < args.num_inputs; ++j) {
+    PARACOMM_CHECK(args.inputs[j] != nullptr, "reduce: inputs[", j, "] is null");
+  }
 
   const bool has_rest = args.num_inputs > 1;
   bool vectorized = aligned16(args.out) && aligned16(args.wire_out);  // aligned16(nullptr) holds
