@@ -66,13 +66,11 @@ def _make_comm(rank, world_size, timeout_s=TIMEOUT_S):
     return comm
 
 
-def _workspace_bytes(numel, dtype, wire, world_size, algorithm, has_found_inf=False, has_final_op=False):
-    """What the call needs, from the backend-neutral size query the Python side uses."""
-    import paracomm
-
-    info = paracomm.explain_all_reduce(numel, dtype, world_size, wire_dtype=wire, algorithm=algorithm,
-                                       backend="nccl")
-    return int(info["workspace_bytes"])
+def _workspace_bytes(numel, dtype, wire, world_size, rank, algorithm, has_found_inf, has_final_op, chunk_bytes):
+    """Device bytes this rank's plan needs (the plan binding paracomm.comm sizes the workspace with)."""
+    summary = _binding().plan_summary(numel, CODE[dtype], -1 if wire is None else CODE[wire], world_size, rank,
+                                      algorithm, "nccl", has_found_inf, has_final_op, chunk_bytes)
+    return int(summary["workspace_bytes"])
 
 
 def _all_reduce(comm, x, op="sum", wire=None, algorithm="ring", scale=None, found_inf=None, stream=None,
@@ -81,8 +79,8 @@ def _all_reduce(comm, x, op="sum", wire=None, algorithm="ring", scale=None, foun
     workspace is allocated on the call's stream and released as soon as the call returns."""
     stream = stream or torch.cuda.current_stream()
     wire_code = -1 if wire is None else CODE[wire]
-    need = _workspace_bytes(x.numel(), x.dtype, wire, comm.world_size, algorithm, found_inf is not None,
-                            op == "avg" or scale is not None or found_inf is not None)
+    need = _workspace_bytes(x.numel(), x.dtype, wire, comm.world_size, comm.rank, algorithm, found_inf is not None,
+                            op == "avg" or scale is not None or found_inf is not None, chunk_bytes)
     with torch.cuda.stream(stream):
         ws = torch.empty(max(need, 1), dtype=torch.uint8, device=x.device)
     divisor = float(comm.world_size) if op == "avg" else 1.0
@@ -127,22 +125,28 @@ def _within_reference(got, xs_all, op, scale_value, wire, world_size):
 
 
 def _cases(world_size):
-    """(dtype, wire, numel, op, scale, found_inf, inf_rank) for every algorithm."""
+    """(dtype, wire, numel, op, scale, found_inf, inf_rank, chunk_bytes) for every algorithm."""
     sizes = sorted({0, 1, max(world_size - 1, 1), 4099, 1_000_003})
     cases = []
     for dtype in CODE:
         for numel in sizes:
             for op in (["sum", "avg"] if dtype.is_floating_point else ["sum"]):
-                cases.append((dtype, None, numel, op, None, False, None))
+                cases.append((dtype, None, numel, op, None, False, None, 0))
     for wire in (torch.float16, torch.bfloat16):
         for numel in sizes:
             for op in ("sum", "avg"):
-                cases.append((torch.float32, wire, numel, op, None, False, None))
+                cases.append((torch.float32, wire, numel, op, None, False, None, 0))
     # scale and found_inf: finite data (stays 0), one rank's inf (1 on every rank), uncompressed and compressed.
     for wire in (None, torch.bfloat16):
-        cases.append((torch.float32, wire, 10007, "avg", 0.5, True, None))
-        cases.append((torch.float32, wire, 10007, "sum", 0.25, True, world_size - 1))
-    cases.append((torch.float16, None, 4099, "sum", None, True, 0))
+        cases.append((torch.float32, wire, 10007, "avg", 0.5, True, None, 0))
+        cases.append((torch.float32, wire, 10007, "sum", 0.25, True, world_size - 1, 0))
+    cases.append((torch.float16, None, 4099, "sum", None, True, 0, 0))
+    # Small pieces: many pipelined steps (ring hops x chunks, direct's alternating receive slots).
+    cases.append((torch.float32, None, 50007, "sum", None, False, None, 4096))
+    cases.append((torch.float32, torch.bfloat16, 50007, "avg", None, True, None, 4096))
+    cases.append((torch.bfloat16, None, 30011, "sum", None, False, None, 4096))
+    cases.append((torch.int64, None, 20011, "sum", None, False, None, 4096))
+    cases.append((torch.float64, None, 20011, "avg", 2.0, False, None, 8192))
     return cases
 
 
@@ -154,15 +158,16 @@ def _rank_every_algorithm(rank, world_size):
     problems = []
     algorithms = [a for a in ALGORITHMS if a == "ring" or world_size <= 32]
     for algorithm in algorithms:
-        for case_id, (dtype, wire, numel, op, scale_value, want_found, inf_rank) in enumerate(_cases(world_size)):
-            tag = f"rank {rank} {algorithm} case {case_id} ({dtype}, wire {wire}, {numel}, {op}, {scale_value})"
+        for case_id, case in enumerate(_cases(world_size)):
+            dtype, wire, numel, op, scale_value, want_found, inf_rank, chunk_bytes = case
+            tag = f"rank {rank} {algorithm} case {case_id} {case}"
             xs_all = [_data(case_id, r, dtype, numel) for r in range(world_size)]
             if inf_rank is not None and numel > 0:
                 xs_all[inf_rank][numel // 2] = float("inf")
             x = xs_all[rank].cuda()
             scale = None if scale_value is None else torch.tensor([scale_value], device="cuda")
             found = torch.zeros(1, device="cuda") if want_found else None
-            _all_reduce(comm, x, op, wire, algorithm, scale, found)
+            _all_reduce(comm, x, op, wire, algorithm, scale, found, chunk_bytes=chunk_bytes)
             torch.cuda.synchronize()
             comm.check()
             got = x.cpu()
