@@ -283,19 +283,22 @@ void NcclComm::record_failure_locked(const std::string& reason) {
   failed_flag_.store(true, std::memory_order_release);
 }
 
-std::shared_ptr<const Plan> NcclComm::plan_for(const PlanSpec& spec) {
+std::shared_ptr<const NcclComm::CachedPlan> NcclComm::plan_for(const PlanSpec& spec) {
   const PlanKey key{spec.numel,         static_cast<int32_t>(spec.dtype), spec.wire_dtype,
                     static_cast<int32_t>(spec.algorithm), spec.has_found_inf, spec.has_final_op,
                     spec.chunk_bytes};
   auto it = plans_.find(key);
   if (it != plans_.end()) return it->second;
-  auto plan = std::make_shared<Plan>(make_plan(spec));  // validates spec, naming the argument
-  check_plan(*plan);
-  PARACOMM_CHECK(plan->spec.world_size == world_size_ && plan->spec.rank == rank_ && plan->spec.numel == spec.numel,
+  auto cached = std::make_shared<CachedPlan>();
+  cached->plan = make_plan(spec);  // validates spec, naming the argument
+  check_plan(cached->plan);
+  PARACOMM_CHECK(cached->plan.spec.world_size == world_size_ && cached->plan.spec.rank == rank_ &&
+                     cached->plan.spec.numel == spec.numel,
                  "make_plan returned a plan for another call");
+  cached->waits = plan_waits(cached->plan);
   if (plans_.size() >= kMaxCachedPlans) plans_.clear();
-  plans_.emplace(key, plan);
-  return plan;
+  plans_.emplace(key, cached);
+  return cached;
 }
 
 void NcclComm::ensure_step_events(int64_t steps) {
@@ -353,17 +356,17 @@ void NcclComm::all_reduce(const NcclAllReduceCall& call, cudaStream_t stream) {
   PARACOMM_CHECK(capture == cudaStreamCaptureStatusNone,
                  "all_reduce cannot be captured in a CUDA graph (the stream is capturing)");
 
-  const std::shared_ptr<const Plan> plan = plan_for(spec);
+  const std::shared_ptr<const CachedPlan> cached = plan_for(spec);
+  const Plan& plan = cached->plan;
   PlanBuffers buf;
   buf.data = call.data;
   buf.scale = call.scale;
   buf.found_inf = call.found_inf;
   buf.workspace = call.workspace;
   buf.workspace_bytes = call.workspace_bytes;
-  check_plan_buffers(*plan, buf, call.divisor);
-  ensure_step_events(static_cast<int64_t>(plan->steps.size()));
-  const bool transfers = plan_has_transfers(*plan);
-  cudaEvent_t done = transfers ? take_completion_event() : nullptr;
+  check_plan_buffers(plan, buf, call.divisor);
+  ensure_step_events(static_cast<int64_t>(plan.steps.size()));
+  cudaEvent_t done = cached->waits.has_transfers ? take_completion_event() : nullptr;
   const uint64_t seq = next_seq_++;
 
   ncclComm_t comm = nullptr;
@@ -391,7 +394,7 @@ void NcclComm::all_reduce(const NcclAllReduceCall& call, cudaStream_t stream) {
   ctx.failed = &failed_flag_;
   ctx.nccl_issued = &nccl_issued;
   try {
-    enqueue_plan(ctx, *plan, buf, call.divisor);
+    enqueue_plan(ctx, plan, cached->waits, buf, call.divisor);
     // The caller's stream has waited for the comm stream, so this event completes with the whole call.
     if (done != nullptr) PARACOMM_CUDA_CHECK(cudaEventRecord(done, stream));
   } catch (const std::exception& e) {

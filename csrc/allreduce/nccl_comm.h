@@ -61,6 +61,7 @@
 
 #include "allreduce/nccl_executor.h"
 #include "allreduce/plan.h"
+#include "allreduce/plan_waits.h"
 #include "checks.h"
 
 namespace paracomm {
@@ -122,9 +123,13 @@ class NcclComm {
     uint64_t seq;
   };
   using PlanKey = std::tuple<int64_t, int32_t, int32_t, int32_t, bool, bool, int64_t>;
+  struct CachedPlan {
+    Plan plan;
+    PlanWaits waits;
+  };
 
   Clock::time_point deadline_from_now() const;
-  std::shared_ptr<const Plan> plan_for(const PlanSpec& spec);  // enqueue_mu_ held
+  std::shared_ptr<const CachedPlan> plan_for(const PlanSpec& spec);  // enqueue_mu_ held
   void ensure_step_events(int64_t steps);                       // enqueue_mu_ held
   cudaEvent_t take_completion_event();                          // takes state_mu_
   void record_failure_locked(const std::string& reason);        // state_mu_ held
@@ -143,7 +148,7 @@ class NcclComm {
   cudaStream_t comm_stream_ = nullptr;
   cudaEvent_t start_event_ = nullptr, end_event_ = nullptr;
   std::vector<cudaEvent_t> transfer_events_, reduce_events_;  // one per step of the longest plan seen
-  std::map<PlanKey, std::shared_ptr<const Plan>> plans_;
+  std::map<PlanKey, std::shared_ptr<const CachedPlan>> plans_;
   uint64_t next_seq_ = 0;
   std::atomic<double> last_enqueue_us_{0.0};
 

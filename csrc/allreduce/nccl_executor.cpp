@@ -3,6 +3,9 @@
 //   S:  rec(start)  ..[wait(T_t)] reductions_i rec(R_i)..                     wait(end)
 //   C:  wait(start) ..[wait(R_j)] group_i rec(T_i)..                 rec(end)
 //
+// The waits themselves are computed by plan_waits (plan_waits.h, pure C++), which tests/test_plan_waits.py
+// checks on the CPU against every algorithm's plans; this file enqueues exactly those.
+//
 // * Start: C waits for S once (only when the plan has transfers), so every transfer sees the data, the
 //   workspace and everything the caller enqueued on S before the call.
 // * Transfers of step i wait for R_j, j = the latest step <= transfers_after(i) that has reductions. All
@@ -86,12 +89,6 @@ void check_span(const Plan& plan, const PlanSpan& s, int64_t count, size_t step,
 
 }  // namespace
 
-bool plan_has_transfers(const Plan& plan) {
-  for (const PlanStep& s : plan.steps)
-    if (!s.transfers.empty()) return true;
-  return false;
-}
-
 void check_plan(const Plan& plan) {
   const PlanSpec& spec = plan.spec;
   PARACOMM_CHECK(spec.numel >= 0 && spec.world_size >= 1 && spec.rank >= 0 && spec.rank < spec.world_size,
@@ -164,7 +161,8 @@ void check_plan_buffers(const Plan& plan, const PlanBuffers& buf, double divisor
                  " bytes are needed");
 }
 
-void enqueue_plan(const NcclExecContext& ctx, const Plan& plan, const PlanBuffers& buf, double divisor) {
+void enqueue_plan(const NcclExecContext& ctx, const Plan& plan, const PlanWaits& waits, const PlanBuffers& buf,
+                  double divisor) {
   const PlanSpec& spec = plan.spec;
   const int64_t num_steps = static_cast<int64_t>(plan.steps.size());
   PARACOMM_CHECK(ctx.nccl_issued != nullptr && ctx.failed != nullptr && ctx.events.steps >= num_steps &&
@@ -183,16 +181,10 @@ void enqueue_plan(const NcclExecContext& ctx, const Plan& plan, const PlanBuffer
   };
   const cudaStream_t S = ctx.stream, C = ctx.comm_stream;
   const PlanEvents& ev = ctx.events;
-  const bool transfers = plan_has_transfers(plan);
+  PARACOMM_CHECK(waits.comm_waits.size() == plan.steps.size() && waits.stream_waits.size() == plan.steps.size(),
+                 "enqueue_plan: waits computed for another plan");
 
-  // latest_reduce[k]: the latest step <= k with reductions, -1 for none (filled as the loop goes; step i's
-  // transfers only look at k = transfers_after(i) < i).
-  std::vector<int64_t> latest_reduce(static_cast<size_t>(num_steps), -1);
-  int64_t comm_waited = -1;    // latest R_j that C already waits for in this call
-  int64_t stream_waited = -1;  // latest T_t that S already waits for in this call
-  int64_t last_transfer = -1;  // latest step whose transfer group was issued
-
-  if (transfers) {
+  if (waits.has_transfers) {
     PARACOMM_CUDA_CHECK(cudaEventRecord(ev.start, S));
     PARACOMM_CUDA_CHECK(cudaStreamWaitEvent(C, ev.start, 0));
   }
@@ -200,11 +192,8 @@ void enqueue_plan(const NcclExecContext& ctx, const Plan& plan, const PlanBuffer
     for (int64_t i = 0; i < num_steps; ++i) {
       const PlanStep& step = plan.steps[static_cast<size_t>(i)];
       if (!step.transfers.empty()) {
-        const int64_t j = step.transfers_after >= 0 ? latest_reduce[static_cast<size_t>(step.transfers_after)] : -1;
-        if (j > comm_waited) {
-          PARACOMM_CUDA_CHECK(cudaStreamWaitEvent(C, ev.reduce[j], 0));
-          comm_waited = j;
-        }
+        const int64_t j = waits.comm_waits[static_cast<size_t>(i)];
+        if (j >= 0) PARACOMM_CUDA_CHECK(cudaStreamWaitEvent(C, ev.reduce[j], 0));
         PARACOMM_CHECK(!ctx.failed->load(std::memory_order_acquire),
                        "the communicator failed while this all_reduce was being enqueued");
         *ctx.nccl_issued = true;
@@ -233,13 +222,10 @@ void enqueue_plan(const NcclExecContext& ctx, const Plan& plan, const PlanBuffer
                          ncclGetLastError(ctx.comm));
         }
         PARACOMM_CUDA_CHECK(cudaEventRecord(ev.transfer[i], C));
-        last_transfer = i;
       }
       if (!step.reductions.empty()) {
-        if (last_transfer > stream_waited) {
-          PARACOMM_CUDA_CHECK(cudaStreamWaitEvent(S, ev.transfer[last_transfer], 0));
-          stream_waited = last_transfer;
-        }
+        const int64_t t = waits.stream_waits[static_cast<size_t>(i)];
+        if (t >= 0) PARACOMM_CUDA_CHECK(cudaStreamWaitEvent(S, ev.transfer[t], 0));
         for (const PlanReduction& r : step.reductions) {
           ReduceArgs a;
           a.out = address(r.out);
@@ -258,17 +244,14 @@ void enqueue_plan(const NcclExecContext& ctx, const Plan& plan, const PlanBuffer
           launch_reduce(a, S);
         }
         PARACOMM_CUDA_CHECK(cudaEventRecord(ev.reduce[i], S));
-        latest_reduce[static_cast<size_t>(i)] = i;
-      } else if (i > 0) {
-        latest_reduce[static_cast<size_t>(i)] = latest_reduce[static_cast<size_t>(i - 1)];
       }
     }
-    if (transfers) {
+    if (waits.has_transfers) {
       PARACOMM_CUDA_CHECK(cudaEventRecord(ev.end, C));
       PARACOMM_CUDA_CHECK(cudaStreamWaitEvent(S, ev.end, 0));
     }
   } catch (...) {
-    if (transfers) {
+    if (waits.has_transfers) {
       // Keep the caller's buffers ordered after whatever reached the comm stream (see the file comment).
       if (cudaEventRecord(ev.end, C) == cudaSuccess) (void)cudaStreamWaitEvent(S, ev.end, 0);
       (void)cudaGetLastError();

@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "allreduce/plan.h"
+#include "allreduce/plan_waits.h"
 #include "checks.h"
 
 namespace paracomm {
@@ -69,13 +70,13 @@ void check_plan(const Plan& plan);
 // spec.has_found_inf / has_final_op consistent with the buffers and divisor. Throws paracomm::Error.
 void check_plan_buffers(const Plan& plan, const PlanBuffers& buf, double divisor);
 
-// Enqueues `plan` (already checked with check_plan and check_plan_buffers) on ctx.comm. The caller's stream
+// Enqueues `plan` (already checked with check_plan and check_plan_buffers) on ctx.comm, with the waits
+// plan_waits(plan) computed for it. The caller's stream
 // must not be capturing (the caller checks: a refusal must come before anything is enqueued). Throws
 // paracomm::Error on an NCCL or CUDA failure; when *ctx.nccl_issued is set by then, the caller must abort the
 // communicator (this function has already made the caller's stream wait for the comm stream, best effort).
-void enqueue_plan(const NcclExecContext& ctx, const Plan& plan, const PlanBuffers& buf, double divisor);
+void enqueue_plan(const NcclExecContext& ctx, const Plan& plan, const PlanWaits& waits, const PlanBuffers& buf,
+                  double divisor);
 
-// True when the plan issues at least one transfer group (only then is the comm stream involved).
-bool plan_has_transfers(const Plan& plan);
 
 }  // namespace paracomm
