@@ -5,10 +5,11 @@
 //   * Construction refuses an NCCL library older at run time (ncclGetVersion) than the headers compiled
 //     against (NCCL_VERSION_CODE). It then initialises a NON-blocking communicator (ncclCommInitRankConfig,
 //     polled with ncclCommGetAsyncError against a deadline of timeout_s, aborted past it), and splits it
-//     (ncclCommSplit, color 0, key rank, splitShare 0) into a BLOCKING child used for every enqueue. The split
-//     blocks, so a timer thread aborts the parent past the deadline; NCCL forwards a parent's abort to a child
-//     still being initialised (the parent's childAbortFlag), so the split returns. The parent is then
-//     released: the child shares nothing with it.
+//     (ncclCommSplit, color 0, key rank, splitShare 0) into a BLOCKING child used for every enqueue. NCCL runs
+//     the split as a job of the parent's (non-blocking) group, so it is polled against the same deadline; past
+//     it the parent is aborted, which NCCL forwards to a child still being initialised (the parent's
+//     childAbortFlag). Should a library run the split synchronously, a timer thread does that abort. The
+//     parent is then released (finalize + destroy): the child shares nothing with it.
 //   * all_reduce looks up (or makes and checks) the plan for its PlanSpec, validates the call, and runs the
 //     plan (nccl_executor.h): enqueue only, no host synchronisation, no thread start and no ncclInProgress
 //     polling (the blocking communicator finishes every NCCL call before returning). It hands the call's
