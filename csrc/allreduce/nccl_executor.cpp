@@ -11,7 +11,10 @@
 // * Transfers of step i wait for R_j, j = the latest step <= transfers_after(i) that has reductions. All
 //   reductions run on S in step order, so R_j covers every reduction of every step <= transfers_after(i),
 //   which is exactly what the plan asks (plan.h: the data sent was produced there, the receive slot filled
-//   was last read there). Transfer groups run on C in step order, so they never overtake each other.
+//   was last read there). Transfer groups run on C in step order, one after the other, so they never overtake
+//   each other: a send of bytes an earlier step *received* (the ring's all-gather forwards what arrived one
+//   hop before, and that step has no reduction for transfers_after to name) is ordered by the stream itself.
+//   An executor that posts transfer groups concurrently (gloo) must order that case by other means.
 //   A wait that an earlier wait of this call already covers is skipped (j <= the last R waited for).
 // * Reductions of step i wait for T_t, t = the latest step <= i with transfers: transfer groups run on C in
 //   order, so T_t covers this step's transfers and every earlier one (plan.h: "a reduction starts once this

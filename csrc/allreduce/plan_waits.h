@@ -10,6 +10,8 @@
 //   * comm_waits[i] = j >= 0: before step i's transfer group, C waits for R_j, j = the latest step <=
 //     transfers_after(i) that has reductions (reductions run in order on S, so R_j covers all of them);
 //     -1 when there is none, or when an earlier wait on C already covers it;
+//   * transfer groups need no waits among themselves: C runs them one after the other, which also orders a send
+//     of bytes an earlier step received (the ring's all-gather), a dependency transfers_after does not name;
 //   * stream_waits[i] = t >= 0: before step i's reductions, S waits for T_t, t = the latest step <= i with
 //     transfers (groups run in order on C, so T_t covers this step's and every earlier one); -1 when there is
 //     none, or when an earlier wait on S already covers it.
