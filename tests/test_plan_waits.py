@@ -27,8 +27,8 @@ _SHIM = r"""
 #include "allreduce/plan_waits.h"
 using namespace paracomm;
 
-// out: has_transfers, then per step comm_waits[i], stream_waits[i]. Returns the step count, -1 on error,
-// -2 when cap is too small.
+// out: has_transfers, then per step comm_waits[i], stream_waits[i], record_transfer[i], record_reduce[i].
+// Returns the step count, -1 on error, -2 when cap is too small.
 extern "C" long long pw_waits(long long numel, int dtype, int wire, long long n, long long rank, int algorithm,
                               int has_found_inf, int has_final_op, long long chunk_bytes, long long* out,
                               long long cap, char* err, int errlen) {
@@ -47,11 +47,13 @@ extern "C" long long pw_waits(long long numel, int dtype, int wire, long long n,
     const Plan plan = make_plan(s);
     const PlanWaits w = plan_waits(plan);
     const long long steps = static_cast<long long>(plan.steps.size());
-    if (1 + 2 * steps > cap) return -2;
+    if (1 + 4 * steps > cap) return -2;
     out[0] = w.has_transfers ? 1 : 0;
     for (long long i = 0; i < steps; ++i) {
-      out[1 + 2 * i] = w.comm_waits[i];
-      out[2 + 2 * i] = w.stream_waits[i];
+      out[1 + 4 * i] = w.comm_waits[i];
+      out[2 + 4 * i] = w.stream_waits[i];
+      out[3 + 4 * i] = w.record_transfer[i] ? 1 : 0;
+      out[4 + 4 * i] = w.record_reduce[i] ? 1 : 0;
     }
     return steps;
   } catch (const std::exception& e) {
@@ -92,7 +94,14 @@ def _waits(lib, numel, dtype, wire, n, rank, algorithm, found, final, chunk):
     steps = lib.pw_waits(numel, dtype, wire, n, rank, ALGORITHMS[algorithm], int(found), int(final), chunk, out,
                          cap, err, 1024)
     assert steps >= 0, err.value.decode() or f"pw_waits returned {steps}"
-    return bool(out[0]), [out[1 + 2 * i] for i in range(steps)], [out[2 + 2 * i] for i in range(steps)]
+    comm_waits = [out[1 + 4 * i] for i in range(steps)]
+    stream_waits = [out[2 + 4 * i] for i in range(steps)]
+    # Every event a wait refers to is recorded, and no other (the executor skips records nobody waits for).
+    recorded_t = {i for i in range(steps) if out[3 + 4 * i]}
+    recorded_r = {i for i in range(steps) if out[4 + 4 * i]}
+    assert recorded_t == {t for t in stream_waits if t >= 0}
+    assert recorded_r == {j for j in comm_waits if j >= 0}
+    return bool(out[0]), comm_waits, stream_waits
 
 
 def _unordered(plan, has_transfers, comm_waits, stream_waits):

@@ -184,7 +184,9 @@ void enqueue_plan(const NcclExecContext& ctx, const Plan& plan, const PlanWaits&
   };
   const cudaStream_t S = ctx.stream, C = ctx.comm_stream;
   const PlanEvents& ev = ctx.events;
-  PARACOMM_CHECK(waits.comm_waits.size() == plan.steps.size() && waits.stream_waits.size() == plan.steps.size(),
+  PARACOMM_CHECK(waits.comm_waits.size() == plan.steps.size() && waits.stream_waits.size() == plan.steps.size() &&
+                     waits.record_transfer.size() == plan.steps.size() &&
+                     waits.record_reduce.size() == plan.steps.size(),
                  "enqueue_plan: waits computed for another plan");
 
   if (waits.has_transfers) {
@@ -224,7 +226,7 @@ void enqueue_plan(const NcclExecContext& ctx, const Plan& plan, const PlanWaits&
           PARACOMM_THROW("NCCL error ", ncclGetErrorString(ended), " in ncclGroupEnd (step ", i, "): ",
                          ncclGetLastError(ctx.comm));
         }
-        PARACOMM_CUDA_CHECK(cudaEventRecord(ev.transfer[i], C));
+        if (waits.record_transfer[static_cast<size_t>(i)]) PARACOMM_CUDA_CHECK(cudaEventRecord(ev.transfer[i], C));
       }
       if (!step.reductions.empty()) {
         const int64_t t = waits.stream_waits[static_cast<size_t>(i)];
@@ -246,7 +248,7 @@ void enqueue_plan(const NcclExecContext& ctx, const Plan& plan, const PlanWaits&
           a.wire_out = r.round_to_wire && r.has_wire_out ? address(r.wire_out) : nullptr;
           launch_reduce(a, S);
         }
-        PARACOMM_CUDA_CHECK(cudaEventRecord(ev.reduce[i], S));
+        if (waits.record_reduce[static_cast<size_t>(i)]) PARACOMM_CUDA_CHECK(cudaEventRecord(ev.reduce[i], S));
       }
     }
     if (waits.has_transfers) {
