@@ -312,3 +312,22 @@ def test_bad_inputs_raise_and_write_nothing(device):
         for t, t0 in zip(watched, before):
             assert torch.equal(t, t0), f"{name}: a refused call wrote to a tensor"
 
+
+
+def test_cpp_dtype_errors_read_like_python():
+    """torch.int8 as a Python user writes it (not c10's "Char"), the supported list, no [file:line]."""
+    with pytest.raises(TypeError) as info:
+        paracomm.flatten([torch.ones(2), torch.ones(2, dtype=torch.int8)])
+    msg = str(info.value)
+    assert msg.startswith("paracomm.flatten: tensors[1] has unsupported dtype torch.int8 (float32, float16, "
+                          "bfloat16, float64, int32, int64)"), msg
+    assert "Char" not in msg and ".h:" not in msg and ".cpp:" not in msg
+    with pytest.raises(TypeError) as info:
+        paracomm.flatten([torch.ones(2)], dtype=torch.bool)
+    assert "dtype=torch.bool is not supported" in str(info.value)
+    with pytest.raises(ValueError) as info:
+        paracomm.flatten([torch.ones(2)], out=torch.ones(1, 2))
+    assert "out must be 1-D, got shape (1, 2)" in str(info.value)
+    with pytest.raises(TypeError) as info:
+        paracomm.flatten([torch.ones(2)], scale=torch.ones(1, dtype=torch.float64))
+    assert "scale_tensor must be float32, got torch.float64" in str(info.value)

@@ -255,8 +255,9 @@ def _bad_cases(device):
 
 
 def _snapshot(kw):
-    tensors = [t for t in kw["grads"] + (kw["out"] or []) + [kw["inv_scale"], kw["found_inf"], kw["norm"]]
-               if t is not None and t.device.type != "meta"]
+    grads = kw["grads"] if isinstance(kw["grads"], list) else [kw["grads"]]
+    tensors = [t for t in grads + (kw["out"] or []) + [kw["inv_scale"], kw["found_inf"], kw["norm"]]
+               if isinstance(t, torch.Tensor) and t.device.type != "meta"]
     return tensors, [t.clone() for t in tensors]
 
 
@@ -272,3 +273,22 @@ def test_bad_inputs_raise_and_write_nothing(device):
         assert "paracomm.unscale_and_check" in msg and arg in msg, f"{name}: {msg}"
         for t, b in zip(tensors, before):
             assert torch.equal(t, b), f"{name}: a refused call wrote to a tensor"
+
+
+def test_cpp_errors_name_dtypes_as_python_does_without_file_and_line():
+    """Refused arguments read like the Python-side errors: torch.float64, not c10's Double; no [file:line]."""
+    g = [torch.ones(3, dtype=torch.int8)]
+    with pytest.raises(TypeError) as info:
+        paracomm.unscale_and_check_(g, torch.ones(1), torch.zeros(1))
+    msg = str(info.value)
+    assert "grads[0] must be float16, bfloat16 or float32, got torch.int8" in msg, msg
+    assert ".cpp:" not in msg and ".h:" not in msg and "Char" not in msg
+    with pytest.raises(TypeError) as info:
+        paracomm.unscale_and_check_([torch.ones(3)], torch.ones(1, dtype=torch.float64), torch.zeros(1))
+    assert "inv_scale must be float32, got torch.float64" in str(info.value)
+    with pytest.raises(ValueError) as info:
+        paracomm.unscale_and_check_([torch.ones(3)], torch.ones(2, 1), torch.zeros(1))
+    assert "inv_scale must have exactly one element, got shape (2, 1)" in str(info.value)
+    with pytest.raises(ValueError) as info:
+        paracomm.unscale_and_check_([torch.ones(3)], torch.ones(1), torch.zeros(1), out=[torch.ones(4)])
+    assert "out[0] has shape (4,) but grads[0] has shape (3,)" in str(info.value)
