@@ -91,6 +91,29 @@ def _ring_reduce_fake(out, a, b, divisor=1.0, scale=None, found_inf=None, wire_o
 # --------------------------------------------------------------------------------------------------------
 
 
+def _tensor_list(value, op: str, arg: str) -> list:
+    """``value`` as a list of tensors; TypeError naming ``arg`` and the index of the first non-tensor.
+
+    Without it a stray Python list inside the list fails deep in the dispatcher ("'list' object has no
+    attribute 'dtype'") instead of naming what the caller got wrong.
+    """
+    if isinstance(value, torch.Tensor):
+        raise TypeError(f"paracomm.{op}: {arg} must be a sequence of tensors, got a single tensor "
+                        f"(wrap it in a list: [t])")
+    try:
+        items = list(value)
+    except TypeError:
+        raise TypeError(f"paracomm.{op}: {arg} must be a sequence of tensors, got {type(value).__name__}") from None
+    for i, t in enumerate(items):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"paracomm.{op}: {arg}[{i}] must be a torch.Tensor, got {type(t).__name__}")
+    return items
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
 def _split_scale(scale, op: str):
     """A user's ``scale`` (None, a number, or a 1-element float32 tensor) as the ops' (float, Tensor?) pair.
 
@@ -100,14 +123,14 @@ def _split_scale(scale, op: str):
         return 1.0, None
     if isinstance(scale, torch.Tensor):
         return 1.0, scale
-    if isinstance(scale, numbers.Real) and not isinstance(scale, bool):
+    if _is_number(scale):
         return float(scale), None
     raise TypeError(f"paracomm.{op}: scale must be None, a number or a 1-element float32 tensor, got {type(scale)}")
 
 
 def unscale_and_check_(
     grads: Sequence[torch.Tensor],
-    inv_scale: torch.Tensor,
+    inv_scale,
     found_inf: torch.Tensor,
     *,
     out: Optional[Sequence[torch.Tensor]] = None,
@@ -117,7 +140,9 @@ def unscale_and_check_(
 
     Args:
         grads: tensors on one device, each float16, bfloat16 or float32 (dtypes may be mixed), contiguous.
-        inv_scale: 1-element float32 tensor on that device: the factor applied to every value.
+        inv_scale: 1-element float32 tensor on that device, or a Python number: the factor applied to every
+            value. A number is rounded to float32 and put in a new 1-element tensor on the grads' device (a
+            host-to-device copy on CUDA; pass a tensor to keep the call free of it).
         found_inf: 1-element float32 tensor on that device; set to 1.0 if any value of ``grads`` is inf or
             nan, never cleared (torch's convention, so one flag can collect several calls).
         out: optional list of float32 tensors with the shapes of ``grads``. Given: ``out[i] =
@@ -129,15 +154,29 @@ def unscale_and_check_(
     Raises:
         ValueError: list lengths or shapes differ, tensors on different devices, non-contiguous tensors,
             a scalar argument with more than one element.
-        TypeError: a grad that is not fp16/bf16/fp32, an ``out`` tensor that is not fp32, a scalar
-            argument that is not fp32.
+        TypeError: ``grads``/``out`` not a sequence of tensors (the message names the index of the first
+            non-tensor), a grad that is not fp16/bf16/fp32, an ``out`` tensor that is not fp32, ``inv_scale``
+            neither a tensor nor a number, ``found_inf``/``norm`` not tensors, a scalar argument that is not fp32.
         Nothing is written when an error is raised.
     """
-    grads = list(grads)
+    op = "unscale_and_check_"
+    grads = _tensor_list(grads, op, "grads")
+    if out is not None:
+        out = _tensor_list(out, op, "out")
+    if not isinstance(found_inf, torch.Tensor):
+        raise TypeError(f"paracomm.{op}: found_inf must be a 1-element float32 tensor, got {type(found_inf).__name__}")
+    if norm is not None and not isinstance(norm, torch.Tensor):
+        raise TypeError(f"paracomm.{op}: norm must be None or a 1-element float32 tensor, got {type(norm).__name__}")
+    if not isinstance(inv_scale, torch.Tensor):
+        if not _is_number(inv_scale):
+            raise TypeError(f"paracomm.{op}: inv_scale must be a 1-element float32 tensor or a number, got "
+                            f"{type(inv_scale).__name__}")
+        device = grads[0].device if grads else found_inf.device
+        inv_scale = torch.full((1,), float(inv_scale), dtype=torch.float32, device=device)
     if out is None:
         ops.unscale_and_check_(grads, inv_scale, found_inf, norm)
     else:
-        ops.unscale_and_check_out(grads, inv_scale, found_inf, list(out), norm)
+        ops.unscale_and_check_out(grads, inv_scale, found_inf, out, norm)
 
 
 def _common_dtype(tensors: Sequence[torch.Tensor]) -> torch.dtype:
@@ -174,11 +213,14 @@ def flatten(
     Raises:
         ValueError: empty ``tensors`` without ``out``, devices differ, non-contiguous input, ``out`` of the
             wrong size or not 1-D and contiguous.
-        TypeError: unsupported dtypes, ``dtype`` different from ``out.dtype``, a scale of the wrong kind.
+        TypeError: ``tensors`` not a sequence of tensors (the message names the index of the first
+            non-tensor), unsupported dtypes, ``dtype`` different from ``out.dtype``, a scale of the wrong kind.
     """
-    tensors = list(tensors)
+    tensors = _tensor_list(tensors, "flatten", "tensors")
     scale_value, scale_tensor = _split_scale(scale, "flatten")
     if out is not None:
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"paracomm.flatten: out must be None or a torch.Tensor, got {type(out).__name__}")
         if dtype is not None and dtype != out.dtype:
             raise TypeError(f"paracomm.flatten: dtype={dtype} differs from out.dtype={out.dtype}")
         ops.flatten_out(tensors, out, scale_value, scale_tensor)
@@ -202,9 +244,12 @@ def unflatten_(flat: torch.Tensor, tensors: Sequence[torch.Tensor], *, scale=Non
         ``tensors``, as a list.
 
     Raises:
-        ValueError / TypeError as :func:`flatten`; nothing is written when an error is raised.
+        ValueError / TypeError as :func:`flatten` (also when ``flat`` is not a tensor); nothing is written when
+        an error is raised.
     """
-    tensors = list(tensors)
+    tensors = _tensor_list(tensors, "unflatten_", "tensors")
+    if not isinstance(flat, torch.Tensor):
+        raise TypeError(f"paracomm.unflatten_: flat must be a torch.Tensor, got {type(flat).__name__}")
     scale_value, scale_tensor = _split_scale(scale, "unflatten_")
     ops.unflatten_(flat, tensors, scale_value, scale_tensor)
     return tensors

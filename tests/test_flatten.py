@@ -314,6 +314,27 @@ def test_bad_inputs_raise_and_write_nothing(device):
 
 
 
+@pytest.mark.parametrize("op", ["flatten", "flatten_out", "unflatten_"])
+def test_non_tensor_in_the_list_is_a_type_error_naming_the_index(op):
+    t = torch.ones(2)
+    tensors = [t, [1.0, 2.0]]
+    flat = torch.full((4,), 9.0)
+    with pytest.raises(TypeError, match=r"tensors\[1\] must be a torch.Tensor, got list"):
+        _call(op, tensors, flat, {})
+    assert torch.equal(flat, torch.full((4,), 9.0)) and torch.equal(t, torch.ones(2))
+    with pytest.raises(TypeError, match="tensors must be a sequence of tensors"):
+        _call(op, 3, flat, {})
+    with pytest.raises(TypeError, match=r"wrap it in a list"):
+        _call(op, t, flat, {})
+
+
+def test_non_tensor_flat_or_out_is_a_type_error():
+    with pytest.raises(TypeError, match="paracomm.unflatten_: flat must be a torch.Tensor"):
+        paracomm.unflatten_([1.0, 2.0], [torch.ones(2)])
+    with pytest.raises(TypeError, match="paracomm.flatten: out must be None or a torch.Tensor"):
+        paracomm.flatten([torch.ones(2)], out=[0.0, 0.0])
+
+
 def test_cpp_dtype_errors_read_like_python():
     """torch.int8 as a Python user writes it (not c10's "Char"), the supported list, no [file:line]."""
     with pytest.raises(TypeError) as info:
@@ -331,3 +352,4 @@ def test_cpp_dtype_errors_read_like_python():
     with pytest.raises(TypeError) as info:
         paracomm.flatten([torch.ones(2)], scale=torch.ones(1, dtype=torch.float64))
     assert "scale_tensor must be float32, got torch.float64" in str(info.value)
+

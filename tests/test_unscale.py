@@ -251,6 +251,14 @@ def _bad_cases(device):
                                ValueError, "out[1]"),
         "out_device": (with_out(lambda kw: kw["out"].__setitem__(1, torch.zeros(10, device=other))),
                        ValueError, "out[1]"),
+        # Not even a tensor: TypeError naming the argument (and the index in a list), before the dispatcher.
+        "grad_not_a_tensor": (grads_fix(lambda g: g.insert(1, [1.0, 2.0])), TypeError, "grads[1]"),
+        "grads_single_tensor": (lambda: base(grads=torch.ones(3, device=device)), TypeError, "grads"),
+        "out_not_a_tensor": (with_out(lambda kw: kw["out"].__setitem__(1, [0.0] * 10)), TypeError, "out[1]"),
+        "inv_scale_string": (lambda: base(inv_scale="0.5"), TypeError, "inv_scale"),
+        "inv_scale_bool": (lambda: base(inv_scale=True), TypeError, "inv_scale"),
+        "found_inf_number": (lambda: base(found_inf=0.0), TypeError, "found_inf"),
+        "norm_number": (lambda: base(norm=0.0), TypeError, "norm"),
     }
 
 
@@ -273,6 +281,30 @@ def test_bad_inputs_raise_and_write_nothing(device):
         assert "paracomm.unscale_and_check" in msg and arg in msg, f"{name}: {msg}"
         for t, b in zip(tensors, before):
             assert torch.equal(t, b), f"{name}: a refused call wrote to a tensor"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("use_out", [False, True])
+def test_inv_scale_as_a_python_number(device, use_out, seeded):
+    """A number is rounded to float32 once, like torch.tensor([x]): results bitwise equal to the tensor form."""
+    grads = [_rand(n, dt, device, seeded) for n, dt in [(1000, torch.float16), (77, torch.bfloat16),
+                                                          (513, torch.float32)]]
+    twin = [g.clone() for g in grads]
+    found, found_twin = torch.zeros(1, device=device), torch.zeros(1, device=device)
+    norm, norm_twin = torch.zeros(1, device=device), torch.zeros(1, device=device)
+    out = [torch.empty(g.shape, device=device) for g in grads] if use_out else None
+    out_twin = [torch.empty(g.shape, device=device) for g in grads] if use_out else None
+    paracomm.unscale_and_check_(grads, INV_SCALE, found, out=out, norm=norm)
+    paracomm.unscale_and_check_(twin, torch.tensor([INV_SCALE], device=device), found_twin, out=out_twin,
+                                norm=norm_twin)
+    for a, b in zip(out if use_out else grads, out_twin if use_out else twin):
+        assert torch.equal(a, b)
+    assert torch.equal(norm, norm_twin) and found.item() == 0.0
+    # A power of two is exact: the in-place result equals grads * 2 bitwise (an int works too).
+    g = [_rand(100, torch.float32, device, seeded)]
+    ref = g[0] * 2
+    paracomm.unscale_and_check_(g, 2, found)
+    assert torch.equal(g[0], ref)
 
 
 def test_cpp_errors_name_dtypes_as_python_does_without_file_and_line():
