@@ -87,6 +87,59 @@ def _ring_reduce_fake(out, a, b, divisor=1.0, scale=None, found_inf=None, wire_o
 
 
 # --------------------------------------------------------------------------------------------------------
+# Autograd: flatten is differentiable like torch.cat (torch._utils._flatten_dense_tensors), so code that
+# flattens parameters or activations inside a model can use it. The other ops write into their arguments and
+# are not differentiable.
+# --------------------------------------------------------------------------------------------------------
+
+
+def _flatten_setup_context(ctx, inputs, output):
+    tensors, _dtype, scale, scale_tensor = inputs
+    ctx.shapes = [t.shape for t in tensors]
+    ctx.dtypes = [t.dtype for t in tensors]
+    ctx.scale = scale
+    ctx.has_scale_tensor = scale_tensor is not None
+    ctx.save_for_backward(*([scale_tensor] if scale_tensor is not None else []))
+
+
+def _flatten_backward(ctx, grad):
+    """d flatten(ts)/d ts[i]: the i-th segment of ``grad`` times the scale, in ``ts[i]``'s dtype."""
+    scale_tensor = ctx.saved_tensors[0] if ctx.has_scale_tensor else None
+    floating = [d.is_floating_point for d in ctx.dtypes]
+    if not torch.is_grad_enabled() and all(floating):
+        # The usual case: one unflatten_ (one launch on CUDA) casts and scales every segment. Under
+        # create_graph it would hide the graph, so that case takes the torch path below.
+        grads = [torch.empty(shape, dtype=dtype, device=grad.device) for shape, dtype in zip(ctx.shapes, ctx.dtypes)]
+        ops.unflatten_(grad.contiguous(), grads, ctx.scale, scale_tensor)
+        return _flatten_grads(ctx, grads)
+    grads, offset = [], 0
+    for shape, dtype, is_float in zip(ctx.shapes, ctx.dtypes, floating):
+        numel = shape.numel()
+        if not is_float:
+            grads.append(None)  # integer inputs have no gradient
+        else:
+            # The kernels' arithmetic: float32, float64 when either side is float64.
+            compute = torch.float64 if torch.float64 in (dtype, grad.dtype) else torch.float32
+            g = grad[offset:offset + numel].to(compute)
+            if ctx.scale != 1.0:
+                g = g * ctx.scale
+            if scale_tensor is not None:
+                g = g * scale_tensor.to(compute)
+            grads.append(g.to(dtype).reshape(shape))
+        offset += numel
+    return _flatten_grads(ctx, grads)
+
+
+def _flatten_grads(ctx, grads):
+    # One entry per argument the call passed: the dispatcher drops trailing arguments equal to their defaults
+    # (scale=1.0, scale_tensor=None) before autograd sees them, and torch checks the count against what it saw.
+    return (grads,) + (None,) * (len(ctx.needs_input_grad) - 1)
+
+
+torch.library.register_autograd("paracomm::flatten", _flatten_backward, setup_context=_flatten_setup_context)
+
+
+# --------------------------------------------------------------------------------------------------------
 # Public wrappers
 # --------------------------------------------------------------------------------------------------------
 
@@ -209,6 +262,11 @@ def flatten(
 
     Returns:
         The 1-D buffer (``out`` when given) of ``sum(t.numel())`` elements.
+
+    Autograd: without ``out`` the result is differentiable with respect to the floating tensors (as
+    ``torch.cat``): the gradient of ``tensors[i]`` is its segment of the result's gradient, multiplied by
+    ``scale`` and cast to ``tensors[i].dtype``. ``scale`` itself gets no gradient. ``out=`` writes into an
+    existing buffer and is not differentiable.
 
     Raises:
         ValueError: empty ``tensors`` without ``out``, devices differ, non-contiguous input, ``out`` of the
