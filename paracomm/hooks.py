@@ -20,6 +20,11 @@ Differences from torch's hooks (results agree within rounding):
 * torch refuses hooks whose ``__name__`` is ``bf16_compress_hook`` or ``bf16_compress_wrapper_hook`` unless
   it has CUDA and NCCL >= 2.10; paracomm's bf16 hooks are named ``paracomm_bf16_compress_hook`` and
   ``paracomm_bf16_compress_wrapper_hook`` so that they also run on CPU over gloo.
+* Sparse buckets (``nn.Embedding(sparse=True)``, which DDP gives a bucket of their own) take torch's path:
+  ``torch.distributed.all_reduce`` of the sparse tensor divided by the world size, as torch's
+  ``allreduce_hook`` does (the compress hooks send sparse buckets uncompressed); the ring reduces dense
+  buffers only.
+
 """
 # No ``from __future__ import annotations`` here: DDP's register_comm_hook compares the hook's annotations
 # with dist.GradBucket and torch.futures.Future[torch.Tensor] as objects; string annotations would fail.
@@ -54,21 +59,35 @@ def _check_group(process_group, where: str) -> None:
 
 def _avg_future(process_group, tensor: torch.Tensor, wire_dtype) -> torch.futures.Future:
     """Start ``tensor <- mean over ranks`` in place; the future's value is ``tensor`` itself."""
+    if tensor.layout != torch.strided:
+        return _sparse_avg_future(process_group, tensor)
     work = all_reduce(tensor, "avg", group=process_group, wire_dtype=wire_dtype, async_op=True)
     return work.get_future()
+
+
+def _sparse_avg_future(process_group, tensor: torch.Tensor) -> torch.futures.Future:
+    """torch's ``allreduce_hook`` path for a sparse bucket: divide by the world size, then
+    ``torch.distributed.all_reduce`` (gloo reduces sparse tensors; the result is a new sparse tensor)."""
+    group = process_group if process_group is not None else dist.group.WORLD
+    tensor.div_(dist.get_world_size(group))
+    work = dist.all_reduce(tensor, group=group, async_op=True)
+    return work.get_future().then(lambda fut: fut.value()[0])
 
 
 def allreduce_hook(process_group: dist.ProcessGroup, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     """Average the bucket over the ranks with paracomm's ring (in place; same results as DDP without a hook).
 
     Replaces ``default_hooks.allreduce_hook``. The division by the world size happens inside the reduction.
+    A sparse bucket (sparse gradients) takes torch's path, ``torch.distributed.all_reduce`` of the bucket
+    divided by the world size, as torch's hook does.
 
     Args:
         process_group: the ProcessGroup to reduce over, or None for the world group.
         bucket: the DDP GradBucket; its buffer (any dtype the ring supports) is reduced in place.
 
     Returns:
-        A future whose value is the bucket's buffer holding the average.
+        A future whose value is the bucket's buffer holding the average (for a sparse bucket: a new sparse
+        tensor).
 
     Example::
         >>> ddp_model.register_comm_hook(None, paracomm.hooks.allreduce_hook)
@@ -80,6 +99,9 @@ def allreduce_hook(process_group: dist.ProcessGroup, bucket: dist.GradBucket) ->
 def _compress_hook(dtype: torch.dtype, process_group, bucket, where: str) -> torch.futures.Future:
     _check_group(process_group, where)
     buffer = _bucket_buffer(bucket)
+    if buffer.layout != torch.strided:
+        # A sparse bucket travels as it is (indices and values; gloo's sparse all-reduce has no 16-bit path).
+        return _sparse_avg_future(process_group, buffer)
     if buffer.dtype == torch.float32:
         # The ring casts to ``dtype`` for the wire and back for each float32 accumulation.
         return _avg_future(process_group, buffer, dtype)
@@ -250,8 +272,12 @@ def ring_hook(state: RingHookState, bucket: dist.GradBucket) -> torch.futures.Fu
     for inf/nan (the scaler's ``found_inf`` for the bucket's device is set on every rank alike). The result
     is left in the bucket's buffer, which is the future's value.
 
+    A sparse bucket takes torch's path (see :func:`allreduce_hook`); with an enabled scaler it is refused,
+    since the unscale and inf/nan check cannot be fused into torch's sparse all-reduce.
+
     Raises:
         TypeError: ``state`` is not a RingHookState.
+        ValueError: a sparse bucket with an enabled scaler.
 
     Example::
         >>> state = paracomm.hooks.RingHookState(wire_dtype=torch.bfloat16, scaler=scaler)
@@ -260,9 +286,16 @@ def ring_hook(state: RingHookState, bucket: dist.GradBucket) -> torch.futures.Fu
     if not isinstance(state, RingHookState):
         raise TypeError(f"paracomm.hooks.ring_hook: state must be a RingHookState, got {type(state).__name__}")
     buffer = bucket.buffer()
+    scaler_on = state.scaler is not None and state.scaler.is_enabled()
+    if buffer.layout != torch.strided:
+        if scaler_on:
+            raise ValueError("paracomm.hooks.ring_hook: a sparse bucket (sparse gradients) cannot be unscaled "
+                             "inside the hook; use RingHookState without a scaler (or allreduce_hook) and let "
+                             "the GradScaler unscale after backward")
+        return _sparse_avg_future(state.process_group, buffer)
     wire = state.wire_dtype if buffer.dtype == torch.float32 else None
     scale = found_inf = None
-    if state.scaler is not None and state.scaler.is_enabled():
+    if scaler_on:
         scale, found_inf = state.scaler.comm_hook_unscale(buffer.device)
     work = state.communicator().all_reduce(buffer, "avg", wire_dtype=wire, async_op=True,
                                            scale=scale, found_inf=found_inf)

@@ -348,3 +348,70 @@ def test_every_hook_trains_on_cuda_over_nccl():
     for name, wire in (("fp16", torch.float16), ("bf16", torch.bfloat16), ("fp16_wrapper", torch.float16),
                        ("bf16_wrapper", torch.bfloat16), ("ring.bf16", torch.bfloat16)):
         assert _max_diff(r[name], r["reference"]) <= 8 * torch.finfo(wire).eps * movement, name
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Sparse gradients (nn.Embedding(sparse=True)) and failures, through real DDP on gloo
+# ------------------------------------------------------------------------------------------------------------
+
+
+class _SparseNet(torch.nn.Module):
+    """An embedding with sparse gradients (DDP gives it a bucket of its own), with or without a dense head
+    (whose bucket then goes through paracomm's all-reduce while the sparse one goes through torch's)."""
+
+    def __init__(self, dense_head=True):
+        super().__init__()
+        torch.manual_seed(3)
+        self.emb = torch.nn.Embedding(40, 4, sparse=True)
+        self.head = torch.nn.Linear(4, 4) if dense_head else torch.nn.Identity()
+
+    def forward(self, idx):
+        return self.head(torch.tanh(self.emb(idx)))
+
+
+def _sparse_train(rank, state, hook, dense_head):
+    model = _SparseNet(dense_head)
+    ddp = DDP(model, bucket_cap_mb=BUCKET_CAP_MB)
+    if hook is not None:
+        ddp.register_comm_hook(state, hook)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.5)  # plain SGD: it accepts sparse gradients
+    for step in range(6):
+        g = torch.Generator().manual_seed(100 * rank + step)
+        idx = torch.randint(0, 40, (10, 3), generator=g)  # each rank touches different rows
+        y = torch.randn(10, 3, 4, generator=g)
+        loss = torch.nn.functional.mse_loss(ddp(idx), y)
+        opt.zero_grad()
+        loss.backward()
+        assert model.emb.weight.grad.is_sparse
+        opt.step()
+    return _flat_params(model)
+
+
+def _sparse_cases(rank, world_size, kind):
+    dense = kind == "mixed"
+    out = {
+        f"{kind}.reference": _sparse_train(rank, None, None, dense),
+        f"{kind}.torch": _sparse_train(rank, None, torch_hooks.allreduce_hook, dense),
+        f"{kind}.allreduce": _sparse_train(rank, None, hooks.allreduce_hook, dense),
+        f"{kind}.bf16": _sparse_train(rank, None, hooks.bf16_compress_hook, dense),
+        f"{kind}.ring": _sparse_train(rank, hooks.RingHookState(), hooks.ring_hook, dense),
+    }
+    return _portable(out)
+
+
+@pytest.mark.parametrize("kind", ["only", "mixed"])
+def test_sparse_buckets_average_like_torch(kind):
+    """kind "only": every bucket is sparse; "mixed": a dense bucket on paracomm's all-reduce beside the sparse
+    one on torch's, in the same backward (needs paracomm's transfers on a group of their own)."""
+    results = _tensors(run_ranks(2, _sparse_cases, kind, timeout=180))
+    ref = results[0][f"{kind}.torch"]
+    moved = (results[0][f"{kind}.reference"] - _flat_params(_SparseNet(kind == "mixed"))).abs().max().item()
+    assert moved > 1e-3
+    assert _max_diff(results[0][f"{kind}.reference"], ref) <= 1e-6
+    for impl in ("allreduce", "bf16", "ring"):
+        name = f"{kind}.{impl}"
+        # A dense bucket travels on paracomm's wire (bf16: within its rounding), the sparse one as torch's.
+        tol = 1e-6 if impl != "bf16" or kind == "only" else 8 * torch.finfo(torch.bfloat16).eps * max(moved, 1.0)
+        assert _max_diff(results[0][name], ref) <= tol, name
+        assert torch.equal(results[0][name], results[1][name]), f"{name}: ranks diverged"
+
