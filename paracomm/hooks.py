@@ -25,6 +25,8 @@ Differences from torch's hooks (results agree within rounding):
   ``allreduce_hook`` does (the compress hooks send sparse buckets uncompressed); the ring reduces dense
   buffers only.
 
+Errors: a failed all-reduce (a dead peer, a timeout, ranks that disagree on the bucket) completes the hook's
+future with an error that DDP raises from ``backward()`` as a RuntimeError carrying paracomm's message.
 """
 # No ``from __future__ import annotations`` here: DDP's register_comm_hook compares the hook's annotations
 # with dist.GradBucket and torch.futures.Future[torch.Tensor] as objects; string annotations would fail.
@@ -57,12 +59,28 @@ def _check_group(process_group, where: str) -> None:
     check_process_group(process_group, f"paracomm.hooks.{where}", "the state")
 
 
+def _value(fut: torch.futures.Future):
+    return fut.value()
+
+
+def _surfaced(fut: torch.futures.Future) -> torch.futures.Future:
+    """``fut`` as DDP can consume it, also when it failed.
+
+    A Python-side ``Future.set_exception`` stores the exception as the future's *value* (only Python's
+    ``wait()``/``value()`` re-raise it); DDP's reducer reads the value in C++ and fails with "Unable to cast
+    <the exception> to Tensor", hiding the message. A ``then`` callback that reads the value re-raises it,
+    and torch marks the child future as failed in C++, so the reducer raises a RuntimeError that carries
+    paracomm's message.
+    """
+    return fut.then(_value)
+
+
 def _avg_future(process_group, tensor: torch.Tensor, wire_dtype) -> torch.futures.Future:
     """Start ``tensor <- mean over ranks`` in place; the future's value is ``tensor`` itself."""
     if tensor.layout != torch.strided:
         return _sparse_avg_future(process_group, tensor)
     work = all_reduce(tensor, "avg", group=process_group, wire_dtype=wire_dtype, async_op=True)
-    return work.get_future()
+    return _surfaced(work.get_future())
 
 
 def _sparse_avg_future(process_group, tensor: torch.Tensor) -> torch.futures.Future:
@@ -87,7 +105,7 @@ def allreduce_hook(process_group: dist.ProcessGroup, bucket: dist.GradBucket) ->
 
     Returns:
         A future whose value is the bucket's buffer holding the average (for a sparse bucket: a new sparse
-        tensor).
+        tensor). A failed all-reduce fails the future; DDP raises it from ``backward()`` as a RuntimeError.
 
     Example::
         >>> ddp_model.register_comm_hook(None, paracomm.hooks.allreduce_hook)
@@ -279,6 +297,8 @@ def ring_hook(state: RingHookState, bucket: dist.GradBucket) -> torch.futures.Fu
         TypeError: ``state`` is not a RingHookState.
         ValueError: a sparse bucket with an enabled scaler.
 
+    A failed all-reduce fails the returned future; DDP raises it from ``backward()`` as a RuntimeError.
+
     Example::
         >>> state = paracomm.hooks.RingHookState(wire_dtype=torch.bfloat16, scaler=scaler)
         >>> ddp_model.register_comm_hook(state, paracomm.hooks.ring_hook)
@@ -299,4 +319,4 @@ def ring_hook(state: RingHookState, bucket: dist.GradBucket) -> torch.futures.Fu
         scale, found_inf = state.scaler.comm_hook_unscale(buffer.device)
     work = state.communicator().all_reduce(buffer, "avg", wire_dtype=wire, async_op=True,
                                            scale=scale, found_inf=found_inf)
-    return work.get_future()
+    return _surfaced(work.get_future())

@@ -387,6 +387,67 @@ def _sparse_train(rank, state, hook, dense_head):
     return _flat_params(model)
 
 
+class _FailedWork:
+    """What an async all-reduce that failed hands back: its future completes with the error."""
+
+    def __init__(self, tensor, how):
+        error = RuntimeError("paracomm.all_reduce (rank 0 of 2): injected failure: a peer died")
+        fut = torch.futures.Future()
+        if how == "python":  # Future.set_exception: the error is the future's value on the C++ side
+            fut.set_exception(error)
+        else:  # failed inside a callback: the C++ future itself holds the error
+            def fail(_):
+                raise error
+            done = torch.futures.Future()
+            done.set_result(tensor)
+            fut = done.then(fail)
+        self._fut = fut
+
+    def get_future(self):
+        return self._fut
+
+    def wait(self):
+        return self._fut.wait()
+
+
+def _failing_ddp_step(rank, hook, state, how):
+    """One DDP step whose paracomm all-reduce fails on every rank (so no collective is left waiting)."""
+    import paracomm.comm
+
+    def failing_all_reduce(*args, **kwargs):
+        return _FailedWork(args[0] if isinstance(args[0], torch.Tensor) else args[1], how)
+
+    saved = (hooks.all_reduce, paracomm.comm.Communicator.all_reduce)
+    hooks.all_reduce = failing_all_reduce
+    paracomm.comm.Communicator.all_reduce = lambda self, tensor, *a, **k: _FailedWork(tensor, how)
+    try:
+        ddp = DDP(_mlp(), bucket_cap_mb=BUCKET_CAP_MB)
+        ddp.register_comm_hook(state, hook)
+        x, y = _batch(rank, 0)
+        try:
+            torch.nn.functional.mse_loss(ddp(x), y).backward()
+            return ("no error", "")
+        except Exception as e:  # noqa: BLE001  (the test inspects what the user would see)
+            return (type(e).__name__, str(e))
+    finally:
+        hooks.all_reduce, paracomm.comm.Communicator.all_reduce = saved
+
+
+def _failing_bucketer(rank, how):
+    import paracomm
+
+    model = _mlp()
+    bucketer = paracomm.GradBucketer(model, bucket_cap_mb=BUCKET_CAP_MB)
+    bucketer._comm.all_reduce = lambda tensor, *a, **k: _FailedWork(tensor, how)
+    x, y = _batch(rank, 0)
+    torch.nn.functional.mse_loss(model(x), y).backward()
+    try:
+        bucketer.wait()
+        return ("no error", "")
+    except Exception as e:  # noqa: BLE001
+        return (type(e).__name__, str(e))
+
+
 def _sparse_cases(rank, world_size, kind):
     dense = kind == "mixed"
     out = {
@@ -397,6 +458,16 @@ def _sparse_cases(rank, world_size, kind):
         f"{kind}.ring": _sparse_train(rank, hooks.RingHookState(), hooks.ring_hook, dense),
     }
     return _portable(out)
+
+
+def _failure_cases(rank, world_size):
+    failures = {}
+    for how in ("python", "cpp"):
+        failures[f"allreduce_hook.{how}"] = _failing_ddp_step(rank, hooks.allreduce_hook, None, how)
+        failures[f"fp16_compress_hook.{how}"] = _failing_ddp_step(rank, hooks.fp16_compress_hook, None, how)
+        failures[f"ring_hook.{how}"] = _failing_ddp_step(rank, hooks.ring_hook, hooks.RingHookState(), how)
+        failures[f"bucketer.{how}"] = _failing_bucketer(rank, how)
+    return failures
 
 
 @pytest.mark.parametrize("kind", ["only", "mixed"])
@@ -415,3 +486,12 @@ def test_sparse_buckets_average_like_torch(kind):
         assert _max_diff(results[0][name], ref) <= tol, name
         assert torch.equal(results[0][name], results[1][name]), f"{name}: ranks diverged"
 
+
+def test_failed_all_reduce_reaches_the_user_as_paracomms_runtime_error():
+    """A hook's (or the bucketer's) all-reduce fails on every rank (injected: no collective is left waiting);
+    backward() / wait() raise a RuntimeError with paracomm's message, not DDP's "Unable to cast ... to Tensor"."""
+    for r in run_ranks(2, _failure_cases, timeout=180):
+        for name, (kind, msg) in r.items():
+            assert kind == "RuntimeError", (name, kind, msg)
+            assert "injected failure: a peer died" in msg and "paracomm.all_reduce" in msg, (name, msg)
+            assert "Unable to cast" not in msg, (name, msg)
