@@ -75,6 +75,8 @@ def test_constructor_refuses_bad_arguments():
         (dict(params=[w], wire_dtype=torch.float32), ValueError, "wire_dtype"),
         (dict(params=[w], op="max"), ValueError, "op"),
         (dict(params=[w], op="mean"), ValueError, "op"),
+        (dict(params=[w], broadcast_params=1), TypeError, "broadcast_params"),
+        (dict(params=[w], broadcast_params="no"), TypeError, "broadcast_params"),
     ]
     for kwargs, exc, match in bad:
         params = kwargs.pop("params")
@@ -155,6 +157,46 @@ def _train(rank, world_size, bucketer_kwargs):
         out["buckets"] = [[n for n, q in model.named_parameters() if any(q is p for p in b)]
                           for b in bucketer.buckets]
         bucketer.remove()
+    return out
+
+
+def _perturbed(rank):
+    """_Net with rank-dependent weights (another seed per rank) and a rank-dependent buffer."""
+    model = _Net()
+    model.register_buffer("stat", torch.full((3,), float(rank)))
+    g = torch.Generator().manual_seed(7 + rank)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    return model
+
+
+def _diverse_start(rank, world_size):
+    """Ranks start from different weights: DDP and the bucketer broadcast rank 0's; broadcast_params=False does
+    not (and the ranks then train apart)."""
+    out = {}
+    for name in ("ddp", "bucketer", "bucketer.module", "no_broadcast"):
+        model = _perturbed(rank)
+        if name == "ddp":
+            net, sync = DDP(model, bucket_cap_mb=CAP_MB, find_unused_parameters=True), (lambda: None)
+        else:
+            net = model
+            bucketer = paracomm.GradBucketer(model if name == "bucketer.module" else model.parameters(),
+                                             bucket_cap_mb=CAP_MB, broadcast_params=name != "no_broadcast")
+            sync = bucketer.wait
+        out[name + ".start"] = _params(model)
+        out[name + ".stat"] = model.stat.clone().numpy()
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
+        for step in range(STEPS):
+            x, y = _data(rank, step)
+            loss = torch.nn.functional.mse_loss(net(x, use_branch=_uses_branch(rank, step)), y)
+            opt.zero_grad()
+            loss.backward()
+            sync()
+            opt.step()
+        out[name] = _params(model)
+        if name != "ddp":
+            bucketer.remove()
     return out
 
 
@@ -277,6 +319,7 @@ def _cases(rank, world_size):
         "bucketer.one_bucket": _train(rank, world_size, dict()),
         "bucketer.bf16": _train(rank, world_size, dict(bucket_cap_mb=CAP_MB, wire_dtype=torch.bfloat16)),
         "behaviour": _behaviour(rank, world_size),
+        "diverse": _diverse_start(rank, world_size),
     }
 
 
@@ -362,3 +405,24 @@ def test_remove_detaches_hooks(results):
         assert b["removed_grads_local"]
         assert "after remove" in b["wait_after_remove"]
         assert b["hooks_left"] == 0
+
+
+def test_ranks_starting_from_different_weights_end_equal_like_ddp(results):
+    """GradBucketer broadcasts rank 0's parameters (frozen ones too) and, given a module, its buffers, at
+    construction, as DDP does; the training that follows matches DDP's from the same start."""
+    ref = results[0]["diverse"]
+    for r in results:
+        d = r["diverse"]
+        for name in ("bucketer", "bucketer.module"):
+            # The ranks started apart (no_broadcast below); the constructor made every rank's start rank 0's,
+            # frozen layer included,
+            assert _max_diff(d[name + ".start"], ref["ddp.start"]) == 0.0, name
+            # and they trained as DDP does, identically on every rank.
+            assert _max_diff(d[name], ref["ddp"]) <= 1e-6, name
+            assert _max_diff(d[name], ref[name]) == 0.0, name
+        assert (d["bucketer.module.stat"] == 0).all()  # rank 0's buffer
+        assert (d["ddp.stat"] == 0).all()
+    # Without the broadcast nothing is copied: the ranks keep their own weights and buffers.
+    assert _max_diff(results[1]["diverse"]["no_broadcast.start"], ref["no_broadcast.start"]) > 0.01
+    assert (results[1]["diverse"]["no_broadcast.stat"] == 1).all()
+    assert (results[1]["diverse"]["bucketer.stat"] == 1).all()  # a parameter list carries no buffers
