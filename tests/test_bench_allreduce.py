@@ -281,3 +281,26 @@ def test_allreduce_algorithm_all_side_by_side(tmp_path):
         by_size.setdefault(row["size"], []).append(row["baseline"])
     assert all(b[0] == b[1] == b[2] for b in by_size.values())  # one baseline measurement per size
     assert set(data["summary"]["per_algorithm"]) == set(allreduce.ALL_ALGORITHMS)
+
+
+# ------------------------------------------------------------------------------------------ on a GPU
+
+@pytest.mark.cuda
+def test_nproc_above_the_gpus_is_refused_with_what_to_pass(capsys):
+    gpus = torch.cuda.device_count()
+    assert allreduce.main(["--device", "cuda", "--nproc", str(gpus + 1)]) == 2
+    err = capsys.readouterr().err
+    assert f"--nproc {gpus + 1} needs" in err and f"--ranks-per-gpu {-(-(gpus + 1) // gpus)}" in err
+
+
+@pytest.mark.cuda
+def test_allreduce_cli_two_ranks_on_one_gpu():
+    """Two NCCL ranks on GPU 0 (--ranks-per-gpu 2, NCCL over loopback sockets), exact results; the
+    subprocess timeout bounds a hung NCCL kernel."""
+    proc = _run(["allreduce", "--device", "cuda", "--nproc", "2", "--ranks-per-gpu", "2", "-b", "4K", "-e", "64K",
+                 "-f", "16", "-n", "2", "-w", "1", "--timeout", "120"], timeout=240)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    _check_nccl_tests_layout(proc.stdout)
+    rows = _table_rows(proc.stdout)
+    assert [int(r[0]) for r in rows] == [4096, 65536]
+    assert all(r[8] == "0" and r[12] == "0" for r in rows)  # #wrong of paracomm and of NCCL

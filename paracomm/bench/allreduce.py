@@ -266,15 +266,6 @@ def make_baseline_op(ctx, args):
     return baseline_op
 
 
-def make_ops(ctx, args):
-    """The two all-reduces under test (paracomm with the first requested algorithm, and the baseline), each
-    ``f(tensor)`` reducing in place over the default group."""
-    import paracomm
-
-    comm = paracomm.Communicator(timeout=_timedelta(args.timeout))
-    return make_paracomm_op(comm, args, requested_algorithms(args.algorithm)[0]), make_baseline_op(ctx, args)
-
-
 def _timedelta(seconds):
     from datetime import timedelta
     return timedelta(seconds=seconds)
