@@ -52,7 +52,7 @@ def _want_cuda():
 # torch already loaded (torch's OpenMP backend), so there is one OpenMP runtime and one thread pool.
 CXX_FLAGS = ["-O3", "-std=c++17", "-Wall", "-Wno-unused-function", "-fopenmp"]
 LINK_FLAGS = ["-fopenmp"]
-common_sources = _sources("*.cpp", "cpu/*.cpp", "ring/schedule.cpp")
+common_sources = _sources("*.cpp", "cpu/*.cpp", "allreduce/plan*.cpp")
 
 def _cuda_arch_list():
     """The architectures the CUDA build compiles for, pinned in TORCH_CUDA_ARCH_LIST so that the build and
@@ -76,7 +76,7 @@ if _want_cuda():
         nvcc_flags += ["-Xptxas", "-v"]  # registers, spills and stack frame of every kernel, in the build log
     ext = cpp_extension.CUDAExtension(
         name="paracomm._C",
-        sources=common_sources + _sources("cuda/*.cpp", "cuda/*.cu", "kernels/*.cu", "ring/nccl_*.cpp"),
+        sources=common_sources + _sources("cuda/*.cpp", "cuda/*.cu", "kernels/*.cu", "ring/nccl_*.cpp", "allreduce/nccl_*.cpp"),
         include_dirs=[os.path.join(ROOT, "csrc"), os.path.join(nccl, "include")],
         library_dirs=[os.path.join(nccl, "lib")],
         # The wheel ships libnccl.so.2 without the libnccl.so symlink, so name the file itself.

@@ -10,7 +10,10 @@
 
 #include "checks.h"
 #include "cpu/half_convert.h"
-#include "ring/schedule.h"
+
+namespace paracomm {
+void bind_plans(pybind11::module_& m);  // csrc/plan_binding.cpp
+}
 
 #ifdef PARACOMM_WITH_CUDA
 #include <cuda_runtime_api.h>
@@ -82,33 +85,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_half_convert_vectorised", &paracomm::half_convert_is_vectorised,
         "True when the CPU ops convert float16/bfloat16 with AVX2/F16C (csrc/cpu/half_convert.h).");
 
-  py::enum_<paracomm::RingPhase>(m, "RingPhase")
-      .value("REDUCE_SCATTER", paracomm::RingPhase::kReduceScatter)
-      .value("ALL_GATHER", paracomm::RingPhase::kAllGather);
-  py::class_<paracomm::RingOp>(m, "RingOp")
-      .def_readonly("phase", &paracomm::RingOp::phase)
-      .def_readonly("step", &paracomm::RingOp::step)
-      .def_readonly("chunk", &paracomm::RingOp::chunk)
-      .def_readonly("send_segment", &paracomm::RingOp::send_segment)
-      .def_readonly("recv_segment", &paracomm::RingOp::recv_segment)
-      .def_readonly("send_offset", &paracomm::RingOp::send_offset)
-      .def_readonly("send_count", &paracomm::RingOp::send_count)
-      .def_readonly("recv_offset", &paracomm::RingOp::recv_offset)
-      .def_readonly("recv_count", &paracomm::RingOp::recv_count)
-      .def_readonly("final_reduce", &paracomm::RingOp::final_reduce)
-      .def_readonly("send_after", &paracomm::RingOp::send_after);
-  m.def("ring_schedule", &paracomm::ring_schedule, py::arg("num_ranks"), py::arg("rank"), py::arg("numel"),
-        py::arg("chunk_elems"), "The ops `rank` executes in a ring all-reduce (csrc/ring/schedule.h).");
-  m.def(
-      "ring_segment",
-      [](int64_t num_ranks, int64_t numel, int64_t segment) {
-        auto g = paracomm::ring_geometry(num_ranks, numel, 1);
-        PARACOMM_CHECK(segment >= 0 && segment < num_ranks, "ring_segment: segment must be in [0, ", num_ranks,
-                       "), got ", segment);
-        return std::make_pair(g.segment_begin(segment), g.segment_size(segment));
-      },
-      py::arg("num_ranks"), py::arg("numel"), py::arg("segment"), "(offset, size) of a segment.");
-  m.def("ring_owned_segment", &paracomm::ring_owned_segment, py::arg("num_ranks"), py::arg("rank"));
+  paracomm::bind_plans(m);
   py::register_exception<paracomm::Error>(m, "ParacommError", PyExc_RuntimeError);
 
 #ifdef PARACOMM_WITH_CUDA

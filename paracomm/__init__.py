@@ -1,7 +1,8 @@
 """paracomm: gradient communication for PyTorch data-parallel training.
 
 * ``paracomm.unscale_and_check_``, ``paracomm.flatten``, ``paracomm.unflatten_``: fused gradient kernels.
-* ``paracomm.Communicator``, ``paracomm.all_reduce``: ring all-reduce (NCCL for CUDA tensors, gloo for CPU).
+* ``paracomm.Communicator``, ``paracomm.all_reduce``, ``paracomm.explain_all_reduce``: all-reduce (ring,
+  direct and one-shot plans; NCCL for CUDA tensors, gloo for CPU).
 * ``paracomm.amp.GradScaler``: torch's GradScaler on the fused unscale-and-check kernel.
 * ``paracomm.hooks``: DDP communication hooks on the ring; ``paracomm.GradBucketer``: bucketed gradient
   all-reduce without DDP.
@@ -15,7 +16,7 @@ import torch
 from . import _C
 from . import amp
 from ._ops import flatten, unflatten_, unscale_and_check_
-from .comm import Communicator, all_reduce
+from .comm import Communicator, all_reduce, explain_all_reduce
 from . import hooks
 from .buckets import GradBucketer
 
@@ -35,6 +36,7 @@ def build_info() -> dict:
 
 
 __all__ = [
-    "Communicator", "GradBucketer", "__version__", "all_reduce", "amp", "build_info", "flatten", "hooks",
+    "Communicator", "GradBucketer", "__version__", "all_reduce", "amp", "build_info", "explain_all_reduce", "flatten",
+    "hooks",
     "unflatten_", "unscale_and_check_",
 ]

@@ -79,10 +79,10 @@ def _unflatten_fake(flat, tensors, scale=1.0, scale_tensor=None):
     return None
 
 
-@torch.library.register_fake("paracomm::ring_reduce_")
-def _ring_reduce_fake(out, a, b, divisor=1.0, scale=None, found_inf=None, wire_out=None):
-    _check_one_device("ring_reduce_", [("out", out), ("a", a), ("b", b), ("scale", scale), ("found_inf", found_inf),
-                                       ("wire_out", wire_out)])
+@torch.library.register_fake("paracomm::reduce_")
+def _reduce_fake(out, inputs, divisor=1.0, scale=None, found_inf=None, wire_dtype=None, wire_out=None):
+    _check_one_device("reduce_", [("out", out)] + _listed("inputs", inputs)
+                      + [("scale", scale), ("found_inf", found_inf), ("wire_out", wire_out)])
     return None
 
 
@@ -313,6 +313,12 @@ def unflatten_(flat: torch.Tensor, tensors: Sequence[torch.Tensor], *, scale=Non
     return tensors
 
 
-def ring_reduce_(out, a, b=None, *, divisor=1.0, scale=None, found_inf=None, wire_out=None) -> None:
-    """The ring all-reduce's local reduction of one chunk (internal; see csrc/ops.cpp for the formula)."""
-    ops.ring_reduce_(out, a, b, float(divisor), scale, found_inf, wire_out)
+def reduce_(out, inputs, *, divisor=1.0, scale=None, found_inf=None, wire_dtype=None, wire_out=None) -> None:
+    """The all-reduce's local reduction (internal; formula in csrc/ops.cpp and csrc/kernels/reduce.h).
+
+    ``out = cast((inputs[0] + inputs[1] + ...) / divisor * scale)``, summed left to right in float32 (float64
+    for float64, int64 for integers); with ``wire_dtype`` the value is rounded through it first (and kept in
+    ``wire_out``); ``found_inf`` is set to 1 if a stored value is inf/nan. An input may be ``out`` or
+    ``wire_out`` itself. Raises TypeError/ValueError naming the argument; nothing is written then.
+    """
+    ops.reduce_(out, list(inputs), float(divisor), scale, found_inf, wire_dtype, wire_out)

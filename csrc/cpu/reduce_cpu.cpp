@@ -1,7 +1,8 @@
-// CPU implementation of paracomm::ring_reduce_, the gloo ring's local reduction (formula: csrc/ops.cpp).
+// CPU implementation of paracomm::reduce_, the all-reduce's local reduction (formula: csrc/ops.cpp and
+// csrc/kernels/reduce.h, whose CUDA kernel gives the same bits):
 //
-//   v = acc(a[i]) (+ acc(b[i]));  v /= divisor;  v *= scale[0];
-//   if wire_out: wire_out[i] = W(v), v = acc(wire_out[i]);  found_inf |= !isfinite(v);  out[i] = T_out(v)
+//   v = acc(inputs[0][i]) + acc(inputs[1][i]) + ...  (left to right);  v /= divisor;  v *= scale[0];
+//   if wire_dtype: w = W(v), wire_out[i] = w (if given), v = acc(w);  found_inf |= !isfinite(v);  out[i] = O(v)
 //
 // acc is float for float32/float16/bfloat16, double for float64, int64 for int32/int64 (integer sums wrap like
 // two's complement, as NCCL's and gloo's do). found_inf tests the value that is finally stored, i.e. after
@@ -20,6 +21,7 @@
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
+#include <vector>
 
 #include "cpu/half_convert.h"
 #include "validate.h"
@@ -84,9 +86,16 @@ void store_block(const Acc* v, void* dst, int64_t begin, int64_t n) {
   }
 }
 
-// wire[i] = W(v[i]); v[i] = acc(wire[i]): the owner continues with exactly the bits it sends.
+// v[i] = acc(W(v[i])), keeping W(v[i]) in wire[begin + i] when wire is given: the owner continues with exactly
+// the bits it sends.
 template <typename Acc, typename W>
 void round_block(Acc* v, void* wire, int64_t begin, int64_t n) {
+  if (wire == nullptr) {
+    W rounded[kBlock];
+    store_block<Acc, W>(v, rounded, 0, n);
+    load_block<Acc, W>(rounded, 0, n, v);
+    return;
+  }
   store_block<Acc, W>(v, wire, begin, n);
   load_block<Acc, W>(wire, begin, n, v);
 }
@@ -121,24 +130,26 @@ Stages<Acc> stages_for(at::ScalarType t) {
     if (t == at::kInt) return stages_of_type<int64_t, int32_t>();
     if (t == at::kLong) return stages_of_type<int64_t, int64_t>();
   }
-  PARACOMM_THROW("ring_reduce_: dtype ", t, " does not belong to this accumulation type (validation missed it)");
+  PARACOMM_THROW("reduce_: dtype ", t, " does not belong to this accumulation type (validation missed it)");
 }
 
 template <typename Acc>
-void ring_reduce_impl(const at::Tensor& out, const at::Tensor& a, const std::optional<at::Tensor>& b,
-                      double divisor, const std::optional<at::Tensor>& scale,
-                      const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& wire_out) {
+void reduce_impl(const at::Tensor& out, at::TensorList inputs, double divisor, const std::optional<at::Tensor>& scale,
+                 const std::optional<at::Tensor>& found_inf, std::optional<at::ScalarType> wire_dtype,
+                 const std::optional<at::Tensor>& wire_out) {
   const int64_t n = out.numel();
   if (n == 0) return;
+  const int64_t k = static_cast<int64_t>(inputs.size());
   const Stages<Acc> out_s = stages_for<Acc>(out.scalar_type());
-  const Stages<Acc> a_s = stages_for<Acc>(a.scalar_type());
-  const Stages<Acc> b_s = b.has_value() ? stages_for<Acc>(b->scalar_type()) : Stages<Acc>{};
-  const Stages<Acc> w_s = wire_out.has_value() ? stages_for<Acc>(wire_out->scalar_type()) : Stages<Acc>{};
+  const Stages<Acc> first_s = stages_for<Acc>(inputs[0].scalar_type());
+  const Stages<Acc> rest_s = k > 1 ? stages_for<Acc>(inputs[1].scalar_type()) : Stages<Acc>{};
+  const Stages<Acc> w_s = wire_dtype.has_value() ? stages_for<Acc>(*wire_dtype) : Stages<Acc>{};
 
   void* out_p = out.mutable_data_ptr();
-  const void* a_p = a.const_data_ptr();
-  const void* b_p = b.has_value() ? b->const_data_ptr() : nullptr;
+  std::vector<const void*> in_p(static_cast<size_t>(k));
+  for (int64_t i = 0; i < k; ++i) in_p[static_cast<size_t>(i)] = inputs[i].const_data_ptr();
   void* w_p = wire_out.has_value() ? wire_out->mutable_data_ptr() : nullptr;
+  const bool round = wire_dtype.has_value();
 
   constexpr bool kFloating = std::is_floating_point_v<Acc>;
   const bool do_div = kFloating && divisor != 1.0;
@@ -154,15 +165,16 @@ void ring_reduce_impl(const at::Tensor& out, const at::Tensor& a, const std::opt
     bool local_found = false;
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t begin = blk * kBlock, len = std::min(kBlock, n - begin);
-      a_s.load(a_p, begin, len, v);
-      if (b_p != nullptr) b_s.add(b_p, begin, len, v);
+      // Every input of the block is read before anything is stored: an input may be out or wire_out itself.
+      first_s.load(in_p[0], begin, len, v);
+      for (int64_t i = 1; i < k; ++i) rest_s.add(in_p[static_cast<size_t>(i)], begin, len, v);
       if constexpr (kFloating) {
         if (do_div)
           for (int64_t i = 0; i < len; ++i) v[i] /= div;
         if (do_scale)
           for (int64_t i = 0; i < len; ++i) v[i] *= scale_v;
       }
-      if (w_p != nullptr) w_s.round(v, w_p, begin, len);
+      if (round) w_s.round(v, w_p, begin, len);
       if constexpr (kFloating) {
         if (check) {
           bool bad = false;
@@ -177,26 +189,26 @@ void ring_reduce_impl(const at::Tensor& out, const at::Tensor& a, const std::opt
   if (found.load()) found_inf->mutable_data_ptr<float>()[0] = 1.0f;
 }
 
-void ring_reduce_cpu(const at::Tensor& out, const at::Tensor& a, const std::optional<at::Tensor>& b,
-                     double divisor, const std::optional<at::Tensor>& scale,
-                     const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& wire_out) {
-  check_ring_reduce_args(out, a, b, divisor, scale, found_inf, wire_out);
+void reduce_cpu(const at::Tensor& out, at::TensorList inputs, double divisor, const std::optional<at::Tensor>& scale,
+                const std::optional<at::Tensor>& found_inf, std::optional<at::ScalarType> wire_dtype,
+                const std::optional<at::Tensor>& wire_out) {
+  check_reduce_args(out, inputs, divisor, scale, found_inf, wire_dtype, wire_out);
   switch (out.scalar_type()) {
     case at::kDouble:
-      ring_reduce_impl<double>(out, a, b, divisor, scale, found_inf, wire_out);
+      reduce_impl<double>(out, inputs, divisor, scale, found_inf, wire_dtype, wire_out);
       break;
     case at::kInt:
     case at::kLong:
-      ring_reduce_impl<int64_t>(out, a, b, divisor, scale, found_inf, wire_out);
+      reduce_impl<int64_t>(out, inputs, divisor, scale, found_inf, wire_dtype, wire_out);
       break;
     default:
-      ring_reduce_impl<float>(out, a, b, divisor, scale, found_inf, wire_out);
+      reduce_impl<float>(out, inputs, divisor, scale, found_inf, wire_dtype, wire_out);
       break;
   }
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(paracomm, CPU, m) { m.impl("ring_reduce_", &ring_reduce_cpu); }
+TORCH_LIBRARY_IMPL(paracomm, CPU, m) { m.impl("reduce_", &reduce_cpu); }
 
 }  // namespace paracomm

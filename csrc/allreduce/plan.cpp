@@ -1,0 +1,435 @@
+// Plan generators for the three all-reduce algorithms, the chunk policy and the algorithm choice.
+// Format, invariants and executor semantics: plan.h. Everything here is a pure function of a PlanSpec.
+#include "allreduce/plan.h"
+
+#include <algorithm>
+#include <limits>
+
+#include "checks.h"
+
+namespace paracomm {
+
+namespace {
+
+constexpr int64_t kKiB = 1024;
+constexpr int64_t kMiB = 1024 * kKiB;
+constexpr int64_t kWorkspaceAlignBytes = 256;
+
+// ---- Tunables (first guesses; docs/ARCHITECTURE.md explains them, a GPU sweep will retune them) ----
+// auto picks one_shot while every rank receives at most this many bytes in total ((N-1) x message) and the
+// message itself is at most kOneShotMaxMessageBytes: one transfer group and one reduction beat two of each
+// when latency dominates.
+constexpr int64_t kOneShotMaxReceivedBytes[2] = {1 * kMiB, 1 * kMiB};  // [nccl, gloo]
+constexpr int64_t kOneShotMaxMessageBytes[2] = {256 * kKiB, 512 * kKiB};
+// auto picks direct up to this many ranks (one node: every rank talks to every other at once), ring beyond.
+constexpr int64_t kDirectMaxRanks = 8;
+// Ring: at most this many transfer groups in one call; chunks are at least kRingMinChunkBytes.
+constexpr int64_t kRingMaxGroups = 64;
+constexpr int64_t kRingMinChunkBytes[2] = {1 * kMiB, 4 * kMiB};
+// Direct: the double-buffered receive workspace stays within this budget; on NCCL a large segment is also
+// cut into up to kDirectPipelineChunks pieces of at least kDirectMinChunkBytes so that chunk c+1's exchange
+// overlaps chunk c's reduction.
+constexpr int64_t kDirectWorkspaceBudget = 64 * kMiB;
+constexpr int64_t kDirectPipelineChunks = 4;
+constexpr int64_t kDirectMinChunkBytes = 4 * kMiB;
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
+int64_t mod(int64_t a, int64_t n) { return ((a % n) + n) % n; }
+
+int backend_index(Backend b) { return b == Backend::kGloo ? 1 : 0; }
+
+// Elements per alignment unit: kPlanAlignBytes in the narrower of T and W, hence in both.
+int64_t align_elems(const PlanSpec& s) {
+  const int64_t narrow = std::min(dtype_size(s.dtype), dtype_size(s.travel_dtype()));
+  return kPlanAlignBytes / narrow;
+}
+
+// Segments and pieces. Segment j of N covers [j * seg, (j + 1) * seg) clipped to numel (trailing segments may
+// be short or empty); piece c of a segment covers [c * chunk, (c + 1) * chunk) inside it, clipped likewise.
+// seg and chunk are multiples of align_elems, so every piece starts on a kPlanAlignBytes boundary.
+struct Geometry {
+  int64_t numel = 0;
+  int64_t seg = 0;
+  int64_t chunk = 0;
+  int64_t chunks = 0;
+
+  int64_t seg_begin(int64_t j) const { return std::min(j * seg, numel); }
+  int64_t seg_size(int64_t j) const { return std::min((j + 1) * seg, numel) - seg_begin(j); }
+  int64_t piece_begin(int64_t j, int64_t c) const { return seg_begin(j) + std::min(c * chunk, seg_size(j)); }
+  int64_t piece_size(int64_t j, int64_t c) const {
+    const int64_t start = std::min(c * chunk, seg_size(j));
+    return std::min(chunk, seg_size(j) - start);
+  }
+};
+
+// The chunk policy: how many pieces each segment is cut into.
+int64_t policy_chunks(const PlanSpec& s, int64_t seg_elems) {
+  const int64_t elem = dtype_size(s.travel_dtype());
+  const int64_t seg_bytes = seg_elems * elem;
+  const int64_t n = s.world_size;
+  const int b = backend_index(s.backend);
+  if (s.chunk_bytes > 0) return std::max<int64_t>(1, ceil_div(seg_bytes, s.chunk_bytes));
+  switch (s.algorithm) {
+    case Algorithm::kRing: {
+      // 2(N-1) groups per chunk round: the chunk count is a pipelining depth bounded by kRingMaxGroups.
+      const int64_t max_chunks = std::max<int64_t>(1, kRingMaxGroups / (2 * (n - 1)));
+      return std::clamp<int64_t>(ceil_div(seg_bytes, kRingMinChunkBytes[b]), 1, max_chunks);
+    }
+    case Algorithm::kDirect: {
+      // Receive workspace: 2 slots x (N-1) peers x one piece.
+      int64_t chunks = ceil_div(2 * (n - 1) * seg_bytes, kDirectWorkspaceBudget);
+      if (s.backend == Backend::kNccl) {
+        chunks = std::max(chunks, std::min(kDirectPipelineChunks, seg_bytes / kDirectMinChunkBytes));
+      }
+      return std::max<int64_t>(1, chunks);
+    }
+    case Algorithm::kOneShot:
+      return 1;
+  }
+  return 1;
+}
+
+Geometry make_geometry(const PlanSpec& s) {
+  Geometry g;
+  g.numel = s.numel;
+  const int64_t align = align_elems(s);
+  if (s.algorithm == Algorithm::kOneShot) {
+    g.seg = s.numel;
+    g.chunk = s.numel;
+    g.chunks = s.numel > 0 ? 1 : 0;
+    return g;
+  }
+  g.seg = round_up(ceil_div(s.numel, s.world_size), align);
+  int64_t chunks = policy_chunks(s, g.seg);
+  for (;;) {
+    g.chunk = std::max(align, round_up(ceil_div(g.seg, chunks), align));
+    g.chunks = ceil_div(g.seg, g.chunk);
+    // Rounding pieces up to the alignment can push direct's receive workspace past its budget: cut finer.
+    const bool over_budget = s.algorithm == Algorithm::kDirect && s.chunk_bytes == 0 && g.chunk > align &&
+                             2 * (s.world_size - 1) * g.chunk * dtype_size(s.travel_dtype()) > kDirectWorkspaceBudget;
+    if (!over_budget) return g;
+    ++chunks;
+  }
+}
+
+PlanSpan span(PlanBuffer b, int64_t offset) { return PlanSpan{b, offset}; }
+
+// Builds a plan step by step; empty transfers and reductions are dropped here, once.
+class Builder {
+ public:
+  explicit Builder(Plan* plan) : plan_(plan) {}
+
+  int64_t step(int64_t transfers_after) {
+    PlanStep st;
+    st.transfers_after = transfers_after;
+    plan_->steps.push_back(std::move(st));
+    return static_cast<int64_t>(plan_->steps.size()) - 1;
+  }
+  void send(int64_t to, PlanSpan src, int64_t count) { transfer(true, to, src, count); }
+  void recv(int64_t from, PlanSpan dst, int64_t count) { transfer(false, from, dst, count); }
+  void reduce(PlanReduction r) {
+    if (r.count > 0) plan_->steps.back().reductions.push_back(std::move(r));
+  }
+
+ private:
+  void transfer(bool is_send, int64_t peer, PlanSpan where, int64_t count) {
+    if (count <= 0) return;
+    PlanTransfer t;
+    t.send = is_send;
+    t.peer = static_cast<int32_t>(peer);
+    t.span = where;
+    t.count = count;
+    plan_->steps.back().transfers.push_back(t);
+  }
+  Plan* plan_;
+};
+
+PlanReduction reduction(int64_t count, std::vector<PlanSpan> inputs, PlanSpan out) {
+  PlanReduction r;
+  r.count = count;
+  r.inputs = std::move(inputs);
+  r.out = out;
+  return r;
+}
+
+// The owner's final reduction of `count` elements: divisor, scale, (compressed) the rounding to the bits it
+// will send, found_inf.
+PlanReduction final_reduction(const PlanSpec& s, int64_t count, std::vector<PlanSpan> inputs, PlanSpan out,
+                              bool keep_wire, PlanSpan wire_out) {
+  PlanReduction r = reduction(count, std::move(inputs), out);
+  r.final = true;
+  r.check_inf = true;
+  if (s.compressed()) {
+    r.round_to_wire = true;
+    r.has_wire_out = keep_wire;
+    r.wire_out = wire_out;
+  }
+  return r;
+}
+
+// Compressed calls start by rounding [begin, begin + count) of the data into the staging buffer: the values
+// this rank will send as its own contribution (rounded once, whatever the algorithm).
+int64_t cast_step(const PlanSpec& s, Builder& b, int64_t begin, int64_t count) {
+  if (!s.compressed()) return -1;
+  const int64_t index = b.step(-1);
+  b.reduce(reduction(count, {span(PlanBuffer::kData, begin)}, span(PlanBuffer::kWire, begin)));
+  return index;
+}
+
+// ---- ring ----
+// After NCCL's runRing. Segment j is owned by rank (j - 1) mod N, i.e. rank r owns segment (r + 1) mod N.
+//   reduce-scatter, hops t = 0..N-2: rank r sends its partial sum of segment (r - t) mod N to r + 1 and receives
+//     segment (r - t - 1) mod N from r - 1, adding its own contribution; after hop N-2 it holds the full sum of
+//     the segment it owns (the owner's final reduction).
+//   all-gather, hops t = 0..N-2: rank r sends segment (r + 1 - t) mod N and receives (r - t) mod N.
+// Each segment is summed once, in ring order ending at its owner, and every rank copies the owner's bits.
+// Compressed: partial sums travel (and are re-rounded) in W at every hop: the error grows with N (direct and
+// one_shot round each input once instead).
+// Steps are hop-major (all pieces of hop t, then hop t+1), so step u's send depends on step u - C (the same
+// piece one hop earlier) and an executor can post step u+1 while it reduces step u.
+void make_ring(Plan& plan, const Geometry& g) {
+  const PlanSpec& s = plan.spec;
+  const int64_t n = s.world_size, r = s.rank, C = g.chunks;
+  const bool z = s.compressed();
+  const PlanBuffer src = z ? PlanBuffer::kWire : PlanBuffer::kData;  // what travels, in place
+  Builder b(&plan);
+  plan.recv_elems = 2 * g.chunk;
+  const int64_t base = cast_step(s, b, g.seg_begin(r), g.seg_size(r));  // hop 0 sends segment r
+  const int64_t first = static_cast<int64_t>(plan.steps.size());
+  const int64_t next = (r + 1) % n, prev = (r + n - 1) % n;
+  for (int phase = 0; phase < 2; ++phase) {
+    for (int64_t t = 0; t < n - 1; ++t) {
+      for (int64_t c = 0; c < C; ++c) {
+        const int64_t u = static_cast<int64_t>(plan.steps.size()) - first;  // ring op index
+        const bool rs = phase == 0;
+        const int64_t send_seg = rs ? mod(r - t, n) : mod(r + 1 - t, n);
+        const int64_t recv_seg = rs ? mod(r - t - 1, n) : mod(r - t, n);
+        // Data sent was produced C ops earlier (hop 0 of reduce-scatter: by the cast); receive slot u % 2 was
+        // last read by op u - 2's reduction.
+        const int64_t producer = (rs && t == 0) ? base : first + u - C;
+        const int64_t slot_reader = u >= 2 ? first + u - 2 : -1;
+        b.step(std::max(producer, slot_reader));
+        const int64_t so = g.piece_begin(send_seg, c), sn = g.piece_size(send_seg, c);
+        const int64_t ro = g.piece_begin(recv_seg, c), rn = g.piece_size(recv_seg, c);
+        const PlanSpan slot = span(PlanBuffer::kRecv, (u % 2) * g.chunk);
+        b.send(next, span(src, so), sn);
+        b.recv(prev, rs ? slot : span(src, ro), rn);
+        if (rs && t < n - 2) {
+          b.reduce(reduction(rn, {span(PlanBuffer::kData, ro), slot}, span(src, ro)));
+        } else if (rs) {
+          b.reduce(final_reduction(s, rn, {span(PlanBuffer::kData, ro), slot}, span(PlanBuffer::kData, ro), true,
+                                   span(PlanBuffer::kWire, ro)));
+        } else if (z || s.has_found_inf) {
+          // All-gather: widen what arrived compressed into the data, checking it.
+          PlanReduction w = reduction(rn, {span(src, ro)}, span(PlanBuffer::kData, ro));
+          w.check_inf = true;
+          b.reduce(std::move(w));
+        }
+      }
+    }
+  }
+}
+
+// ---- direct (two-shot) ----
+// Rank r owns segment r. For each piece c: reduce-scatter by direct exchange (every rank sends piece c of
+// segment p to rank p, all peers in one transfer group), then the owner sums the N contributions in rank order
+// 0..N-1 with the final fusions, then the all-gather sends the owner's result to every peer (one group).
+// Steps run RS_0, RS_1, AG_0, RS_2, AG_1, ..., AG_{C-1}, so RS_{c+1} is on the wire while reduce_c runs.
+// Receive workspace: two slots of (N-1) pieces, slot c % 2 for piece c (reused by piece c + 2 only after
+// reduce_c read it). Compressed: every input is rounded to W once (the cast step), the owner accumulates in
+// fp32 and rounds the result once; the error does not grow with N.
+void make_direct(Plan& plan, const Geometry& g) {
+  const PlanSpec& s = plan.spec;
+  const int64_t n = s.world_size, r = s.rank, C = g.chunks;
+  const bool z = s.compressed();
+  const PlanBuffer src = z ? PlanBuffer::kWire : PlanBuffer::kData;
+  Builder b(&plan);
+  plan.recv_elems = 2 * (n - 1) * g.chunk;
+  const int64_t base = cast_step(s, b, 0, s.numel);
+  auto peer_slot = [&](int64_t c, int64_t p) {
+    return span(PlanBuffer::kRecv, ((c % 2) * (n - 1) + (p < r ? p : p - 1)) * g.chunk);
+  };
+  std::vector<int64_t> rs_step(static_cast<size_t>(C), -1);
+  auto reduce_scatter = [&](int64_t c) {
+    const int64_t slot_reader = c >= 2 ? rs_step[static_cast<size_t>(c - 2)] : -1;
+    rs_step[static_cast<size_t>(c)] = b.step(std::max(base, slot_reader));
+    const int64_t mine = g.piece_begin(r, c), count = g.piece_size(r, c);
+    std::vector<PlanSpan> inputs;
+    for (int64_t p = 0; p < n; ++p) {
+      if (p == r) {
+        inputs.push_back(span(src, mine));
+        continue;
+      }
+      b.send(p, span(src, g.piece_begin(p, c)), g.piece_size(p, c));
+      b.recv(p, peer_slot(c, p), count);
+      inputs.push_back(peer_slot(c, p));
+    }
+    b.reduce(final_reduction(s, count, std::move(inputs), span(PlanBuffer::kData, mine), true,
+                             span(PlanBuffer::kWire, mine)));
+  };
+  auto all_gather = [&](int64_t c) {
+    b.step(rs_step[static_cast<size_t>(c)]);
+    for (int64_t p = 0; p < n; ++p) {
+      if (p == r) continue;
+      b.send(p, span(src, g.piece_begin(r, c)), g.piece_size(r, c));
+      b.recv(p, span(src, g.piece_begin(p, c)), g.piece_size(p, c));
+    }
+  };
+  for (int64_t c = 0; c < C; ++c) {
+    reduce_scatter(c);
+    if (c >= 1) all_gather(c - 1);
+  }
+  if (C > 0) all_gather(C - 1);
+  if (z || s.has_found_inf) {
+    // One pass over the whole tensor after the last transfer: widen what arrived compressed (the owned
+    // segment is rewritten with the same bits) and check it.
+    b.step(-1);
+    PlanReduction w = reduction(s.numel, {span(src, 0)}, span(PlanBuffer::kData, 0));
+    w.check_inf = true;
+    b.reduce(std::move(w));
+  }
+}
+
+// ---- one_shot ----
+// Every rank sends its whole (compressed: rounded) buffer to every peer in one transfer group and sums all N in
+// rank order: every rank computes every element from identical inputs in the same order, so all agree bitwise.
+// Compressed: the result is rounded through W once, as direct's is, so the choice of algorithm does not change
+// what a compressed call returns beyond the order of a sum.
+void make_one_shot(Plan& plan) {
+  const PlanSpec& s = plan.spec;
+  const int64_t n = s.world_size, r = s.rank, numel = s.numel;
+  const bool z = s.compressed();
+  const PlanBuffer src = z ? PlanBuffer::kWire : PlanBuffer::kData;
+  Builder b(&plan);
+  plan.recv_elems = (n - 1) * numel;
+  const int64_t base = cast_step(s, b, 0, numel);
+  b.step(base);
+  std::vector<PlanSpan> inputs;
+  for (int64_t p = 0; p < n; ++p) {
+    if (p == r) {
+      inputs.push_back(span(src, 0));
+      continue;
+    }
+    const PlanSpan slot = span(PlanBuffer::kRecv, (p < r ? p : p - 1) * numel);
+    b.send(p, span(src, 0), numel);
+    b.recv(p, slot, numel);
+    inputs.push_back(slot);
+  }
+  b.reduce(final_reduction(s, numel, std::move(inputs), span(PlanBuffer::kData, 0), false, PlanSpan{}));
+}
+
+int64_t align_workspace(int64_t bytes) { return round_up(bytes, kWorkspaceAlignBytes); }
+
+}  // namespace
+
+int64_t Plan::recv_offset_bytes() const {
+  return align_workspace(wire_elems * dtype_size(spec.travel_dtype()));
+}
+
+int64_t Plan::workspace_bytes() const {
+  if (wire_elems == 0 && recv_elems == 0) return 0;
+  return recv_offset_bytes() + recv_elems * dtype_size(spec.travel_dtype());
+}
+
+const char* algorithm_name(Algorithm a) {
+  switch (a) {
+    case Algorithm::kRing: return "ring";
+    case Algorithm::kDirect: return "direct";
+    case Algorithm::kOneShot: return "one_shot";
+  }
+  return "unknown";
+}
+
+Algorithm algorithm_from_name(const std::string& name, const char* arg) {
+  if (name == "ring") return Algorithm::kRing;
+  if (name == "direct") return Algorithm::kDirect;
+  if (name == "one_shot") return Algorithm::kOneShot;
+  PARACOMM_THROW(arg, " must be 'ring', 'direct' or 'one_shot', got '", name, "'");
+}
+
+void check_plan_spec(const PlanSpec& s) {
+  PARACOMM_CHECK(s.numel >= 0, "numel must be >= 0, got ", s.numel);
+  // Byte offsets reach numel * 8 * world_size in the one_shot workspace; keep far from int64 overflow.
+  PARACOMM_CHECK(s.numel <= std::numeric_limits<int64_t>::max() / (64 * kMiB), "numel is too large: ", s.numel);
+  PARACOMM_CHECK(s.world_size >= 1 && s.world_size <= (1 << 20), "world_size must be in [1, 2^20], got ",
+                 s.world_size);
+  PARACOMM_CHECK(s.rank >= 0 && s.rank < s.world_size, "rank must be in [0, ", s.world_size, "), got ", s.rank);
+  const int32_t d = static_cast<int32_t>(s.dtype);
+  PARACOMM_CHECK(d >= 0 && d <= static_cast<int32_t>(DType::kInt64), "dtype must be a DType code in [0, 5], got ",
+                 d);
+  if (s.compressed()) {
+    PARACOMM_CHECK(s.wire_dtype == static_cast<int32_t>(DType::kFloat16) ||
+                       s.wire_dtype == static_cast<int32_t>(DType::kBFloat16),
+                   "wire_dtype must be -1 (none), 1 (float16) or 2 (bfloat16), got ", s.wire_dtype);
+    PARACOMM_CHECK(s.dtype == DType::kFloat32, "wire_dtype needs float32 data, got ", dtype_name(s.dtype));
+  }
+  PARACOMM_CHECK(s.chunk_bytes >= 0, "chunk_bytes must be >= 0 (0: the default policy), got ", s.chunk_bytes);
+  const int32_t a = static_cast<int32_t>(s.algorithm);
+  PARACOMM_CHECK(a >= 0 && a <= 2, "algorithm must be 0 (ring), 1 (direct) or 2 (one_shot), got ", a);
+  PARACOMM_CHECK(s.algorithm == Algorithm::kRing || s.world_size <= kMaxReduceInputs, "algorithm ",
+                 algorithm_name(s.algorithm), " serves at most ", kMaxReduceInputs, " ranks (one reduction sums all "
+                 "of them), got world_size ", s.world_size, "; use 'ring'");
+}
+
+Algorithm choose_algorithm(int64_t numel, DType dtype, int32_t wire_dtype, int64_t world_size, Backend backend) {
+  if (world_size <= 1) return Algorithm::kOneShot;  // nothing travels; at most one local reduction
+  const DType travel = wire_dtype == kNoWire ? dtype : static_cast<DType>(wire_dtype);
+  const int64_t message = numel * dtype_size(travel);
+  const int b = backend_index(backend);
+  if (world_size > kMaxReduceInputs) return Algorithm::kRing;
+  if (message <= kOneShotMaxMessageBytes[b] && (world_size - 1) * message <= kOneShotMaxReceivedBytes[b]) {
+    return Algorithm::kOneShot;
+  }
+  return world_size <= kDirectMaxRanks ? Algorithm::kDirect : Algorithm::kRing;
+}
+
+Plan make_plan(const PlanSpec& spec) {
+  check_plan_spec(spec);
+  Plan plan;
+  plan.spec = spec;
+  if (spec.numel == 0) return plan;
+  if (spec.world_size == 1) {
+    // Nothing travels, so the wire dtype rounds nothing; only avg/scale/found_inf touch the data.
+    plan.segment_elems = plan.chunk_elems = spec.numel;
+    plan.num_chunks = 1;
+    if (spec.has_final_op) {
+      Builder b(&plan);
+      b.step(-1);
+      PlanReduction r = reduction(spec.numel, {span(PlanBuffer::kData, 0)}, span(PlanBuffer::kData, 0));
+      r.final = true;
+      r.check_inf = true;
+      b.reduce(std::move(r));
+    }
+    return plan;
+  }
+  const Geometry g = make_geometry(spec);
+  plan.segment_elems = g.seg;
+  plan.chunk_elems = g.chunk;
+  plan.num_chunks = g.chunks;
+  plan.wire_elems = spec.compressed() ? spec.numel : 0;
+  switch (spec.algorithm) {
+    case Algorithm::kRing: make_ring(plan, g); break;
+    case Algorithm::kDirect: make_direct(plan, g); break;
+    case Algorithm::kOneShot: make_one_shot(plan); break;
+  }
+  return plan;
+}
+
+PlanSummary summarize_plan(const Plan& plan) {
+  PlanSummary s;
+  const int64_t w = dtype_size(plan.spec.travel_dtype()), t = dtype_size(plan.spec.dtype);
+  s.steps = static_cast<int64_t>(plan.steps.size());
+  for (const PlanStep& step : plan.steps) {
+    if (!step.transfers.empty()) ++s.transfer_groups;
+    s.reductions += static_cast<int64_t>(step.reductions.size());
+    for (const PlanTransfer& x : step.transfers) {
+      const int64_t bytes = x.count * (x.span.buffer == PlanBuffer::kData ? t : w);
+      (x.send ? s.bytes_sent : s.bytes_received) += bytes;
+    }
+  }
+  s.workspace_bytes = plan.workspace_bytes();
+  return s;
+}
+
+}  // namespace paracomm

@@ -1,0 +1,129 @@
+// paracomm._C's view of the all-reduce plans (csrc/allreduce/plan.h), for the CPU executor, explain_all_reduce
+// and the tests. Plans cross into Python as plain tuples and dicts: the CPU executor walks them in a tight loop
+// and caches them, so they must be cheap to read.
+//
+//   all_reduce_plan(numel, dtype, wire_dtype, world_size, rank, algorithm, backend, has_found_inf,
+//                   has_final_op, chunk_bytes) -> dict
+//     dtype / wire_dtype: DType codes (csrc/dtype.h; wire -1: none); algorithm "auto" | "ring" | "direct" |
+//     "one_shot"; backend "nccl" | "gloo"; chunk_bytes 0: the chunk policy's choice.
+//     keys: algorithm (the resolved name), segment_elems, chunk_elems, num_chunks, wire_elems, recv_elems,
+//     recv_offset_bytes, workspace_bytes, steps: [(transfers_after, transfers, reductions)] with
+//       transfer  = (is_send, peer, buffer, offset, count)                  buffer: 0 data, 1 wire, 2 recv
+//       reduction = (count, [(buffer, offset), ...], (buffer, offset), final, round_to_wire,
+//                    wire_out (buffer, offset) or None, check_inf)
+//   plan_summary(<same arguments>) -> dict: algorithm, chunk_bytes, num_chunks, steps, transfer_groups,
+//     reductions, bytes_sent, bytes_received, workspace_bytes
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <string>
+
+#include "allreduce/plan.h"
+#include "checks.h"
+
+namespace py = pybind11;
+
+namespace paracomm {
+
+namespace {
+
+Backend backend_from_name(const std::string& name) {
+  if (name == "nccl") return Backend::kNccl;
+  if (name == "gloo") return Backend::kGloo;
+  PARACOMM_THROW("backend must be 'nccl' or 'gloo', got '", name, "'");
+}
+
+PlanSpec spec_from_args(int64_t numel, int64_t dtype, int64_t wire_dtype, int64_t world_size, int64_t rank,
+                        const std::string& algorithm, const std::string& backend, bool has_found_inf,
+                        bool has_final_op, int64_t chunk_bytes) {
+  PlanSpec s;
+  PARACOMM_CHECK(dtype >= 0 && dtype <= static_cast<int64_t>(DType::kInt64), "dtype must be a DType code in [0, 5], got ",
+                 dtype);
+  PARACOMM_CHECK(wire_dtype == kNoWire || wire_dtype == 1 || wire_dtype == 2,
+                 "wire_dtype must be -1 (none), 1 (float16) or 2 (bfloat16), got ", wire_dtype);
+  s.numel = numel;
+  s.dtype = static_cast<DType>(dtype);
+  s.wire_dtype = static_cast<int32_t>(wire_dtype);
+  s.world_size = world_size;
+  s.rank = rank;
+  s.backend = backend_from_name(backend);
+  s.algorithm = algorithm == "auto"
+                    ? choose_algorithm(numel, s.dtype, s.wire_dtype, world_size, s.backend)
+                    : algorithm_from_name(algorithm, "algorithm");
+  s.has_found_inf = has_found_inf;
+  s.has_final_op = has_final_op;
+  s.chunk_bytes = chunk_bytes;
+  return s;
+}
+
+py::tuple span_tuple(const PlanSpan& s) { return py::make_tuple(static_cast<int>(s.buffer), s.offset); }
+
+py::dict plan_dict(const Plan& plan) {
+  py::list steps;
+  for (const PlanStep& step : plan.steps) {
+    py::list transfers, reductions;
+    for (const PlanTransfer& t : step.transfers) {
+      transfers.append(py::make_tuple(t.send, t.peer, static_cast<int>(t.span.buffer), t.span.offset, t.count));
+    }
+    for (const PlanReduction& r : step.reductions) {
+      py::list inputs;
+      for (const PlanSpan& in : r.inputs) inputs.append(span_tuple(in));
+      reductions.append(py::make_tuple(r.count, inputs, span_tuple(r.out), r.final, r.round_to_wire,
+                                       r.has_wire_out ? py::object(span_tuple(r.wire_out)) : py::object(py::none()),
+                                       r.check_inf));
+    }
+    steps.append(py::make_tuple(step.transfers_after, transfers, reductions));
+  }
+  py::dict d;
+  d["algorithm"] = algorithm_name(plan.spec.algorithm);
+  d["segment_elems"] = plan.segment_elems;
+  d["chunk_elems"] = plan.chunk_elems;
+  d["num_chunks"] = plan.num_chunks;
+  d["wire_elems"] = plan.wire_elems;
+  d["recv_elems"] = plan.recv_elems;
+  d["recv_offset_bytes"] = plan.recv_offset_bytes();
+  d["workspace_bytes"] = plan.workspace_bytes();
+  d["steps"] = steps;
+  return d;
+}
+
+}  // namespace
+
+void bind_plans(py::module_& m) {
+  m.def(
+      "all_reduce_plan",
+      [](int64_t numel, int64_t dtype, int64_t wire_dtype, int64_t world_size, int64_t rank,
+         const std::string& algorithm, const std::string& backend, bool has_found_inf, bool has_final_op,
+         int64_t chunk_bytes) {
+        return plan_dict(make_plan(spec_from_args(numel, dtype, wire_dtype, world_size, rank, algorithm, backend,
+                                                  has_found_inf, has_final_op, chunk_bytes)));
+      },
+      py::arg("numel"), py::arg("dtype"), py::arg("wire_dtype"), py::arg("world_size"), py::arg("rank"),
+      py::arg("algorithm"), py::arg("backend"), py::arg("has_found_inf"), py::arg("has_final_op"),
+      py::arg("chunk_bytes") = 0, "The plan `rank` runs (csrc/plan_binding.cpp documents the format).");
+  m.def(
+      "plan_summary",
+      [](int64_t numel, int64_t dtype, int64_t wire_dtype, int64_t world_size, int64_t rank,
+         const std::string& algorithm, const std::string& backend, bool has_found_inf, bool has_final_op,
+         int64_t chunk_bytes) {
+        const Plan plan = make_plan(spec_from_args(numel, dtype, wire_dtype, world_size, rank, algorithm, backend,
+                                                   has_found_inf, has_final_op, chunk_bytes));
+        const PlanSummary s = summarize_plan(plan);
+        py::dict d;
+        d["algorithm"] = algorithm_name(plan.spec.algorithm);
+        d["chunk_bytes"] = plan.chunk_elems * dtype_size(plan.spec.travel_dtype());
+        d["num_chunks"] = plan.num_chunks;
+        d["steps"] = s.steps;
+        d["transfer_groups"] = s.transfer_groups;
+        d["reductions"] = s.reductions;
+        d["bytes_sent"] = s.bytes_sent;
+        d["bytes_received"] = s.bytes_received;
+        d["workspace_bytes"] = s.workspace_bytes;
+        return d;
+      },
+      py::arg("numel"), py::arg("dtype"), py::arg("wire_dtype"), py::arg("world_size"), py::arg("rank"),
+      py::arg("algorithm"), py::arg("backend"), py::arg("has_found_inf"), py::arg("has_final_op"),
+      py::arg("chunk_bytes") = 0, "Counts over the plan `rank` runs (transfer groups, reductions, bytes).");
+}
+
+}  // namespace paracomm

@@ -1,0 +1,176 @@
+"""The CPU executor: runs any all-reduce plan (csrc/allreduce/plan.h) over gloo point-to-point.
+
+It knows no algorithm. For each step of the plan it posts the step's transfers (``send``/``recv`` on
+paracomm's *private* gloo process group, one tag per step) and, once they and every earlier step's transfers
+have completed, runs the step's reductions with the CPU op ``paracomm::reduce_``. It posts step i+1's transfers
+before running step i's reductions whenever the plan allows it (``transfers_after(i+1) < i``): that is the whole
+pipelining mechanism, and the plan's dependencies are what make it safe.
+
+Why a private group: paracomm's transfers must never interleave with torch collectives that the user issues on
+their own group (an ``async_op=True`` all-reduce runs on a worker thread while the main thread may call
+``dist.all_reduce`` on the same group; two threads putting operations on one gloo group in different orders on
+different ranks deadlocks). The private group is a ``ProcessGroupGloo`` built directly over a prefix of the
+user group's store, so creating it is a rendezvous among the group's members only.
+
+Threads: several ranks on one machine, each running OpenMP reductions on every core, fight for the cores. The
+reductions of a call run with at most ``cores // local_ranks`` threads (local ranks: ``LOCAL_WORLD_SIZE``, else
+the ranks of the group on this host, counted once through the store); torch's global setting is restored after.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import time
+from datetime import timedelta
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from ._ops import ops
+
+_DATA, _WIRE, _RECV = 0, 1, 2
+
+
+class PreparedPlan:
+    """A plan from ``paracomm._C.all_reduce_plan`` in the shape the executor's loop reads fastest."""
+
+    __slots__ = ("algorithm", "steps", "wire_elems", "recv_elems", "recv_offset_bytes", "workspace_bytes", "raw")
+
+    def __init__(self, raw: dict):
+        self.raw = raw
+        self.algorithm = raw["algorithm"]
+        self.wire_elems = raw["wire_elems"]
+        self.recv_elems = raw["recv_elems"]
+        self.recv_offset_bytes = raw["recv_offset_bytes"]
+        self.workspace_bytes = raw["workspace_bytes"]
+        steps = []
+        for after, transfers, reductions in raw["steps"]:
+            ts = tuple((is_send, peer, buf, off, off + count) for is_send, peer, buf, off, count in transfers)
+            rs = []
+            for count, inputs, out, final, round_to_wire, wire_out, check_inf in reductions:
+                rs.append((
+                    tuple((b, o, o + count) for b, o in inputs),
+                    (out[0], out[1], out[1] + count),
+                    final, round_to_wire,
+                    None if wire_out is None else (wire_out[0], wire_out[1], wire_out[1] + count),
+                    check_inf,
+                ))
+            steps.append((after, ts, tuple(rs)))
+        self.steps = tuple(steps)
+
+
+def _local_ranks(store, prefix: str, rank: int, world_size: int, timeout: timedelta) -> int:
+    """Ranks of the group on this host: LOCAL_WORLD_SIZE when set (torchrun), else counted through the store."""
+    env = os.environ.get("LOCAL_WORLD_SIZE")
+    if env and env.isdigit() and int(env) > 0:
+        return int(env)
+    host = socket.gethostname()
+    store.set(f"{prefix}/host/{rank}", host)
+    keys = [f"{prefix}/host/{r}" for r in range(world_size)]
+    store.wait(keys, timeout)
+    return max(1, sum(1 for k in keys if bytes(store.get(k)).decode() == host))
+
+
+class CpuExecutor:
+    """Runs plans on CPU tensors over a private gloo group of the communicator's ranks.
+
+    Args:
+        store: the user group's store; the private group rendezvous under ``prefix``.
+        prefix: a key prefix unique to this communicator (the same on every rank).
+        rank, world_size: this process in the group.
+        timeout: the private group's timeout (the caller also bounds every wait by its own deadline).
+    """
+
+    def __init__(self, store, prefix: str, rank: int, world_size: int, timeout: timedelta):
+        self.rank = rank
+        self.world_size = world_size
+        self.pg = dist.ProcessGroupGloo(dist.PrefixStore(f"{prefix}/gloo", store), rank, world_size, timeout)
+        cores = os.cpu_count() or 1
+        self.reduction_threads = max(1, cores // _local_ranks(store, prefix, rank, world_size, timeout))
+        self._workspace = torch.empty(0, dtype=torch.uint8)
+
+    def _buffers(self, plan: PreparedPlan, x: torch.Tensor, travel: torch.dtype):
+        if self._workspace.numel() < plan.workspace_bytes:
+            self._workspace = torch.empty(plan.workspace_bytes, dtype=torch.uint8)
+        ws = self._workspace
+        esize = torch.empty((), dtype=travel).element_size()
+        wire = ws[: plan.wire_elems * esize].view(travel) if plan.wire_elems else None
+        start = plan.recv_offset_bytes
+        recv = ws[start: start + plan.recv_elems * esize].view(travel) if plan.recv_elems else None
+        return (x, wire, recv)
+
+    def run(self, plan: PreparedPlan, x: torch.Tensor, *, travel: torch.dtype, divisor: float,
+            scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor], wire_dtype: Optional[torch.dtype],
+            wait: Callable[[object, str], None]) -> None:
+        """Execute ``plan`` on the flat tensor ``x`` in place.
+
+        ``wait(work, what)`` waits for one gloo work within the caller's deadline and raises the caller's error.
+        """
+        steps = plan.steps
+        n = len(steps)
+        if n == 0:
+            return
+        bufs = self._buffers(plan, x, travel)
+        pg = self.pg
+        posted: list = [None] * n
+
+        def post(i: int) -> list:
+            works = []
+            for is_send, peer, buf, begin, end in steps[i][1]:
+                t = bufs[buf][begin:end]
+                works.append(pg.send([t], peer, i) if is_send else pg.recv([t], peer, i))
+            return works
+
+        saved_threads = torch.get_num_threads()
+        limit = min(saved_threads, self.reduction_threads)
+        if limit != saved_threads:
+            torch.set_num_threads(limit)
+        try:
+            waited = -1  # steps whose transfers have all completed
+            for i in range(n):
+                if posted[i] is None:
+                    posted[i] = post(i)
+                # Overlap: step i+1's transfers go out before step i's reductions when they do not need them.
+                if i + 1 < n and steps[i + 1][0] < i:
+                    posted[i + 1] = post(i + 1)
+                reductions = steps[i][2]
+                if not reductions:
+                    continue
+                # A reduction runs once this step's transfers, and every earlier step's, have completed.
+                for j in range(waited + 1, i + 1):
+                    for work in posted[j]:
+                        wait(work, f"step {j} of {n} ({plan.algorithm})")
+                    posted[j] = ()
+                waited = i
+                for inputs, out, final, round_to_wire, wire_out, check_inf in reductions:
+                    ops.reduce_(
+                        bufs[out[0]][out[1]:out[2]],
+                        [bufs[b][s:e] for b, s, e in inputs],
+                        divisor if final else 1.0,
+                        scale if final else None,
+                        found_inf if check_inf else None,
+                        wire_dtype if round_to_wire else None,
+                        None if wire_out is None else bufs[wire_out[0]][wire_out[1]:wire_out[2]],
+                    )
+            for j in range(waited + 1, n):
+                for work in posted[j] or ():
+                    wait(work, f"step {j} of {n} ({plan.algorithm})")
+        finally:
+            if limit != saved_threads:
+                torch.set_num_threads(saved_threads)
+
+
+def deadline_wait(deadline: float, on_error: Callable[[str, BaseException], BaseException]):
+    """A ``wait(work, what)`` for :meth:`CpuExecutor.run` bounded by ``deadline`` (time.monotonic())."""
+
+    def wait(work, what: str) -> None:
+        remaining = deadline - time.monotonic()
+        try:
+            if remaining <= 0:
+                raise TimeoutError("no time left")
+            work.wait(timedelta(seconds=remaining))
+        except Exception as e:  # noqa: BLE001
+            raise on_error(what, e) from e
+
+    return wait
