@@ -42,7 +42,7 @@ import torch
 import torch.distributed as dist
 
 from . import _ops
-from .comm import Communicator
+from .comm import Communicator, _check_algorithm
 from ._validate import check_process_group, check_wire_dtype
 
 __all__ = ["GradBucketer", "assign_buckets"]
@@ -152,6 +152,8 @@ class GradBucketer:
             decompresses on the way, which is more accurate than casting the buffer first and adds no pass).
             Buckets of other dtypes travel in their own dtype.
         op: "avg" (default: the gradient average, as DDP) or "sum".
+        algorithm: None (the Communicator's default: "auto", or ``PARACOMM_ALGORITHM``), "auto", "ring",
+            "direct" or "one_shot": the all-reduce algorithm of every bucket (see ``paracomm.all_reduce``).
         broadcast_params: True (default): the constructor copies rank 0's values of every tensor in
             ``params`` (frozen ones included) and, for a module, of its buffers to every rank, as DDP's
             constructor does, so ranks that initialised their weights differently (another seed, a checkpoint
@@ -178,7 +180,7 @@ class GradBucketer:
             ``group`` that is not a ProcessGroup, ``wire_dtype`` that is not a torch.dtype,
             ``broadcast_params`` that is not a bool.
         ValueError: no trainable parameter, a non-leaf or non-strided parameter, a cap <= 0, an unknown
-            ``op`` or ``wire_dtype``.
+            ``op``, ``wire_dtype`` or ``algorithm``.
         RuntimeError: ``torch.distributed`` is not initialized.
     """
 
@@ -191,6 +193,7 @@ class GradBucketer:
         group: Optional[dist.ProcessGroup] = None,
         wire_dtype: Optional[torch.dtype] = None,
         op: str = "avg",
+        algorithm: Optional[str] = None,
         broadcast_params: bool = True,
     ):
         name = "paracomm.GradBucketer"
@@ -230,6 +233,8 @@ class GradBucketer:
         check_wire_dtype(wire_dtype, name)
         if op not in _OPS:
             raise ValueError(f"{name}: op must be 'avg' or 'sum', got {op!r}")
+        if algorithm is not None:
+            _check_algorithm(algorithm, name)
         if not isinstance(broadcast_params, bool):
             raise TypeError(f"{name}: broadcast_params must be True or False, got {broadcast_params!r}")
         if not (dist.is_available() and dist.is_initialized()):
@@ -238,7 +243,7 @@ class GradBucketer:
         if broadcast_params:
             _broadcast_from_rank0(given + [b for b in buffers if id(b) not in seen], group)
 
-        self._comm = Communicator(group)
+        self._comm = Communicator(group, algorithm=algorithm)
         self._op = op
         self._wire_dtype = wire_dtype
         self.bucket_cap_bytes = cap_bytes

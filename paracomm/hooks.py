@@ -36,7 +36,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.distributed as dist
 
-from .comm import Communicator, all_reduce
+from .comm import Communicator, _check_algorithm, all_reduce
 from ._validate import check_process_group, check_wire_dtype
 
 __all__ = [
@@ -242,6 +242,8 @@ class RingHookState:
         wire_dtype: None (send the buffer's own dtype), torch.float16 or torch.bfloat16: float32 buckets
             travel in this dtype and every ring step accumulates in float32. Buckets of other dtypes travel
             as they are.
+        algorithm: None (the Communicator's default: "auto", or ``PARACOMM_ALGORITHM``), "auto", "ring",
+            "direct" or "one_shot": the all-reduce algorithm of every bucket (see ``paracomm.all_reduce``).
         scaler: None or a :class:`paracomm.amp.GradScaler`. With an enabled scaler the hook multiplies the
             averaged gradients by the scaler's inverse scale and checks them for inf/nan in the same pass as
             the reduction (``scaler.comm_hook_unscale(device)``); the scaler's ``unscale_``/``step`` then
@@ -251,14 +253,16 @@ class RingHookState:
     Raises:
         TypeError: ``process_group`` is not a ProcessGroup, ``wire_dtype`` is not a torch.dtype, ``scaler``
             is not a paracomm.amp.GradScaler (torch's own GradScaler cannot fuse its unscale into the hook).
-        ValueError: ``wire_dtype`` is a dtype other than float16/bfloat16.
+        ValueError: ``wire_dtype`` is a dtype other than float16/bfloat16, an unknown ``algorithm``.
     """
 
     def __init__(self, process_group: Optional[dist.ProcessGroup] = None, *,
-                 wire_dtype: Optional[torch.dtype] = None, scaler=None):
+                 wire_dtype: Optional[torch.dtype] = None, scaler=None, algorithm: Optional[str] = None):
         name = "paracomm.hooks.RingHookState"
         check_process_group(process_group, name, "process_group")
         check_wire_dtype(wire_dtype, name)
+        if algorithm is not None:
+            _check_algorithm(algorithm, name)
         if scaler is not None:
             from .amp import GradScaler
 
@@ -269,16 +273,18 @@ class RingHookState:
         self.process_group = process_group
         self.wire_dtype = wire_dtype
         self.scaler = scaler
+        self.algorithm = algorithm
         self._comm: Optional[Communicator] = None
 
     def communicator(self) -> Communicator:
         """The paracomm Communicator over ``process_group`` (created at the first call)."""
         if self._comm is None:
-            self._comm = Communicator(self.process_group)
+            self._comm = Communicator(self.process_group, algorithm=self.algorithm)
         return self._comm
 
     def __repr__(self) -> str:
         return (f"RingHookState(process_group={self.process_group!r}, wire_dtype={self.wire_dtype}, "
+                f"algorithm={self.algorithm!r}, "
                 f"scaler={type(self.scaler).__name__ if self.scaler is not None else None})")
 
 

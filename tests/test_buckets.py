@@ -76,6 +76,8 @@ def test_constructor_refuses_bad_arguments():
         (dict(params=[w], op="max"), ValueError, "op"),
         (dict(params=[w], op="mean"), ValueError, "op"),
         (dict(params=[w], broadcast_params=1), TypeError, "broadcast_params"),
+        (dict(params=[w], algorithm="two_shot"), ValueError, "algorithm"),
+        (dict(params=[w], algorithm=0), TypeError, "algorithm"),
         (dict(params=[w], broadcast_params="no"), TypeError, "broadcast_params"),
     ]
     for kwargs, exc, match in bad:
@@ -317,6 +319,8 @@ def _cases(rank, world_size):
         "ddp": _train(rank, world_size, None),
         "bucketer": _train(rank, world_size, dict(bucket_cap_mb=CAP_MB, first_bucket_mb=CAP_MB / 4)),
         "bucketer.one_bucket": _train(rank, world_size, dict()),
+        "bucketer.direct": _train(rank, world_size, dict(bucket_cap_mb=CAP_MB, algorithm="direct")),
+        "bucketer.one_shot": _train(rank, world_size, dict(bucket_cap_mb=CAP_MB, algorithm="one_shot")),
         "bucketer.bf16": _train(rank, world_size, dict(bucket_cap_mb=CAP_MB, wire_dtype=torch.bfloat16)),
         "behaviour": _behaviour(rank, world_size),
         "diverse": _diverse_start(rank, world_size),
@@ -344,7 +348,7 @@ def test_buckets_split_by_dtype_and_exclude_frozen(results):
     assert results[0]["bucketer.one_bucket"]["buckets"] != buckets
 
 
-@pytest.mark.parametrize("name", ["bucketer", "bucketer.one_bucket"])
+@pytest.mark.parametrize("name", ["bucketer", "bucketer.one_bucket", "bucketer.direct", "bucketer.one_shot"])
 def test_bucketer_matches_ddp(results, name):
     ddp, ours = results[0]["ddp"]["params"], results[0][name]["params"]
     init = _params(_Net())
@@ -360,7 +364,7 @@ def test_bucketer_bf16_wire_within_rounding(results):
 
 
 def test_ranks_never_diverge(results):
-    for name in ("ddp", "bucketer", "bucketer.one_bucket", "bucketer.bf16"):
+    for name in ("ddp", "bucketer", "bucketer.one_bucket", "bucketer.bf16", "bucketer.direct", "bucketer.one_shot"):
         for rank in range(1, len(results)):
             for a, b in zip(results[rank][name]["params"], results[0][name]["params"]):
                 assert (a == b).all(), (name, rank)

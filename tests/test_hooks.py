@@ -114,6 +114,8 @@ def _hook_cases(rank, world_size):
         "bf16_wrapper.ring_inner": (hooks.RingHookState(), hooks.bf16_compress_wrapper(hooks.ring_hook)),
         "ring": (hooks.RingHookState(), hooks.ring_hook),
         "ring.group": (hooks.RingHookState(world_copy), hooks.ring_hook),
+        "ring.direct": (hooks.RingHookState(algorithm="direct"), hooks.ring_hook),
+        "ring.one_shot": (hooks.RingHookState(algorithm="one_shot"), hooks.ring_hook),
         "ring.fp16": (hooks.RingHookState(wire_dtype=torch.float16), hooks.ring_hook),
         "ring.bf16": (hooks.RingHookState(wire_dtype=torch.bfloat16), hooks.ring_hook),
     }
@@ -140,7 +142,7 @@ def test_bf16_hooks_have_names_ddp_accepts_without_nccl():
 
 def test_ranks_never_diverge(hook_results):
     names = [k for k in hook_results[0] if k not in ("init", "num_buckets")]
-    assert len(names) == 18
+    assert len(names) == 20
     for name in names:
         for rank in range(1, len(hook_results)):
             assert torch.equal(hook_results[rank][name], hook_results[0][name]), (name, rank)
@@ -152,7 +154,8 @@ def test_training_moved_the_parameters_through_several_buckets(hook_results):
     assert _max_diff(r["reference"], r["init"]) > 0.05  # the comparisons below are not between idle models
 
 
-@pytest.mark.parametrize("name", ["allreduce", "allreduce.group", "ring", "ring.group"])
+@pytest.mark.parametrize("name", ["allreduce", "allreduce.group", "ring", "ring.group", "ring.direct",
+                                  "ring.one_shot"])
 def test_fp32_hooks_match_torch_allreduce(hook_results, name):
     r = hook_results[0]
     assert _max_diff(r["torch.allreduce"], r["reference"]) <= 1e-6
@@ -279,8 +282,13 @@ def test_ring_hook_state_refuses_bad_arguments():
         hooks.RingHookState(scaler=object())
     with pytest.raises(TypeError):
         hooks.RingHookState(None, torch.float16)  # wire_dtype is keyword-only
+    with pytest.raises(ValueError, match="algorithm"):
+        hooks.RingHookState(algorithm="two_shot")
+    with pytest.raises(TypeError, match="algorithm"):
+        hooks.RingHookState(algorithm=1)
     state = hooks.RingHookState(wire_dtype=torch.bfloat16)
     assert state.wire_dtype is torch.bfloat16 and state.process_group is None and state.scaler is None
+    assert state.algorithm is None and hooks.RingHookState(algorithm="direct").algorithm == "direct"
 
 
 def test_hooks_refuse_bad_state_and_wrappers_refuse_non_callables():
