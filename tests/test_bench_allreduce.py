@@ -261,8 +261,6 @@ def test_ddp_mode_runs_every_variant_and_writes_json(tmp_path):
 
 def test_allreduce_algorithm_all_side_by_side(tmp_path):
     """--algorithm all: one row per algorithm per size, each checked exact, beside the one baseline."""
-    if not allreduce._engine_takes_algorithm():
-        pytest.skip("this paracomm has no algorithm choice yet (engine v2 not merged)")
     out_json = tmp_path / "ar.json"
     proc = _run(["allreduce", "--device", "cpu", "--nproc", "2", "-b", "1K", "-e", "16K", "-f", "16", "-n", "2",
                  "-w", "1", "--algorithm", "all", "--wire-dtype", "bf16", "--json", str(out_json)])

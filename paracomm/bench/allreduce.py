@@ -133,9 +133,6 @@ def parse_args(argv) -> argparse.Namespace:
         p.error(f"--wire-dtype {args.wire_dtype} compresses float (fp32) data only, not -d {args.datatype}")
     if args.op == "avg" and args.datatype in ("int32", "int64"):
         p.error(f"-o avg needs a floating datatype, not -d {args.datatype} (paracomm refuses avg on integers)")
-    problem = algorithm_support_problem(args.algorithm)
-    if problem:
-        p.error(problem)
     if args.plot is not None:
         try:
             import matplotlib  # noqa: F401
@@ -196,32 +193,13 @@ def random_data(count: int, dtype: torch.dtype, device, generator) -> torch.Tens
 
 # ---------------------------------------------------------------------------------------------- the engine
 
-def _engine_takes_algorithm() -> bool:
-    """True when this paracomm has the algorithm choice (``all_reduce(..., algorithm=)`` and
-    ``explain_all_reduce``); a build from before it has the ring only."""
-    import paracomm
-
-    return hasattr(paracomm, "explain_all_reduce")
-
-
-def algorithm_support_problem(algorithm: str):
-    """Why ``--algorithm`` cannot run with this paracomm (None when it can)."""
-    if algorithm == "auto" or _engine_takes_algorithm():
-        return None
-    return (f"--algorithm {algorithm}: this paracomm has no algorithm choice (no paracomm.explain_all_reduce); "
-            "it runs the ring only: use --algorithm auto")
-
-
 def requested_algorithms(algorithm: str) -> list:
     """The algorithms a run measures, in column order: ``all`` -> ring, direct, one_shot; else the one named."""
     return list(ALL_ALGORITHMS) if algorithm == "all" else [algorithm]
 
 
 def explain(count: int, dtype, world_size: int, wire_dtype, algorithm: str, backend: str) -> dict:
-    """``paracomm.explain_all_reduce`` for one row (what the algorithm resolves to and its plan's size); a
-    paracomm without it runs its ring: ``{"algorithm": "ring"}``."""
-    if not _engine_takes_algorithm():
-        return {"algorithm": "ring"}
+    """``paracomm.explain_all_reduce`` for one row: what the algorithm resolves to and its plan's size."""
     import paracomm
 
     info = paracomm.explain_all_reduce(count, dtype, world_size, wire_dtype=wire_dtype, algorithm=algorithm,
@@ -237,12 +215,10 @@ def make_paracomm_op(comm, args, algorithm: str):
     """paracomm's all-reduce with ``algorithm``, as ``f(tensor)`` reducing in place."""
     wire = WIRE_DTYPES[args.wire_dtype]
     op = args.op
-    if not _engine_takes_algorithm():
-        def paracomm_op(t):
-            comm.all_reduce(t, op, wire_dtype=wire)
-    else:
-        def paracomm_op(t):
-            comm.all_reduce(t, op, wire_dtype=wire, algorithm=algorithm)
+
+    def paracomm_op(t):
+        comm.all_reduce(t, op, wire_dtype=wire, algorithm=algorithm)
+
     return paracomm_op
 
 
