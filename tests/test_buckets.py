@@ -430,3 +430,30 @@ def test_ranks_starting_from_different_weights_end_equal_like_ddp(results):
     assert _max_diff(results[1]["diverse"]["no_broadcast.start"], ref["no_broadcast.start"]) > 0.01
     assert (results[1]["diverse"]["no_broadcast.stat"] == 1).all()
     assert (results[1]["diverse"]["bucketer.stat"] == 1).all()  # a parameter list carries no buffers
+
+
+# ------------------------------------------------------------------------------------------------------------
+# A torch collective between backward() and wait() (the deadlock reproduction)
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _loss_all_reduce_between(rank, world_size, iters):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4))
+    bucketer = paracomm.GradBucketer(model, bucket_cap_mb=CAP_MB, first_bucket_mb=CAP_MB)
+    for step in range(iters):
+        g = torch.Generator().manual_seed(100 * rank + step)
+        loss = model(torch.randn(8, 16, generator=g)).square().mean()
+        model.zero_grad(set_to_none=True)
+        loss.backward()  # buckets start on paracomm's worker thread here...
+        reported = loss.detach().clone()
+        dist.all_reduce(reported)  # ...while the main thread runs a torch collective on the same group
+        bucketer.wait()
+    return [p.grad.tolist() for p in model.parameters()]  # plain lists: tensors would travel as shared memory
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_torch_collective_between_backward_and_wait_does_not_deadlock(world_size):
+    grads = run_ranks(world_size, _loss_all_reduce_between, 100, timeout=300)
+    for r in range(1, world_size):
+        assert grads[r] == grads[0], f"rank {r} ended with other gradients than rank 0"
