@@ -145,7 +145,7 @@ for s in "${STEPS[@]}"; do
     test-rest) run_step test-rest 540 "$PY" -m pytest -q -rs -m "not cuda" --durations=15 --junitxml="$LOGS/pytest-rest.xml" ;;
     kernels) run_step kernels 420 "$PY" -m paracomm.bench kernels --json "$LOGS/kernels.json" ;;
     allreduce)
-      # One GPU: 4 ranks on it over NCCL's socket transport (DESIGN.md), paracomm's ring beside NCCL's own
+      # One GPU: 4 ranks on it over NCCL's socket transport (docs/ARCHITECTURE.md), paracomm's ring beside NCCL's own
       # all-reduce on the same ranks; then the bf16 wire (its algbw against NCCL's fp32 is the target).
       run_step allreduce 540 "$PY" -m paracomm.bench allreduce --ranks-per-gpu 4 -b 1K -e 256M -f 4 \
         --timeout 120 --json "$LOGS/allreduce.json" --plot "$LOGS/allreduce.png"

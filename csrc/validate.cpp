@@ -14,7 +14,7 @@ void check_unscale_args(const char* op, at::TensorList grads, const at::Tensor& 
     const std::string arg = "grads[" + std::to_string(i) + "]";
     check_dense_on(grads[i], op, arg, device);
     PARACOMM_DTYPE_CHECK(is_grad_dtype(grads[i].scalar_type()), op, ": ", arg,
-                         " must be float16, bfloat16 or float32, got ", grads[i].scalar_type());
+                         " must be float16, bfloat16 or float32, got ", dtype_str(grads[i].scalar_type()));
   }
   check_fp32_scalar(inv_scale, op, "inv_scale", device);
   check_fp32_scalar(found_inf, op, "found_inf", device);
@@ -26,9 +26,9 @@ void check_unscale_args(const char* op, at::TensorList grads, const at::Tensor& 
       const std::string arg = "out[" + std::to_string(i) + "]";
       check_dense_on((*out)[i], op, arg, device);
       PARACOMM_DTYPE_CHECK((*out)[i].scalar_type() == at::kFloat, op, ": ", arg, " must be float32, got ",
-                           (*out)[i].scalar_type());
-      PARACOMM_ARG_CHECK((*out)[i].sizes() == grads[i].sizes(), op, ": ", arg, " has shape ", (*out)[i].sizes(),
-                         " but grads[", i, "] has shape ", grads[i].sizes());
+                           dtype_str((*out)[i].scalar_type()));
+      PARACOMM_ARG_CHECK((*out)[i].sizes() == grads[i].sizes(), op, ": ", arg, " has shape ",
+                         shape_str((*out)[i].sizes()), " but grads[", i, "] has shape ", shape_str(grads[i].sizes()));
     }
   }
 }
@@ -49,7 +49,7 @@ int64_t check_flatten_args(const char* op, at::TensorList tensors, const at::Ten
   if (flat.defined()) {
     check_dense_on(flat, op, flat_arg, device);
     to_dtype(flat.scalar_type(), op, flat_arg);
-    PARACOMM_ARG_CHECK(flat.dim() == 1, op, ": ", flat_arg, " must be 1-D, got shape ", flat.sizes());
+    PARACOMM_ARG_CHECK(flat.dim() == 1, op, ": ", flat_arg, " must be 1-D, got shape ", shape_str(flat.sizes()));
     PARACOMM_ARG_CHECK(flat.numel() == total, op, ": ", flat_arg, " has ", flat.numel(),
                        " elements but the tensors hold ", total);
   }

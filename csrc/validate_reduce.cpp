@@ -42,12 +42,12 @@ void check_reduce_args(const at::Tensor& out, at::TensorList inputs, double divi
                        n);
     PARACOMM_ARG_CHECK(wire_dtype.has_value(), kOp, ": wire_out needs wire_dtype (the dtype it is rounded to)");
     PARACOMM_DTYPE_CHECK(wire_out->scalar_type() == *wire_dtype, kOp, ": wire_out has dtype ",
-                         wire_out->scalar_type(), " but wire_dtype is ", *wire_dtype);
+                         dtype_str(wire_out->scalar_type()), " but wire_dtype is ", dtype_str(*wire_dtype));
   }
   const DType out_t = to_dtype(out.scalar_type(), kOp, "out");
   for (int64_t i = 2; i < k; ++i) {
     PARACOMM_DTYPE_CHECK(inputs[i].scalar_type() == inputs[1].scalar_type(), kOp, ": inputs[", i, "] has dtype ",
-                         inputs[i].scalar_type(), " but inputs[1] has ", inputs[1].scalar_type(),
+                         dtype_str(inputs[i].scalar_type()), " but inputs[1] has ", dtype_str(inputs[1].scalar_type()),
                          " (inputs[1:] share one dtype)");
   }
 
@@ -55,26 +55,26 @@ void check_reduce_args(const at::Tensor& out, at::TensorList inputs, double divi
   if (ot == at::kDouble || ot == at::kInt || ot == at::kLong) {
     // float64 / integer accumulation: one dtype throughout, no wire rounding.
     for (int64_t i = 0; i < k; ++i) {
-      PARACOMM_DTYPE_CHECK(inputs[i].scalar_type() == ot, kOp, ": inputs[", i, "] has dtype ", inputs[i].scalar_type(),
-                           " but out has ", ot, " (only float32 accumulation mixes dtypes)");
+      PARACOMM_DTYPE_CHECK(inputs[i].scalar_type() == ot, kOp, ": inputs[", i, "] has dtype ", dtype_str(inputs[i].scalar_type()),
+                           " but out has ", dtype_str(ot), " (only float32 accumulation mixes dtypes)");
     }
-    PARACOMM_DTYPE_CHECK(!wire_dtype.has_value(), kOp, ": wire_dtype needs float32 accumulation, but out is ", ot);
+    PARACOMM_DTYPE_CHECK(!wire_dtype.has_value(), kOp, ": wire_dtype needs float32 accumulation, but out is ", dtype_str(ot));
   } else {
     // float32 accumulation: each buffer float32 or the one low-precision dtype L.
     at::ScalarType low = is_half_like(ot) ? ot : at::kFloat;
     auto check_member = [&](at::ScalarType st, const std::string& arg) {
-      PARACOMM_DTYPE_CHECK(st == at::kFloat || is_half_like(st), kOp, ": ", arg, " has dtype ", st, " but out is ",
-                           ot, " (float32 accumulation takes float32, float16 or bfloat16)");
+      PARACOMM_DTYPE_CHECK(st == at::kFloat || is_half_like(st), kOp, ": ", arg, " has dtype ", dtype_str(st), " but out is ",
+                           dtype_str(ot), " (float32 accumulation takes float32, float16 or bfloat16)");
       if (is_half_like(st)) {
-        PARACOMM_DTYPE_CHECK(low == at::kFloat || low == st, kOp, ": ", arg, " has dtype ", st,
-                             " but another buffer is ", low, " (one low-precision dtype per call)");
+        PARACOMM_DTYPE_CHECK(low == at::kFloat || low == st, kOp, ": ", arg, " has dtype ", dtype_str(st),
+                             " but another buffer is ", dtype_str(low), " (one low-precision dtype per call)");
         low = st;
       }
     };
     for (int64_t i = 0; i < k; ++i) check_member(inputs[i].scalar_type(), "inputs[" + std::to_string(i) + "]");
     if (wire_dtype.has_value()) {
-      PARACOMM_DTYPE_CHECK(is_half_like(*wire_dtype), kOp, ": wire_dtype must be float16 or bfloat16, got ",
-                           *wire_dtype);
+      PARACOMM_DTYPE_CHECK(is_half_like(*wire_dtype), kOp, ": wire_dtype must be torch.float16 or torch.bfloat16, got ",
+                           dtype_str(*wire_dtype));
       check_member(*wire_dtype, "wire_dtype");
     }
   }
@@ -82,10 +82,10 @@ void check_reduce_args(const at::Tensor& out, at::TensorList inputs, double divi
   const bool integer = !dtype_is_floating(out_t);
   PARACOMM_ARG_CHECK(std::isfinite(divisor) && divisor > 0, kOp, ": divisor must be a finite number > 0, got ",
                      divisor);
-  if (integer) PARACOMM_ARG_CHECK(divisor == 1.0, kOp, ": divisor must be 1 for integer dtype ", ot, ", got ", divisor);
+  if (integer) PARACOMM_ARG_CHECK(divisor == 1.0, kOp, ": divisor must be 1 for integer dtype ", dtype_str(ot), ", got ", divisor);
   if (scale.has_value()) {
     check_fp32_scalar(*scale, kOp, "scale", device);
-    PARACOMM_DTYPE_CHECK(!integer, kOp, ": scale is only supported for floating dtypes, out is ", ot);
+    PARACOMM_DTYPE_CHECK(!integer, kOp, ": scale is only supported for floating dtypes, out is ", dtype_str(ot));
   }
   if (found_inf.has_value()) check_fp32_scalar(*found_inf, kOp, "found_inf", device);
 }

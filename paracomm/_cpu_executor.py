@@ -4,7 +4,9 @@ It knows no algorithm. For each step of the plan it posts the step's transfers (
 paracomm's *private* gloo process group, one tag per step) and, once they and every earlier step's transfers
 have completed, runs the step's reductions with the CPU op ``paracomm::reduce_``. It posts step i+1's transfers
 before running step i's reductions whenever the plan allows it (``transfers_after(i+1) < i``): that is the whole
-pipelining mechanism, and the plan's dependencies are what make it safe.
+pipelining mechanism, and the plan's dependencies are what make it safe. Before posting a step it waits for the
+transfers of every step up to ``transfers_after`` (an all-gather forwards what it has just received); the NCCL
+executor gets the same order from its single communication stream.
 
 Why a private group: paracomm's transfers must never interleave with torch collectives that the user issues on
 their own group (an ``async_op=True`` all-reduce runs on a worker thread while the main thread may call
@@ -115,7 +117,21 @@ class CpuExecutor:
         pg = self.pg
         posted: list = [None] * n
 
+        waited = -1  # steps whose transfers have all completed
+
+        def wait_through(k: int) -> None:
+            """Wait for the transfers of every step <= k."""
+            nonlocal waited
+            for j in range(waited + 1, k + 1):
+                for work in posted[j] or ():
+                    wait(work, f"step {j} of {n} ({plan.algorithm})")
+                posted[j] = ()
+            waited = max(waited, k)
+
         def post(i: int) -> list:
+            # What step i sends may have arrived by a receive of a step <= transfers_after (the all-gather
+            # forwards what it received): those transfers must be complete, not just posted.
+            wait_through(steps[i][0])
             works = []
             for is_send, peer, buf, begin, end in steps[i][1]:
                 t = bufs[buf][begin:end]
@@ -127,7 +143,6 @@ class CpuExecutor:
         if limit != saved_threads:
             torch.set_num_threads(limit)
         try:
-            waited = -1  # steps whose transfers have all completed
             for i in range(n):
                 if posted[i] is None:
                     posted[i] = post(i)
@@ -138,11 +153,7 @@ class CpuExecutor:
                 if not reductions:
                     continue
                 # A reduction runs once this step's transfers, and every earlier step's, have completed.
-                for j in range(waited + 1, i + 1):
-                    for work in posted[j]:
-                        wait(work, f"step {j} of {n} ({plan.algorithm})")
-                    posted[j] = ()
-                waited = i
+                wait_through(i)
                 for inputs, out, final, round_to_wire, wire_out, check_inf in reductions:
                     ops.reduce_(
                         bufs[out[0]][out[1]:out[2]],
@@ -153,9 +164,7 @@ class CpuExecutor:
                         wire_dtype if round_to_wire else None,
                         None if wire_out is None else bufs[wire_out[0]][wire_out[1]:wire_out[2]],
                     )
-            for j in range(waited + 1, n):
-                for work in posted[j] or ():
-                    wait(work, f"step {j} of {n} ({plan.algorithm})")
+            wait_through(n - 1)
         finally:
             if limit != saved_threads:
                 torch.set_num_threads(saved_threads)

@@ -2,7 +2,7 @@
 
 ``GradBucketer`` replaces a per-parameter ``dist.all_reduce(p.grad)`` loop after ``backward()``::
 
-    bucketer = paracomm.GradBucketer(model.parameters(), bucket_cap_mb=25)
+    bucketer = paracomm.GradBucketer(model, bucket_cap_mb=25)   # or model.parameters()
     for batch in data:
         loss = model(batch).sum()
         loss.backward()          # buckets are flattened and all-reduced while backward still runs
@@ -11,6 +11,8 @@
 
 How it works (the same scheme as DDP's reducer):
 
+* At construction, rank 0's parameters (and buffers, when a module is given) are broadcast to every rank, as
+  DDP does, so replicas start equal (``broadcast_params=False`` skips it).
 * Parameters are put into buckets in reverse order (gradients of the last layers are produced first), one
   bucket list per (dtype, device). The first bucket of each kind is capped at ``first_bucket_mb``, the others at
   ``bucket_cap_mb``; a bucket is closed as soon as it reaches its cap (so it may exceed it by its last tensor).
@@ -40,7 +42,7 @@ import torch
 import torch.distributed as dist
 
 from . import _ops
-from .comm import Communicator
+from .comm import Communicator, _check_algorithm
 from ._validate import check_process_group, check_wire_dtype
 
 __all__ = ["GradBucketer", "assign_buckets"]
@@ -49,6 +51,7 @@ _MB = 1024 * 1024
 # The ring all-reduce's data types: floating-point gradients only.
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _OPS = ("avg", "sum")
+_BROADCAST_BUCKET_BYTES = 250 * _MB  # DDP's broadcast_bucket_size
 
 
 def _positive_mb(value, name: str) -> float:
@@ -99,6 +102,18 @@ def assign_buckets(tensors: Sequence[torch.Tensor], first_bucket_bytes: int, buc
     return [indices for _, indices in closed]
 
 
+def _broadcast_from_rank0(tensors: List[torch.Tensor], group) -> None:
+    """Overwrite ``tensors`` with rank 0's values (rank 0 of ``group``), in the same coalesced broadcasts DDP's
+    constructor uses; one call per device, since a coalesced broadcast packs its tensors into one buffer."""
+    pg = group if group is not None else dist.distributed_c10d._get_default_group()
+    by_device: dict = {}
+    for t in tensors:
+        by_device.setdefault(t.device, []).append(t)
+    with torch.no_grad():  # parameters are leaves that require grad: an in-place copy must not be recorded
+        for ts in by_device.values():
+            dist._broadcast_coalesced(pg, ts, _BROADCAST_BUCKET_BYTES, 0)
+
+
 class _Bucket:
     """One bucket's parameters, its reused flat buffer and this iteration's state."""
 
@@ -124,10 +139,10 @@ class GradBucketer:
     """All-reduce the gradients of ``params`` in buckets that start while backward is still running.
 
     Args:
-        params: an iterable of tensors (e.g. ``model.parameters()``). Tensors with ``requires_grad=False``
-            (frozen) are ignored, a tensor given twice is used once. Every trainable tensor must be a leaf,
-            strided, and float32, float16, bfloat16 or float64; tensors of different dtypes or devices go into
-            separate buckets.
+        params: an ``nn.Module`` (its parameters; its buffers are broadcast too) or an iterable of tensors
+            (e.g. ``model.parameters()``). Tensors with ``requires_grad=False`` (frozen) get no bucket, a tensor
+            given twice is used once. Every trainable tensor must be a leaf, strided, and float32, float16,
+            bfloat16 or float64; tensors of different dtypes or devices go into separate buckets.
         bucket_cap_mb: size cap of a bucket in MiB (default 25, as DDP).
         first_bucket_mb: size cap of the first bucket of each (dtype, device) in MiB (default 1, as DDP), so
             the all-reduce of the last layers' gradients starts early.
@@ -137,6 +152,14 @@ class GradBucketer:
             decompresses on the way, which is more accurate than casting the buffer first and adds no pass).
             Buckets of other dtypes travel in their own dtype.
         op: "avg" (default: the gradient average, as DDP) or "sum".
+        algorithm: None (the Communicator's default: "auto", or ``PARACOMM_ALGORITHM``), "auto", "ring",
+            "direct" or "one_shot": the all-reduce algorithm of every bucket (see ``paracomm.all_reduce``).
+        broadcast_params: True (default): the constructor copies rank 0's values of every tensor in
+            ``params`` (frozen ones included) and, for a module, of its buffers to every rank, as DDP's
+            constructor does, so ranks that initialised their weights differently (another seed, a checkpoint
+            loaded on rank 0 only) start equal instead of silently training apart. It is a collective: every
+            rank of ``group`` constructs its bucketer at the same point. False: the weights are left as they
+            are (the caller guarantees they are equal).
 
     Behaviour:
         * Every rank must call ``backward()`` and ``wait()`` in the same pattern. ``wait()`` always completes
@@ -154,9 +177,10 @@ class GradBucketer:
 
     Raises:
         TypeError: ``params`` holds a non-tensor or an unsupported dtype, a cap that is not a number,
-            ``group`` that is not a ProcessGroup, ``wire_dtype`` that is not a torch.dtype.
+            ``group`` that is not a ProcessGroup, ``wire_dtype`` that is not a torch.dtype,
+            ``broadcast_params`` that is not a bool.
         ValueError: no trainable parameter, a non-leaf or non-strided parameter, a cap <= 0, an unknown
-            ``op`` or ``wire_dtype``.
+            ``op``, ``wire_dtype`` or ``algorithm``.
         RuntimeError: ``torch.distributed`` is not initialized.
     """
 
@@ -169,21 +193,30 @@ class GradBucketer:
         group: Optional[dist.ProcessGroup] = None,
         wire_dtype: Optional[torch.dtype] = None,
         op: str = "avg",
+        algorithm: Optional[str] = None,
+        broadcast_params: bool = True,
     ):
         name = "paracomm.GradBucketer"
+        buffers: List[torch.Tensor] = []
+        if isinstance(params, torch.nn.Module):
+            buffers = list(params.buffers())
+            params = params.parameters()
         if isinstance(params, torch.Tensor):
             params = [params]
         try:
             params = list(params)
         except TypeError:
             raise TypeError(f"{name}: params must be an iterable of tensors, got {type(params).__name__}") from None
-        trainable, seen = [], set()
+        trainable, seen, given = [], set(), []
         for i, p in enumerate(params):
             if not isinstance(p, torch.Tensor):
                 raise TypeError(f"{name}: params[{i}] must be a torch.Tensor, got {type(p).__name__}")
-            if not p.requires_grad or id(p) in seen:
+            if id(p) in seen:
                 continue
             seen.add(id(p))
+            given.append(p)
+            if not p.requires_grad:
+                continue
             if not p.is_leaf:
                 raise ValueError(f"{name}: params[{i}] is not a leaf tensor (gradients accumulate only on leaves)")
             if p.layout != torch.strided:
@@ -200,11 +233,17 @@ class GradBucketer:
         check_wire_dtype(wire_dtype, name)
         if op not in _OPS:
             raise ValueError(f"{name}: op must be 'avg' or 'sum', got {op!r}")
+        if algorithm is not None:
+            _check_algorithm(algorithm, name)
+        if not isinstance(broadcast_params, bool):
+            raise TypeError(f"{name}: broadcast_params must be True or False, got {broadcast_params!r}")
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError(f"{name}: torch.distributed is not initialized; call "
                                "torch.distributed.init_process_group first")
+        if broadcast_params:
+            _broadcast_from_rank0(given + [b for b in buffers if id(b) not in seen], group)
 
-        self._comm = Communicator(group)
+        self._comm = Communicator(group, algorithm=algorithm)
         self._op = op
         self._wire_dtype = wire_dtype
         self.bucket_cap_bytes = cap_bytes

@@ -353,9 +353,13 @@ class Communicator:
                 decides when that is checked: 1 (default) the first time this Communicator sees a signature, 2
                 on every call, 0 never. A mismatch caught by the check raises on every rank with each field
                 that differs. One it does not catch (a signature seen before, or checking off) makes the ranks
-                exchange different amounts of data: with gloo a rank raises at once ("Received data size
-                doesn't match expected size") and the others when their peers give up or the timeout expires;
-                with NCCL every rank raises when the timeout expires (the watchdog aborts the communicator).
+                exchange different amounts of data, which the backends do not detect as such: over gloo a rank
+                that receives more bytes than it posted for is aborted by gloo ("Received data size doesn't
+                match expected size": the process dies, nothing can catch it) and its peers raise RuntimeError
+                ("a peer may have died") when the connection closes or the timeout expires; over NCCL a receive
+                waiting for more than was sent stalls until the timeout, when the watchdog aborts the
+                communicator and the call (or the next one) raises on every rank, and a receive for less can
+                complete with wrong values and no error. Keep the check on while developing.
         """
         call = self._validate(tensor, op, wire_dtype, scale, found_inf, algorithm)
         if call.flat.device.type == "cuda":

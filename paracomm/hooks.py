@@ -20,6 +20,13 @@ Differences from torch's hooks (results agree within rounding):
 * torch refuses hooks whose ``__name__`` is ``bf16_compress_hook`` or ``bf16_compress_wrapper_hook`` unless
   it has CUDA and NCCL >= 2.10; paracomm's bf16 hooks are named ``paracomm_bf16_compress_hook`` and
   ``paracomm_bf16_compress_wrapper_hook`` so that they also run on CPU over gloo.
+* Sparse buckets (``nn.Embedding(sparse=True)``, which DDP gives a bucket of their own) take torch's path:
+  ``torch.distributed.all_reduce`` of the sparse tensor divided by the world size, as torch's
+  ``allreduce_hook`` does (the compress hooks send sparse buckets uncompressed); the ring reduces dense
+  buffers only.
+
+Errors: a failed all-reduce (a dead peer, a timeout, ranks that disagree on the bucket) completes the hook's
+future with an error that DDP raises from ``backward()`` as a RuntimeError carrying paracomm's message.
 """
 # No ``from __future__ import annotations`` here: DDP's register_comm_hook compares the hook's annotations
 # with dist.GradBucket and torch.futures.Future[torch.Tensor] as objects; string annotations would fail.
@@ -29,7 +36,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.distributed as dist
 
-from .comm import Communicator, all_reduce
+from .comm import Communicator, _check_algorithm, all_reduce
 from ._validate import check_process_group, check_wire_dtype
 
 __all__ = [
@@ -52,23 +59,53 @@ def _check_group(process_group, where: str) -> None:
     check_process_group(process_group, f"paracomm.hooks.{where}", "the state")
 
 
+def _value(fut: torch.futures.Future):
+    return fut.value()
+
+
+def _surfaced(fut: torch.futures.Future) -> torch.futures.Future:
+    """``fut`` as DDP can consume it, also when it failed.
+
+    A Python-side ``Future.set_exception`` stores the exception as the future's *value* (only Python's
+    ``wait()``/``value()`` re-raise it); DDP's reducer reads the value in C++ and fails with "Unable to cast
+    <the exception> to Tensor", hiding the message. A ``then`` callback that reads the value re-raises it,
+    and torch marks the child future as failed in C++, so the reducer raises a RuntimeError that carries
+    paracomm's message.
+    """
+    return fut.then(_value)
+
+
 def _avg_future(process_group, tensor: torch.Tensor, wire_dtype) -> torch.futures.Future:
     """Start ``tensor <- mean over ranks`` in place; the future's value is ``tensor`` itself."""
+    if tensor.layout != torch.strided:
+        return _sparse_avg_future(process_group, tensor)
     work = all_reduce(tensor, "avg", group=process_group, wire_dtype=wire_dtype, async_op=True)
-    return work.get_future()
+    return _surfaced(work.get_future())
+
+
+def _sparse_avg_future(process_group, tensor: torch.Tensor) -> torch.futures.Future:
+    """torch's ``allreduce_hook`` path for a sparse bucket: divide by the world size, then
+    ``torch.distributed.all_reduce`` (gloo reduces sparse tensors; the result is a new sparse tensor)."""
+    group = process_group if process_group is not None else dist.group.WORLD
+    tensor.div_(dist.get_world_size(group))
+    work = dist.all_reduce(tensor, group=group, async_op=True)
+    return work.get_future().then(lambda fut: fut.value()[0])
 
 
 def allreduce_hook(process_group: dist.ProcessGroup, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     """Average the bucket over the ranks with paracomm's ring (in place; same results as DDP without a hook).
 
     Replaces ``default_hooks.allreduce_hook``. The division by the world size happens inside the reduction.
+    A sparse bucket (sparse gradients) takes torch's path, ``torch.distributed.all_reduce`` of the bucket
+    divided by the world size, as torch's hook does.
 
     Args:
         process_group: the ProcessGroup to reduce over, or None for the world group.
         bucket: the DDP GradBucket; its buffer (any dtype the ring supports) is reduced in place.
 
     Returns:
-        A future whose value is the bucket's buffer holding the average.
+        A future whose value is the bucket's buffer holding the average (for a sparse bucket: a new sparse
+        tensor). A failed all-reduce fails the future; DDP raises it from ``backward()`` as a RuntimeError.
 
     Example::
         >>> ddp_model.register_comm_hook(None, paracomm.hooks.allreduce_hook)
@@ -80,6 +117,9 @@ def allreduce_hook(process_group: dist.ProcessGroup, bucket: dist.GradBucket) ->
 def _compress_hook(dtype: torch.dtype, process_group, bucket, where: str) -> torch.futures.Future:
     _check_group(process_group, where)
     buffer = _bucket_buffer(bucket)
+    if buffer.layout != torch.strided:
+        # A sparse bucket travels as it is (indices and values; gloo's sparse all-reduce has no 16-bit path).
+        return _sparse_avg_future(process_group, buffer)
     if buffer.dtype == torch.float32:
         # The ring casts to ``dtype`` for the wire and back for each float32 accumulation.
         return _avg_future(process_group, buffer, dtype)
@@ -202,6 +242,8 @@ class RingHookState:
         wire_dtype: None (send the buffer's own dtype), torch.float16 or torch.bfloat16: float32 buckets
             travel in this dtype and every ring step accumulates in float32. Buckets of other dtypes travel
             as they are.
+        algorithm: None (the Communicator's default: "auto", or ``PARACOMM_ALGORITHM``), "auto", "ring",
+            "direct" or "one_shot": the all-reduce algorithm of every bucket (see ``paracomm.all_reduce``).
         scaler: None or a :class:`paracomm.amp.GradScaler`. With an enabled scaler the hook multiplies the
             averaged gradients by the scaler's inverse scale and checks them for inf/nan in the same pass as
             the reduction (``scaler.comm_hook_unscale(device)``); the scaler's ``unscale_``/``step`` then
@@ -211,14 +253,16 @@ class RingHookState:
     Raises:
         TypeError: ``process_group`` is not a ProcessGroup, ``wire_dtype`` is not a torch.dtype, ``scaler``
             is not a paracomm.amp.GradScaler (torch's own GradScaler cannot fuse its unscale into the hook).
-        ValueError: ``wire_dtype`` is a dtype other than float16/bfloat16.
+        ValueError: ``wire_dtype`` is a dtype other than float16/bfloat16, an unknown ``algorithm``.
     """
 
     def __init__(self, process_group: Optional[dist.ProcessGroup] = None, *,
-                 wire_dtype: Optional[torch.dtype] = None, scaler=None):
+                 wire_dtype: Optional[torch.dtype] = None, scaler=None, algorithm: Optional[str] = None):
         name = "paracomm.hooks.RingHookState"
         check_process_group(process_group, name, "process_group")
         check_wire_dtype(wire_dtype, name)
+        if algorithm is not None:
+            _check_algorithm(algorithm, name)
         if scaler is not None:
             from .amp import GradScaler
 
@@ -229,16 +273,18 @@ class RingHookState:
         self.process_group = process_group
         self.wire_dtype = wire_dtype
         self.scaler = scaler
+        self.algorithm = algorithm
         self._comm: Optional[Communicator] = None
 
     def communicator(self) -> Communicator:
         """The paracomm Communicator over ``process_group`` (created at the first call)."""
         if self._comm is None:
-            self._comm = Communicator(self.process_group)
+            self._comm = Communicator(self.process_group, algorithm=self.algorithm)
         return self._comm
 
     def __repr__(self) -> str:
         return (f"RingHookState(process_group={self.process_group!r}, wire_dtype={self.wire_dtype}, "
+                f"algorithm={self.algorithm!r}, "
                 f"scaler={type(self.scaler).__name__ if self.scaler is not None else None})")
 
 
@@ -250,8 +296,14 @@ def ring_hook(state: RingHookState, bucket: dist.GradBucket) -> torch.futures.Fu
     for inf/nan (the scaler's ``found_inf`` for the bucket's device is set on every rank alike). The result
     is left in the bucket's buffer, which is the future's value.
 
+    A sparse bucket takes torch's path (see :func:`allreduce_hook`); with an enabled scaler it is refused,
+    since the unscale and inf/nan check cannot be fused into torch's sparse all-reduce.
+
     Raises:
         TypeError: ``state`` is not a RingHookState.
+        ValueError: a sparse bucket with an enabled scaler.
+
+    A failed all-reduce fails the returned future; DDP raises it from ``backward()`` as a RuntimeError.
 
     Example::
         >>> state = paracomm.hooks.RingHookState(wire_dtype=torch.bfloat16, scaler=scaler)
@@ -260,10 +312,17 @@ def ring_hook(state: RingHookState, bucket: dist.GradBucket) -> torch.futures.Fu
     if not isinstance(state, RingHookState):
         raise TypeError(f"paracomm.hooks.ring_hook: state must be a RingHookState, got {type(state).__name__}")
     buffer = bucket.buffer()
+    scaler_on = state.scaler is not None and state.scaler.is_enabled()
+    if buffer.layout != torch.strided:
+        if scaler_on:
+            raise ValueError("paracomm.hooks.ring_hook: a sparse bucket (sparse gradients) cannot be unscaled "
+                             "inside the hook; use RingHookState without a scaler (or allreduce_hook) and let "
+                             "the GradScaler unscale after backward")
+        return _sparse_avg_future(state.process_group, buffer)
     wire = state.wire_dtype if buffer.dtype == torch.float32 else None
     scale = found_inf = None
-    if state.scaler is not None and state.scaler.is_enabled():
+    if scaler_on:
         scale, found_inf = state.scaler.comm_hook_unscale(buffer.device)
     work = state.communicator().all_reduce(buffer, "avg", wire_dtype=wire, async_op=True,
                                            scale=scale, found_inf=found_inf)
-    return work.get_future()
+    return _surfaced(work.get_future())

@@ -5,6 +5,7 @@ results that must agree across ranks come back as digests and are compared here.
 """
 import hashlib
 import os
+import re
 import time
 from datetime import timedelta
 
@@ -51,6 +52,9 @@ def _normal(rank, numel, dtype, salt=0):
 # ------------------------------------------------------------------------------------------------------------
 
 
+ALGOS = ("ring", "direct", "one_shot")
+
+
 def _matrix(rank, world_size):
     import paracomm
 
@@ -58,52 +62,64 @@ def _matrix(rank, world_size):
     assert (comm.rank, comm.world_size, comm.backend) == (rank, world_size, "gloo")
     n = world_size
     digests = {}
-    for numel in sorted({0, 1, max(n - 1, 0), n, n + 1, 1000, 1 << 20}):
-        # About a million elements for one dtype per accumulation type; every dtype at the awkward sizes.
-        for dtype in DTYPES if numel < (1 << 20) else (torch.float32, torch.bfloat16, torch.int64):
-            ops = ("sum", "avg") if dtype.is_floating_point else ("sum",)
-            x = _int_valued(rank, numel, dtype)
-            exact = sum(_int_valued(r, numel, dtype).double() for r in range(n))
-            torch_sum = x.clone()
-            dist.all_reduce(torch_sum)
-            for op in ops:
-                y = x.clone()
-                assert comm.all_reduce(y, op) is y
-                if op == "sum":
-                    assert torch.equal(y, torch_sum), (numel, dtype, op)
-                    assert torch.equal(y.double(), exact), (numel, dtype, op)
-                else:  # gloo has no avg: torch's sum divided by N (exact sums, one rounding of the quotient)
-                    assert torch.equal(y, torch_sum / n), (numel, dtype, op)
-                    _assert_close(y, exact / n, 1e-2, 0, f"{numel} {dtype} avg")
-                digests[f"int/{numel}/{dtype}/{op}"] = _digest(y)
+    # Every algorithm; odd (numel, dtype) cases alternate between synchronous and async calls.
+    big = 1 << 20 if n <= 4 else 300_007  # about a million elements where the two cores allow it
+    for algo in ALGOS:
+        case = 0
+        for numel in sorted({0, 1, max(n - 1, 0), n, n + 1, 37, 1000, big}):
+            # The big size for one dtype per accumulation type; every dtype at the awkward sizes.
+            for dtype in DTYPES if numel < big else (torch.float32, torch.bfloat16, torch.int64):
+                ops = ("sum", "avg") if dtype.is_floating_point else ("sum",)
+                x = _int_valued(rank, numel, dtype)
+                exact = sum(_int_valued(r, numel, dtype).double() for r in range(n))
+                torch_sum = x.clone()
+                dist.all_reduce(torch_sum)
+                for op in ops:
+                    y = x.clone()
+                    case += 1
+                    if case % 2:
+                        assert comm.all_reduce(y, op, algorithm=algo) is y
+                    else:
+                        assert comm.all_reduce(y, op, algorithm=algo, async_op=True).wait() is y
+                    if op == "sum":
+                        assert torch.equal(y, torch_sum), (algo, numel, dtype, op)
+                        assert torch.equal(y.double(), exact), (algo, numel, dtype, op)
+                    else:  # gloo has no avg: torch's sum divided by N (exact sums, one rounding of the quotient)
+                        assert torch.equal(y, torch_sum / n), (algo, numel, dtype, op)
+                    digests[f"int/{algo}/{numel}/{dtype}/{op}"] = _digest(y)
 
-    # Random (non-integer) data: float64 reference, determinism, chunking must not change a single bit.
-    numel = 10_007
-    for dtype in DTYPES[:4]:
-        x = _normal(rank, numel, dtype)
-        exact = sum(_normal(r, numel, dtype).double() for r in range(n))
-        for op in ("sum", "avg"):
-            ref = exact / n if op == "avg" else exact
-            runs = []
-            for chunk in ("", "512"):  # default (one chunk per segment), 128..256-element chunks
-                os.environ["PARACOMM_CHUNK_BYTES"] = chunk
-                y = x.clone()
-                comm.all_reduce(y, op)
-                runs.append(_digest(y))
-            os.environ.pop("PARACOMM_CHUNK_BYTES")
-            assert len(set(runs)) == 1, f"chunking or repetition changed the result: {dtype} {op}"
-            tol = {torch.float32: 1e-5, torch.float64: 1e-12, torch.float16: 1e-2, torch.bfloat16: 5e-2}[dtype]
-            _assert_close(y, ref, tol, tol * n, f"{dtype} {op}")
-            digests[f"normal/{dtype}/{op}"] = runs[0]
-        # Compressed wire on float32 (ignored at N == 1: nothing travels).
-        if dtype == torch.float32:
-            for wire in (torch.float16, torch.bfloat16):
-                y = x.clone()
-                comm.all_reduce(y, "avg", wire_dtype=wire)
-                _assert_close(y, exact / n, 2e-2, 2e-2, f"wire {wire}")
-                if n == 1:
-                    assert torch.equal(y, x)
-                digests[f"wire/{wire}"] = _digest(y)
+        # Random (non-integer) data: float64 reference, determinism, chunking must not change a single bit.
+        numel = 10_007
+        for dtype in DTYPES[:4]:
+            x = _normal(rank, numel, dtype)
+            exact = sum(_normal(r, numel, dtype).double() for r in range(n))
+            for op in ("sum", "avg"):
+                ref = exact / n if op == "avg" else exact
+                runs = []
+                # The chunk policy, then 128-element pieces: every algorithm sums each element in an order that
+                # does not depend on the pieces (rank order, or ring order ending at the segment's owner).
+                for chunk in ("", "512"):
+                    os.environ["PARACOMM_CHUNK_BYTES"] = chunk
+                    y = x.clone()
+                    comm.all_reduce(y, op, algorithm=algo)
+                    runs.append(_digest(y))
+                os.environ.pop("PARACOMM_CHUNK_BYTES")
+                assert len(set(runs)) == 1, f"chunking or repetition changed the result: {algo} {dtype} {op}"
+                tol = {torch.float32: 1e-5, torch.float64: 1e-12, torch.float16: 1e-2, torch.bfloat16: 5e-2}[dtype]
+                _assert_close(y, ref, tol, tol * n, f"{algo} {dtype} {op}")
+                digests[f"normal/{algo}/{dtype}/{op}"] = runs[0]
+            # Compressed wire on float32 (ignored at N == 1: nothing travels).
+            if dtype == torch.float32:
+                for wire in (torch.float16, torch.bfloat16):
+                    y = x.clone()
+                    if wire == torch.float16:
+                        comm.all_reduce(y, "avg", wire_dtype=wire, algorithm=algo, async_op=True).wait()
+                    else:
+                        comm.all_reduce(y, "avg", wire_dtype=wire, algorithm=algo)
+                    _assert_close(y, exact / n, 2e-2, 2e-2, f"{algo} wire {wire}")
+                    if n == 1:
+                        assert torch.equal(y, x)
+                    digests[f"wire/{algo}/{wire}"] = _digest(y)
 
     if n == 2:
         # 2,000 back-to-back small calls: memory must not grow (generous bound: 32 MiB).
@@ -119,10 +135,10 @@ def _matrix(rank, world_size):
     return digests
 
 
-@pytest.mark.parametrize("world_size", [1, 2, 3, 4, 5])
-def test_matrix_matches_torch_and_float64_bitwise_on_every_rank(world_size):
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4, 5, 6, 7, 8])
+def test_matrix_every_algorithm_matches_torch_and_float64_bitwise_on_every_rank(world_size):
     # World size 2 also makes 2,000 back-to-back small calls and checks that memory does not grow.
-    digests = run_ranks(world_size, _matrix, timeout=240)
+    digests = run_ranks(world_size, _matrix, timeout=600)
     for r in range(1, world_size):
         assert digests[r] == digests[0], f"rank {r} differs from rank 0"
 
@@ -222,24 +238,51 @@ def _misc(rank, world_size):
             comm.all_reduce(x, found_inf=found, wire_dtype=wire)
             assert found.item() == 1.0, (wire, pos)
 
-    # Mismatches raise on every rank, and the communicator stays usable.
+    # Mismatches raise on every rank, naming each field that differs, and the communicator stays usable.
+    half = torch.tensor([0.5])
     mismatches = [
-        (torch.ones(20 + rank), "sum", None),                                    # numel
-        (torch.ones(20, dtype=torch.float32 if rank else torch.float64), "sum", None),  # dtype
-        (torch.ones(20), "sum" if rank else "avg", None),                        # op
-        (torch.ones(20), "sum", torch.float16 if rank else None),                # wire dtype
+        (torch.ones(20 + rank), "sum", None, {}, ["numel"]),
+        (torch.ones(20, dtype=torch.float32 if rank else torch.float64), "sum", None, {}, ["dtype"]),
+        (torch.ones(20), "sum" if rank else "avg", None, {}, ["op"]),
+        (torch.ones(20), "sum", torch.float16 if rank else None, {}, ["wire_dtype"]),
+        (torch.ones(20), "avg", None, {"scale": half} if rank else {}, ["scale"]),
+        (torch.ones(20), "sum", None, {"algorithm": "ring" if rank else "direct"}, ["algorithm"]),
+        (torch.ones(20 + rank), "avg" if rank else "sum", None, {}, ["numel", "op"]),
     ]
-    for t, op, wire in mismatches:
+    for t, op, wire, kwargs, fields in mismatches:
         before = t.clone()
         try:
-            comm.all_reduce(t, op, wire_dtype=wire)
+            comm.all_reduce(t, op, wire_dtype=wire, **kwargs)
             raise AssertionError("a mismatched call did not raise")
         except RuntimeError as e:
-            assert "different arguments" in str(e) and "rank 0" in str(e), str(e)
+            message = str(e)
+            assert "different arguments" in message and "rank 0" in message, message
+            for field in ("numel", "dtype", "op", "wire_dtype", "scale", "algorithm"):
+                named = re.search(rf"[:;] {field} differs", message) is not None
+                assert named == (field in fields), (field, fields, message)
         assert torch.equal(t, before)
         ok = torch.full((4,), float(rank))
         comm.all_reduce(ok)
         assert torch.equal(ok, torch.full((4,), float(sum(range(n)))))
+
+    # torch.distributed.ReduceOp.SUM / AVG are accepted where the strings are.
+    r1 = _int_valued(rank, 99, torch.float32, salt=3)
+    r2 = r1.clone()
+    comm.all_reduce(r1, dist.ReduceOp.AVG)
+    comm.all_reduce(r2, "avg")
+    assert torch.equal(r1, r2)
+    paracomm.all_reduce(r1, dist.ReduceOp.SUM)
+    try:
+        comm.all_reduce(r1, dist.ReduceOp.MAX)
+        raise AssertionError("ReduceOp.MAX was accepted")
+    except ValueError as e:
+        assert "not supported" in str(e)
+
+    # The first-sight handshake: a signature is checked once per Communicator (PARACOMM_CHECK_SHAPES=1).
+    sig_before = len(comm._seen)
+    for _ in range(3):
+        comm.all_reduce(torch.ones(4321))
+    assert len(comm._seen) == sig_before + 1
 
     # PARACOMM_CHECK_SHAPES=0 skips the handshake; matching calls still work.
     os.environ["PARACOMM_CHECK_SHAPES"] = "0"
@@ -251,11 +294,12 @@ def _misc(rank, world_size):
     # The NCCL path's store handshake (backend-agnostic; keys of call k-2 deleted at call k).
     store = paracomm.comm.c10d._get_process_group_store(dist.group.WORLD)
     for k in range(5):
-        comm._handshake_store(comm._validate(torch.ones(8), "sum", None, None, None), time.monotonic() + 30)
+        comm._handshake_store(comm._validate(torch.ones(8), "sum", None, None, None, None), time.monotonic() + 30)
     # Key of the rank's own call 4 - 2 = 2 is gone (deleted at call 4); call 4's key is still there.
     assert not store.check([f"{comm._prefix}/hs/2/{rank}"]) and store.check([f"{comm._prefix}/hs/4/{rank}"])
     try:
-        comm._handshake_store(comm._validate(torch.ones(8 + rank), "sum", None, None, None), time.monotonic() + 30)
+        comm._handshake_store(comm._validate(torch.ones(8 + rank), "sum", None, None, None, None),
+                              time.monotonic() + 30)
         raise AssertionError("a mismatched store handshake did not raise")
     except RuntimeError as e:
         assert "different arguments" in str(e)
@@ -298,15 +342,18 @@ def _bad_inputs(rank, world_size):
         (dict(tensor=x, wire_dtype="bf16"), TypeError, "wire_dtype"),
         (dict(tensor=torch.arange(5, dtype=torch.int32), op="avg"), ValueError, "avg"),
         (dict(tensor=x, op="max"), ValueError, "op must be"),
-        (dict(tensor=x, op=None), ValueError, "op must be"),
+        (dict(tensor=x, op=None), TypeError, "op must be"),
+        (dict(tensor=x, op=dist.ReduceOp.PRODUCT), ValueError, "not supported"),
+        (dict(tensor=x, algorithm="tree"), ValueError, "algorithm must be one of"),
+        (dict(tensor=x, algorithm=2), TypeError, "algorithm must be one of"),
         (dict(tensor=torch.empty(4, device="meta")), ValueError, "meta"),
         (dict(tensor=x, op="avg", scale=torch.ones(2)), ValueError, "scale must have exactly one"),
-        (dict(tensor=x, op="avg", scale=torch.ones(1, dtype=torch.float64)), TypeError, "scale must be float32"),
+        (dict(tensor=x, op="avg", scale=torch.ones(1, dtype=torch.float64)), TypeError, "scale must be torch.float32"),
         (dict(tensor=x, op="avg", scale=0.5), TypeError, "scale must be None"),
         (dict(tensor=x, op="avg", scale=torch.ones(1, device="meta")), ValueError, "scale is on meta"),
         (dict(tensor=torch.arange(4), scale=torch.ones(1)), ValueError, "scale needs a floating"),
         (dict(tensor=x, found_inf=torch.zeros(3)), ValueError, "found_inf must have exactly one"),
-        (dict(tensor=x, found_inf=torch.zeros(1, dtype=torch.float16)), TypeError, "found_inf must be float32"),
+        (dict(tensor=x, found_inf=torch.zeros(1, dtype=torch.float16)), TypeError, "found_inf must be torch.float32"),
         (dict(tensor=x, found_inf=torch.zeros(1, device="meta")), ValueError, "found_inf is on meta"),
     ]
     for kwargs, err, match in cases:
@@ -340,12 +387,14 @@ def _bad_inputs(rank, world_size):
     comm.all_reduce(y, found_inf=found)
     assert found.item() == 1.0
     # Communicator arguments.
-    for kwargs, err in ((dict(timeout=5), TypeError), (dict(timeout=timedelta(seconds=0)), ValueError)):
+    for kwargs, err, match in ((dict(timeout=5), TypeError, "timeout"),
+                               (dict(timeout=timedelta(seconds=0)), ValueError, "timeout"),
+                               (dict(algorithm="fast"), ValueError, "algorithm")):
         try:
             paracomm.Communicator(**kwargs)
             raise AssertionError(f"Communicator accepted {kwargs}")
         except err as e:
-            assert "timeout" in str(e)
+            assert match in str(e)
     return True
 
 
@@ -358,20 +407,27 @@ def test_bad_inputs_refused_and_nothing_written():
 # ------------------------------------------------------------------------------------------------------------
 
 
-def _victim(rank, world_size, timeout_s, mode):
-    import paracomm
-    import paracomm.comm as pcomm
+def _victim(rank, world_size, timeout_s, mode, algo):
+    import types
 
-    comm = paracomm.Communicator(timeout=timedelta(seconds=timeout_s))
+    import paracomm
+    import paracomm._cpu_executor as executor
+
+    comm = paracomm.Communicator(timeout=timedelta(seconds=timeout_s), algorithm=algo)
     t = torch.ones(30_000)
-    comm.all_reduce(t)  # a healthy call first
+    comm.all_reduce(t)  # a healthy call first (it also checks the signature, so the next call goes straight in)
     if rank == world_size - 1:
         def fail(*args, **kwargs):
-            # Called after the handshake and op 0's transfers: in the middle of the ring.
+            # ring/direct: the first reduction of the next call, after the first transfers, mid-plan.
             if mode == "hang":  # alive but silent: the others can only notice through their timeout
                 time.sleep(timeout_s + 5)
             os._exit(1)
-        pcomm.ring_reduce_ = fail
+        if algo == "one_shot":
+            # one_shot's only reduction comes after every transfer: peers would already have all they need,
+            # so fail before the transfers instead.
+            executor.CpuExecutor.run = fail
+        else:
+            executor.ops = types.SimpleNamespace(reduce_=fail)
     start = time.monotonic()
     try:
         comm.all_reduce(torch.ones(30_000))
@@ -381,19 +437,49 @@ def _victim(rank, world_size, timeout_s, mode):
         message = "no error"
     elapsed = time.monotonic() - start
     try:  # the communicator refuses further use instead of hanging again
-        comm.all_reduce(torch.ones(4))
+        comm.all_reduce(torch.ones(30_000))
         later = "no error"
     except RuntimeError as e:
         later = str(e)
     return message, elapsed, later
 
 
+@pytest.mark.parametrize("algo", ALGOS)
 @pytest.mark.parametrize("mode", ["die", "hang"])
-def test_rank_dead_or_hung_mid_call_makes_the_others_raise(mode):
+def test_rank_dead_or_hung_mid_call_makes_the_others_raise(mode, algo):
     timeout_s = 3.0
-    results = run_ranks(3, _victim, timeout_s, mode, timeout=120, allow_missing=(2,))
+    results = run_ranks(3, _victim, timeout_s, mode, algo, timeout=120, allow_missing=(2,))
     assert results[2] is None
     for message, elapsed, later in results[:2]:
         assert "paracomm" in message and ("timeout" in message or "peer" in message), message
         assert elapsed < timeout_s + 10, f"took {elapsed:.1f} s to notice a {mode} rank"
         assert "failed earlier" in later, later
+
+
+# ------------------------------------------------------------------------------------------------------------
+# paracomm's async calls and the user's own collectives on the same group never deadlock
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _interleaved(rank, world_size, iters):
+    import paracomm
+
+    n = world_size
+    for i in range(iters):
+        # An async paracomm all-reduce in flight while the main thread runs torch collectives on the same group.
+        a = torch.full((1000 + i,), float(rank + 1))
+        b = torch.full((7,), float(rank))
+        w = paracomm.all_reduce(a, async_op=True, algorithm=ALGOS[i % 3])
+        dist.all_reduce(b)
+        if i % 10 == 0:
+            dist.barrier()
+        assert w.wait() is a
+        assert torch.equal(a, torch.full((1000 + i,), float(n * (n + 1) // 2)))
+        assert torch.equal(b, torch.full((7,), float(n * (n - 1) // 2)))
+    return True
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_async_paracomm_and_torch_collectives_interleave_without_deadlock(world_size):
+    # Before the private group, `w = all_reduce(a, async_op=True); dist.all_reduce(b); w.wait()` hung every rank.
+    assert run_ranks(world_size, _interleaved, 100, timeout=300) == [True] * world_size

@@ -1,6 +1,8 @@
 """``python -m paracomm.bench allreduce`` and ``ddp`` as a user runs them: real subprocesses, 2-3 CPU ranks
-over gloo, tiny sizes. Checks the table, the JSON fields, #wrong == 0, the PNG, and exit code 2 on bad flags.
-No timing assertions: speed is what the benchmark reports, not what the tests judge."""
+over gloo (``--device cpu``: on a machine with a GPU the default would be NCCL ranks), tiny sizes. Checks the
+table (nccl-tests' layout: every non-data line starts with #), the JSON fields, #wrong == 0, the PNG, and
+exit code 2 on bad flags. No timing assertions: speed is what the benchmark reports, not what the tests
+judge."""
 from __future__ import annotations
 
 import json
@@ -12,7 +14,8 @@ import sys
 import pytest
 import torch
 
-from paracomm.bench import allreduce, ddp
+from paracomm.bench import __main__ as bench_main
+from paracomm.bench import allreduce, ddp, launch
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -31,7 +34,56 @@ def _table_rows(stdout):
             and line.split()[0].isdigit()]
 
 
+def _check_nccl_tests_layout(stdout):
+    """What a script written for all_reduce_perf expects: every line is a # line or a data row, and the run
+    ends with '# Avg bus bandwidth    : <number>'."""
+    lines = [line for line in stdout.splitlines() if line.strip()]
+    for line in lines:
+        assert line.startswith("#") or line.split()[0].isdigit(), line
+    avg = [line for line in lines if line.startswith("# Avg bus bandwidth    : ")]
+    assert len(avg) == 1
+    assert float(avg[0].split(":")[1]) > 0
+    assert any(line.startswith("#") and "size" in line and "busbw" in line for line in lines)
+
+
 # ------------------------------------------------------------------------------------------ pure helpers
+
+def test_bandwidths_stay_readable_at_small_sizes():
+    assert allreduce.fmt_bw(0.000923) == "0.000923"
+    assert allreduce.fmt_bw(0.0124) == "0.0124"
+    assert allreduce.fmt_bw(0.5) == "0.500"
+    assert allreduce.fmt_bw(5.0) == "5.00"
+    assert allreduce.fmt_bw(371.234) == "371.23"
+    assert [allreduce.human_size(x) for x in (1024, 3 << 20, 1 << 30, 1000)] == ["1K", "3M", "1G", "1000"]
+
+
+def test_default_cpu_ranks_follow_the_cores(monkeypatch):
+    for cores, ranks in ((1, 2), (2, 2), (3, 3), (64, launch.MAX_DEFAULT_CPU_RANKS)):
+        monkeypatch.setattr(launch, "cpu_cores", lambda cores=cores: cores)
+        assert launch.default_cpu_ranks() == ranks
+        assert launch.default_nproc("cpu", 1) == ranks
+
+
+def test_gpu_rank_count_checked_against_the_gpus():
+    assert launch.gpu_rank_problem(None, 1, 1) is None
+    assert launch.gpu_rank_problem(2, 2, 1) is None and launch.gpu_rank_problem(8, 1, 8) is None
+    msg = launch.gpu_rank_problem(2, 1, 1)
+    assert "--nproc 2 needs 2 GPUs" in msg and "1 GPU is visible" in msg
+    assert "--nproc 1 or fewer" in msg and "--ranks-per-gpu 2" in msg
+    msg = launch.gpu_rank_problem(8, 2, 2)
+    assert "needs 4 GPUs" in msg and "--nproc 4 or fewer" in msg and "--ranks-per-gpu 4" in msg
+
+
+def test_top_level_help_has_a_usage_line_and_the_modes(capsys):
+    assert bench_main.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: python -m paracomm.bench [MODE] [flags]")
+    for mode in ("allreduce", "kernels", "ddp"):
+        assert f"  {mode} " in out
+    assert "``" not in out  # no raw reStructuredText
+    assert bench_main.main(["nope"]) == 2
+    assert "usage:" in capsys.readouterr().err
+
 
 def test_parse_size_suffixes_are_binary():
     assert [allreduce.parse_size(s) for s in ("64", "1K", "1k", "32M", "2G", "4KB")] == [
@@ -81,16 +133,21 @@ def test_check_data_has_an_exact_known_result(world_size, op):
 
 def test_allreduce_cli_prints_table_writes_json_and_png(tmp_path):
     out_json, out_png = tmp_path / "ar.json", tmp_path / "ar.png"
-    proc = _run(["allreduce", "--nproc", "2", "-b", "1K", "-e", "64K", "-f", "4", "-n", "3", "-w", "1",
-                 "--json", str(out_json), "--plot", str(out_png)])
+    proc = _run(["allreduce", "--device", "cpu", "--nproc", "2", "-b", "1K", "-e", "64K", "-f", "4", "-n", "3",
+                 "-w", "1", "--json", str(out_json), "--plot", str(out_png)])
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout
     assert "world size 2" in out and "backend gloo" in out and "paracomm 0.1.0" in out
     assert "#wrong" in out and "busbw" in out
+    assert f"2 local ranks on a machine with {launch.cpu_cores()} cores" in out
+    _check_nccl_tests_layout(out)
     rows = _table_rows(out)
     assert [(int(r[0]), int(r[1]), r[2], r[3]) for r in rows] == [
         (1024, 256, "float", "sum"), (4096, 1024, "float", "sum"), (16384, 4096, "float", "sum"),
         (65536, 16384, "float", "sum")]
+    for r in rows:
+        assert r[4] in ("ring", "direct", "one_shot")  # the algo column: what auto resolved to
+        assert float(r[6]) > 0 and float(r[11]) > 0  # small sizes print digits, not 0.00
 
     data = json.loads(out_json.read_text())
     assert data["benchmark"] == "allreduce"
@@ -98,9 +155,11 @@ def test_allreduce_cli_prints_table_writes_json_and_png(tmp_path):
     assert head["world_size"] == 2 and head["backend"] == "gloo" and head["launcher"] == "spawn"
     assert head["paracomm"]["version"] == "0.1.0" and "backend_version" in head and head["device"]
     assert head["settings"]["op"] == "sum" and head["settings"]["datatype"] == "float"
+    assert head["settings"]["algorithm"] == "auto" and head["cpu_cores"] == launch.cpu_cores()
     assert [r["size"] for r in data["rows"]] == [1024, 4096, 16384, 65536]
     for row in data["rows"]:
         assert row["count"] * 4 == row["size"] and row["type"] == "float" and row["redop"] == "sum"
+        assert row["algorithm_requested"] == "auto" and row["algorithm"] == row["plan"]["algorithm"]
         for impl in ("paracomm", "baseline"):
             m = row[impl]
             assert set(m) == {"time_us", "algbw_gbps", "busbw_gbps", "wrong"}
@@ -115,16 +174,18 @@ def test_allreduce_cli_prints_table_writes_json_and_png(tmp_path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.image
-    assert matplotlib.image.imread(str(out_png)).shape[:2] == (500, 800)
+    assert matplotlib.image.imread(str(out_png)).shape[:2] == (1000, 800)  # busbw, time and ratio panels
 
 
 def test_allreduce_cli_avg_out_of_place_compressed_wire_three_ranks(tmp_path):
     """An odd world size, avg, the bf16 wire and out-of-place in one run: the check data stays exact."""
     out_json = tmp_path / "ar.json"
-    proc = _run(["allreduce", "--nproc", "3", "-b", "4K", "-e", "16K", "-f", "4", "-n", "2", "-w", "1",
-                 "-o", "avg", "--inplace", "0", "--wire-dtype", "bf16", "--json", str(out_json)])
+    proc = _run(["allreduce", "--device", "cpu", "--nproc", "3", "-b", "4K", "-e", "16K", "-f", "4", "-n", "2",
+                 "-w", "1", "-o", "avg", "--inplace", "0", "--wire-dtype", "bf16", "--json", str(out_json)])
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "gloo has no AVG" in proc.stdout and "out-of-place" in proc.stdout
+    _check_nccl_tests_layout(proc.stdout)
+    assert "relerr" in proc.stdout
     data = json.loads(out_json.read_text())
     assert data["header"]["world_size"] == 3 and data["header"]["settings"]["wire_dtype"] == "bfloat16"
     assert [(r["size"], r["redop"], r["inplace"]) for r in data["rows"]] == [(4096, "avg", False),
@@ -132,6 +193,10 @@ def test_allreduce_cli_avg_out_of_place_compressed_wire_three_ranks(tmp_path):
     for row in data["rows"]:
         assert row["paracomm"]["wrong"] == 0 and row["baseline"]["wrong"] == 0
         assert row["paracomm"]["busbw_gbps"] == pytest.approx(row["paracomm"]["algbw_gbps"] * 4 / 3)
+        # bf16 wire on random normal data: about one bf16 rounding (2^-9 relative) per value, and more than
+        # the baseline's float32 sum (which sends float32)
+        assert 1e-4 < row["paracomm"]["relerr"] < 5e-3
+        assert row["baseline"]["relerr"] < 1e-6
 
 
 def test_bad_flag_exits_2_with_usage():
@@ -151,6 +216,7 @@ def test_bad_flag_exits_2_with_usage():
     (["-d", "int32", "-o", "avg"], "floating"),
     (["-d", "half", "--wire-dtype", "bf16"], "float (fp32) data only"),
     (["--ranks-per-gpu", "2", "--device", "cpu"], "needs CUDA"),
+    (["--algorithm", "two_shot"], "algorithm"),
     (["--nproc", "0"], "nproc"),
     (["--json", "/no/such/dir/x.json"], "does not exist"),
 ])
@@ -169,15 +235,19 @@ def test_ddp_bad_flags_exit_2(capsys):
 
 def test_ddp_mode_runs_every_variant_and_writes_json(tmp_path):
     out_json = tmp_path / "ddp.json"
-    proc = _run(["ddp", "--nproc", "2", "--layers", "1", "--d-model", "16", "--heads", "2", "--ff", "32",
+    proc = _run(["ddp", "--device", "cpu", "--nproc", "2", "--layers", "1", "--d-model", "16", "--heads", "2", "--ff", "32",
                  "--seq", "4", "--batch", "2", "-n", "2", "-w", "1", "--json", str(out_json)])
     assert proc.returncode == 0, proc.stdout + proc.stderr
     data = json.loads(out_json.read_text())
     assert data["benchmark"] == "ddp" and data["header"]["world_size"] == 2
     assert data["header"]["model"]["layers"] == 1 and data["header"]["model"]["params"] > 0
     variants = [r["variant"] for r in data["rows"]]
-    # torch's own bf16 hook is CUDA/NCCL-only; everything else runs on gloo
+    # torch's own bf16 hook is CUDA/NCCL-only; everything else runs on gloo, and the run says what it left out
     assert variants == [v for v in ddp.VARIANTS if v != "torch-bf16"]
+    assert "# " in proc.stdout and "skipped: torch-bf16: torch allows its bf16_compress_hook only on CUDA" in proc.stdout
+    assert data["header"]["skipped"] == {"torch-bf16": ddp.skipped_variants("gloo")["torch-bf16"]}
+    for line in proc.stdout.splitlines():
+        assert not line.strip() or line.startswith("#") or line.split()[0] in ddp.VARIANTS, line
     losses = {}
     for row in data["rows"]:
         assert row["step_ms"] > 0 and row["samples_per_s"] > 0 and row["vs_default"] > 0
@@ -187,3 +257,48 @@ def test_ddp_mode_runs_every_variant_and_writes_json(tmp_path):
     assert losses["paracomm-allreduce"] == pytest.approx(losses["default"], rel=1e-5)
     for v in ("torch-fp16", "paracomm-fp16", "paracomm-bf16", "ring-bf16+scaler"):
         assert losses[v] == pytest.approx(losses["default"], rel=1e-2)
+
+
+def test_allreduce_algorithm_all_side_by_side(tmp_path):
+    """--algorithm all: one row per algorithm per size, each checked exact, beside the one baseline."""
+    out_json = tmp_path / "ar.json"
+    proc = _run(["allreduce", "--device", "cpu", "--nproc", "2", "-b", "1K", "-e", "16K", "-f", "16", "-n", "2",
+                 "-w", "1", "--algorithm", "all", "--wire-dtype", "bf16", "--json", str(out_json)])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    _check_nccl_tests_layout(proc.stdout)
+    rows = _table_rows(proc.stdout)
+    assert [(int(r[0]), r[4]) for r in rows] == [(s, a) for s in (1024, 16384) for a in allreduce.ALL_ALGORITHMS]
+    data = json.loads(out_json.read_text())
+    for row in data["rows"]:
+        assert row["algorithm"] == row["algorithm_requested"] == row["plan"]["algorithm"]
+        assert {"chunk_bytes", "transfer_groups", "reductions", "workspace_bytes"} <= set(row["plan"])
+        assert row["paracomm"]["wrong"] == 0
+        assert 1e-4 < row["paracomm"]["relerr"] < 5e-3
+    by_size = {}
+    for row in data["rows"]:
+        by_size.setdefault(row["size"], []).append(row["baseline"])
+    assert all(b[0] == b[1] == b[2] for b in by_size.values())  # one baseline measurement per size
+    assert set(data["summary"]["per_algorithm"]) == set(allreduce.ALL_ALGORITHMS)
+
+
+# ------------------------------------------------------------------------------------------ on a GPU
+
+@pytest.mark.cuda
+def test_nproc_above_the_gpus_is_refused_with_what_to_pass(capsys):
+    gpus = torch.cuda.device_count()
+    assert allreduce.main(["--device", "cuda", "--nproc", str(gpus + 1)]) == 2
+    err = capsys.readouterr().err
+    assert f"--nproc {gpus + 1} needs" in err and f"--ranks-per-gpu {-(-(gpus + 1) // gpus)}" in err
+
+
+@pytest.mark.cuda
+def test_allreduce_cli_two_ranks_on_one_gpu():
+    """Two NCCL ranks on GPU 0 (--ranks-per-gpu 2, NCCL over loopback sockets), exact results; the
+    subprocess timeout bounds a hung NCCL kernel."""
+    proc = _run(["allreduce", "--device", "cuda", "--nproc", "2", "--ranks-per-gpu", "2", "-b", "4K", "-e", "64K",
+                 "-f", "16", "-n", "2", "-w", "1", "--timeout", "120"], timeout=240)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    _check_nccl_tests_layout(proc.stdout)
+    rows = _table_rows(proc.stdout)
+    assert [int(r[0]) for r in rows] == [4096, 65536]
+    assert all(r[8] == "0" and r[12] == "0" for r in rows)  # #wrong of paracomm and of NCCL

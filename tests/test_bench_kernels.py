@@ -49,7 +49,18 @@ def test_subset_of_kernels_and_one_shape(tmp_path):
     assert [(r["kernel"], r["shape"]) for r in rows] == [("unscale_fp32", "small"), ("flatten", "small")]
 
 
-@pytest.mark.parametrize("bad", [["--bogus"], ["--iters", "0"], ["--iters", "x"], ["--shapes", "huge"],
+def test_counts_take_the_allreduce_size_suffixes(tmp_path):
+    """--large-numel 64M as the help shows it (here 8K and 1K, to stay small), parsed like allreduce's -b/-e."""
+    path = tmp_path / "k.json"
+    argv = ["--device", "cpu", "--iters", "1", "--warmup", "0", "--kernels", "flatten", "--small-tensors", "3",
+            "--small-numel", "1K", "--large-tensors", "2", "--large-numel", "8K", "--json", str(path)]
+    assert kernels.main(argv) == 0
+    rows = json.loads(path.read_text())["rows"]
+    assert [(r["shape"], r["elements"]) for r in rows] == [("small", 3 * 1024), ("large", 2 * 8192)]
+    assert kernels._parse(["--large-numel", "64M"]).large_numel == 64 << 20
+
+
+@pytest.mark.parametrize("bad", [["--bogus"], ["--large-numel", "64MB"], ["--small-numel", "1.5K"], ["--iters", "0"], ["--iters", "x"], ["--shapes", "huge"],
                                  ["--kernels", "nope"], ["--large-numel", "0"], ["--device", "tpu"]])
 def test_bad_flags_exit_2(bad, capsys):
     with pytest.raises(SystemExit) as info:

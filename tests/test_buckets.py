@@ -75,6 +75,10 @@ def test_constructor_refuses_bad_arguments():
         (dict(params=[w], wire_dtype=torch.float32), ValueError, "wire_dtype"),
         (dict(params=[w], op="max"), ValueError, "op"),
         (dict(params=[w], op="mean"), ValueError, "op"),
+        (dict(params=[w], broadcast_params=1), TypeError, "broadcast_params"),
+        (dict(params=[w], algorithm="two_shot"), ValueError, "algorithm"),
+        (dict(params=[w], algorithm=0), TypeError, "algorithm"),
+        (dict(params=[w], broadcast_params="no"), TypeError, "broadcast_params"),
     ]
     for kwargs, exc, match in bad:
         params = kwargs.pop("params")
@@ -155,6 +159,46 @@ def _train(rank, world_size, bucketer_kwargs):
         out["buckets"] = [[n for n, q in model.named_parameters() if any(q is p for p in b)]
                           for b in bucketer.buckets]
         bucketer.remove()
+    return out
+
+
+def _perturbed(rank):
+    """_Net with rank-dependent weights (another seed per rank) and a rank-dependent buffer."""
+    model = _Net()
+    model.register_buffer("stat", torch.full((3,), float(rank)))
+    g = torch.Generator().manual_seed(7 + rank)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    return model
+
+
+def _diverse_start(rank, world_size):
+    """Ranks start from different weights: DDP and the bucketer broadcast rank 0's; broadcast_params=False does
+    not (and the ranks then train apart)."""
+    out = {}
+    for name in ("ddp", "bucketer", "bucketer.module", "no_broadcast"):
+        model = _perturbed(rank)
+        if name == "ddp":
+            net, sync = DDP(model, bucket_cap_mb=CAP_MB, find_unused_parameters=True), (lambda: None)
+        else:
+            net = model
+            bucketer = paracomm.GradBucketer(model if name == "bucketer.module" else model.parameters(),
+                                             bucket_cap_mb=CAP_MB, broadcast_params=name != "no_broadcast")
+            sync = bucketer.wait
+        out[name + ".start"] = _params(model)
+        out[name + ".stat"] = model.stat.clone().numpy()
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
+        for step in range(STEPS):
+            x, y = _data(rank, step)
+            loss = torch.nn.functional.mse_loss(net(x, use_branch=_uses_branch(rank, step)), y)
+            opt.zero_grad()
+            loss.backward()
+            sync()
+            opt.step()
+        out[name] = _params(model)
+        if name != "ddp":
+            bucketer.remove()
     return out
 
 
@@ -275,8 +319,11 @@ def _cases(rank, world_size):
         "ddp": _train(rank, world_size, None),
         "bucketer": _train(rank, world_size, dict(bucket_cap_mb=CAP_MB, first_bucket_mb=CAP_MB / 4)),
         "bucketer.one_bucket": _train(rank, world_size, dict()),
+        "bucketer.direct": _train(rank, world_size, dict(bucket_cap_mb=CAP_MB, algorithm="direct")),
+        "bucketer.one_shot": _train(rank, world_size, dict(bucket_cap_mb=CAP_MB, algorithm="one_shot")),
         "bucketer.bf16": _train(rank, world_size, dict(bucket_cap_mb=CAP_MB, wire_dtype=torch.bfloat16)),
         "behaviour": _behaviour(rank, world_size),
+        "diverse": _diverse_start(rank, world_size),
     }
 
 
@@ -301,7 +348,7 @@ def test_buckets_split_by_dtype_and_exclude_frozen(results):
     assert results[0]["bucketer.one_bucket"]["buckets"] != buckets
 
 
-@pytest.mark.parametrize("name", ["bucketer", "bucketer.one_bucket"])
+@pytest.mark.parametrize("name", ["bucketer", "bucketer.one_bucket", "bucketer.direct", "bucketer.one_shot"])
 def test_bucketer_matches_ddp(results, name):
     ddp, ours = results[0]["ddp"]["params"], results[0][name]["params"]
     init = _params(_Net())
@@ -317,7 +364,7 @@ def test_bucketer_bf16_wire_within_rounding(results):
 
 
 def test_ranks_never_diverge(results):
-    for name in ("ddp", "bucketer", "bucketer.one_bucket", "bucketer.bf16"):
+    for name in ("ddp", "bucketer", "bucketer.one_bucket", "bucketer.bf16", "bucketer.direct", "bucketer.one_shot"):
         for rank in range(1, len(results)):
             for a, b in zip(results[rank][name]["params"], results[0][name]["params"]):
                 assert (a == b).all(), (name, rank)
@@ -362,3 +409,51 @@ def test_remove_detaches_hooks(results):
         assert b["removed_grads_local"]
         assert "after remove" in b["wait_after_remove"]
         assert b["hooks_left"] == 0
+
+
+def test_ranks_starting_from_different_weights_end_equal_like_ddp(results):
+    """GradBucketer broadcasts rank 0's parameters (frozen ones too) and, given a module, its buffers, at
+    construction, as DDP does; the training that follows matches DDP's from the same start."""
+    ref = results[0]["diverse"]
+    for r in results:
+        d = r["diverse"]
+        for name in ("bucketer", "bucketer.module"):
+            # The ranks started apart (no_broadcast below); the constructor made every rank's start rank 0's,
+            # frozen layer included,
+            assert _max_diff(d[name + ".start"], ref["ddp.start"]) == 0.0, name
+            # and they trained as DDP does, identically on every rank.
+            assert _max_diff(d[name], ref["ddp"]) <= 1e-6, name
+            assert _max_diff(d[name], ref[name]) == 0.0, name
+        assert (d["bucketer.module.stat"] == 0).all()  # rank 0's buffer
+        assert (d["ddp.stat"] == 0).all()
+    # Without the broadcast nothing is copied: the ranks keep their own weights and buffers.
+    assert _max_diff(results[1]["diverse"]["no_broadcast.start"], ref["no_broadcast.start"]) > 0.01
+    assert (results[1]["diverse"]["no_broadcast.stat"] == 1).all()
+    assert (results[1]["diverse"]["bucketer.stat"] == 1).all()  # a parameter list carries no buffers
+
+
+# ------------------------------------------------------------------------------------------------------------
+# A torch collective between backward() and wait() (the issue's deadlock reproduction)
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _loss_all_reduce_between(rank, world_size, iters):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4))
+    bucketer = paracomm.GradBucketer(model, bucket_cap_mb=CAP_MB, first_bucket_mb=CAP_MB)
+    for step in range(iters):
+        g = torch.Generator().manual_seed(100 * rank + step)
+        loss = model(torch.randn(8, 16, generator=g)).square().mean()
+        model.zero_grad(set_to_none=True)
+        loss.backward()  # buckets start on paracomm's worker thread here...
+        reported = loss.detach().clone()
+        dist.all_reduce(reported)  # ...while the main thread runs a torch collective on the same group
+        bucketer.wait()
+    return [p.grad.tolist() for p in model.parameters()]  # plain lists: tensors would travel as shared memory
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_torch_collective_between_backward_and_wait_does_not_deadlock(world_size):
+    grads = run_ranks(world_size, _loss_all_reduce_between, 100, timeout=300)
+    for r in range(1, world_size):
+        assert grads[r] == grads[0], f"rank {r} ended with other gradients than rank 0"

@@ -312,3 +312,105 @@ def test_bad_inputs_raise_and_write_nothing(device):
         for t, t0 in zip(watched, before):
             assert torch.equal(t, t0), f"{name}: a refused call wrote to a tensor"
 
+
+
+@pytest.mark.parametrize("op", ["flatten", "flatten_out", "unflatten_"])
+def test_non_tensor_in_the_list_is_a_type_error_naming_the_index(op):
+    t = torch.ones(2)
+    tensors = [t, [1.0, 2.0]]
+    flat = torch.full((4,), 9.0)
+    with pytest.raises(TypeError, match=r"tensors\[1\] must be a torch.Tensor, got list"):
+        _call(op, tensors, flat, {})
+    assert torch.equal(flat, torch.full((4,), 9.0)) and torch.equal(t, torch.ones(2))
+    with pytest.raises(TypeError, match="tensors must be a sequence of tensors"):
+        _call(op, 3, flat, {})
+    with pytest.raises(TypeError, match=r"wrap it in a list"):
+        _call(op, t, flat, {})
+
+
+def test_non_tensor_flat_or_out_is_a_type_error():
+    with pytest.raises(TypeError, match="paracomm.unflatten_: flat must be a torch.Tensor"):
+        paracomm.unflatten_([1.0, 2.0], [torch.ones(2)])
+    with pytest.raises(TypeError, match="paracomm.flatten: out must be None or a torch.Tensor"):
+        paracomm.flatten([torch.ones(2)], out=[0.0, 0.0])
+
+
+def test_cpp_dtype_errors_read_like_python():
+    """torch.int8 as a Python user writes it (not c10's "Char"), the supported list, no [file:line]."""
+    with pytest.raises(TypeError) as info:
+        paracomm.flatten([torch.ones(2), torch.ones(2, dtype=torch.int8)])
+    msg = str(info.value)
+    assert msg.startswith("paracomm.flatten: tensors[1] has unsupported dtype torch.int8 (float32, float16, "
+                          "bfloat16, float64, int32, int64)"), msg
+    assert "Char" not in msg and ".h:" not in msg and ".cpp:" not in msg
+    with pytest.raises(TypeError) as info:
+        paracomm.flatten([torch.ones(2)], dtype=torch.bool)
+    assert "dtype=torch.bool is not supported" in str(info.value)
+    with pytest.raises(ValueError) as info:
+        paracomm.flatten([torch.ones(2)], out=torch.ones(1, 2))
+    assert "out must be 1-D, got shape (1, 2)" in str(info.value)
+    with pytest.raises(TypeError) as info:
+        paracomm.flatten([torch.ones(2)], scale=torch.ones(1, dtype=torch.float64))
+    assert "scale_tensor must be float32, got torch.float64" in str(info.value)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Autograd: flatten is differentiable like torch.cat / torch._utils._flatten_dense_tensors.
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scale", ["none", "float", "tensor", "both"])
+def test_flatten_gradcheck_float64(scale, seeded):
+    value, st, _ = _scale_args(scale, "cpu")
+    kw = _scale_kwarg(value, st)
+    inputs = [torch.randn(s, generator=seeded, dtype=torch.float64, requires_grad=True)
+              for s in [(3, 4), (7,), (1,), (2, 1, 3)]]
+
+    def fn(*ts):
+        return paracomm.flatten(list(ts), scale=kw)
+
+    assert torch.autograd.gradcheck(fn, inputs)
+    assert torch.autograd.gradgradcheck(fn, inputs)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_flatten_backward_matches_torch_cat_per_dtype(device, seeded):
+    """Mixed dtypes: each input's gradient is its segment of the output's, times the scale, in its own dtype;
+    an integer input in the list gets none. Reference: the same graph through torch.cat."""
+    specs = [((5, 3), torch.float16), ((4,), torch.float32), ((2,), torch.int64), ((3, 2), torch.bfloat16),
+             ((6,), torch.float64)]
+    xs = [_rand(s, dt, device, seeded) for s, dt in specs]
+    xs = [x.requires_grad_() if x.is_floating_point() else x for x in xs]
+    refs = [x.detach().clone().requires_grad_(x.requires_grad) for x in xs]
+    upstream = _rand((sum(x.numel() for x in xs),), torch.float64, device, seeded)
+    out = paracomm.flatten(xs, scale=0.25)
+    assert out.dtype == torch.float64 and out.requires_grad
+    out.backward(upstream)
+    ref = torch.cat([r.double().reshape(-1) * 0.25 for r in refs])
+    ref.backward(upstream)
+    for x, r in zip(xs, refs):
+        if not x.is_floating_point():
+            assert x.grad is None
+            continue
+        assert x.grad.dtype == x.dtype and x.grad.shape == x.shape
+        # Powers of two: exact up to the one rounding to the input's dtype, which both sides do.
+        assert torch.equal(x.grad, r.grad)
+
+
+def test_flatten_backward_under_create_graph_is_differentiable(seeded):
+    x = torch.randn(4, generator=seeded, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(3, generator=seeded, dtype=torch.float64, requires_grad=True)
+    out = paracomm.flatten([x, y], scale=3.0)
+    (gx,) = torch.autograd.grad((out ** 2).sum(), [x], create_graph=True)
+    assert torch.allclose(gx, 18.0 * x)  # d/dx sum((3x)^2) = 18x
+    (ggx,) = torch.autograd.grad(gx.sum(), [x])
+    assert torch.allclose(ggx, torch.full_like(x, 18.0))
+
+
+def test_flatten_opcheck_with_gradients(seeded):
+    ops = torch.ops.paracomm
+    st = torch.tensor([0.5])
+    for scale, scale_tensor in [(1.0, None), (0.25, None), (2.0, st)]:
+        tensors = [torch.randn(s, generator=seeded, dtype=dt).requires_grad_()
+                   for s, dt in [((3, 4), torch.float32), ((7,), torch.float64), ((2,), torch.float16)]]
+        torch.library.opcheck(ops.flatten.default, (tensors, torch.float32, scale, scale_tensor))

@@ -1,9 +1,10 @@
 """The CPU ops' bulk float16/bfloat16 <-> float32 converters (csrc/cpu/half_convert.cpp) against torch's casts.
 
-They are reached through ring_reduce_ (out = cast(a)): widening is exercised with every float16 and bfloat16
-bit pattern, narrowing with random floats plus the edge cases of round-to-nearest-even (ties, subnormals,
-the overflow threshold, signed zeros, infinities, NaN). Lengths are not multiples of 8 so the scalar tail of
-the vector path runs too. NaN payload bits are not compared (torch's own CPU and CUDA casts differ there).
+They are reached through reduce_ with one input (reduce_(out, [a]) is out = cast(a)): widening is exercised
+with every float16 and bfloat16 bit pattern, narrowing with random floats plus the edge cases of
+round-to-nearest-even (ties, subnormals, the overflow threshold, signed zeros, infinities, NaN). Lengths are not
+multiples of 8 so the scalar tail of the vector path runs too. NaN payload bits are not compared (torch's own
+CPU and CUDA casts differ there).
 """
 import platform
 
@@ -11,12 +12,12 @@ import pytest
 import torch
 
 import paracomm
-from paracomm._ops import ring_reduce_
+from paracomm._ops import reduce_
 
 
 def _cast(a, dtype):
     out = torch.empty(a.shape, dtype=dtype)
-    ring_reduce_(out, a)
+    reduce_(out, [a])
     return out
 
 

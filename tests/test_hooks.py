@@ -114,6 +114,8 @@ def _hook_cases(rank, world_size):
         "bf16_wrapper.ring_inner": (hooks.RingHookState(), hooks.bf16_compress_wrapper(hooks.ring_hook)),
         "ring": (hooks.RingHookState(), hooks.ring_hook),
         "ring.group": (hooks.RingHookState(world_copy), hooks.ring_hook),
+        "ring.direct": (hooks.RingHookState(algorithm="direct"), hooks.ring_hook),
+        "ring.one_shot": (hooks.RingHookState(algorithm="one_shot"), hooks.ring_hook),
         "ring.fp16": (hooks.RingHookState(wire_dtype=torch.float16), hooks.ring_hook),
         "ring.bf16": (hooks.RingHookState(wire_dtype=torch.bfloat16), hooks.ring_hook),
     }
@@ -140,7 +142,7 @@ def test_bf16_hooks_have_names_ddp_accepts_without_nccl():
 
 def test_ranks_never_diverge(hook_results):
     names = [k for k in hook_results[0] if k not in ("init", "num_buckets")]
-    assert len(names) == 18
+    assert len(names) == 20
     for name in names:
         for rank in range(1, len(hook_results)):
             assert torch.equal(hook_results[rank][name], hook_results[0][name]), (name, rank)
@@ -152,7 +154,8 @@ def test_training_moved_the_parameters_through_several_buckets(hook_results):
     assert _max_diff(r["reference"], r["init"]) > 0.05  # the comparisons below are not between idle models
 
 
-@pytest.mark.parametrize("name", ["allreduce", "allreduce.group", "ring", "ring.group"])
+@pytest.mark.parametrize("name", ["allreduce", "allreduce.group", "ring", "ring.group", "ring.direct",
+                                  "ring.one_shot"])
 def test_fp32_hooks_match_torch_allreduce(hook_results, name):
     r = hook_results[0]
     assert _max_diff(r["torch.allreduce"], r["reference"]) <= 1e-6
@@ -279,8 +282,13 @@ def test_ring_hook_state_refuses_bad_arguments():
         hooks.RingHookState(scaler=object())
     with pytest.raises(TypeError):
         hooks.RingHookState(None, torch.float16)  # wire_dtype is keyword-only
+    with pytest.raises(ValueError, match="algorithm"):
+        hooks.RingHookState(algorithm="two_shot")
+    with pytest.raises(TypeError, match="algorithm"):
+        hooks.RingHookState(algorithm=1)
     state = hooks.RingHookState(wire_dtype=torch.bfloat16)
     assert state.wire_dtype is torch.bfloat16 and state.process_group is None and state.scaler is None
+    assert state.algorithm is None and hooks.RingHookState(algorithm="direct").algorithm == "direct"
 
 
 def test_hooks_refuse_bad_state_and_wrappers_refuse_non_callables():
@@ -348,3 +356,150 @@ def test_every_hook_trains_on_cuda_over_nccl():
     for name, wire in (("fp16", torch.float16), ("bf16", torch.bfloat16), ("fp16_wrapper", torch.float16),
                        ("bf16_wrapper", torch.bfloat16), ("ring.bf16", torch.bfloat16)):
         assert _max_diff(r[name], r["reference"]) <= 8 * torch.finfo(wire).eps * movement, name
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Sparse gradients (nn.Embedding(sparse=True)) and failures, through real DDP on gloo
+# ------------------------------------------------------------------------------------------------------------
+
+
+class _SparseNet(torch.nn.Module):
+    """An embedding with sparse gradients (DDP gives it a bucket of its own), with or without a dense head
+    (whose bucket then goes through paracomm's all-reduce while the sparse one goes through torch's)."""
+
+    def __init__(self, dense_head=True):
+        super().__init__()
+        torch.manual_seed(3)
+        self.emb = torch.nn.Embedding(40, 4, sparse=True)
+        self.head = torch.nn.Linear(4, 4) if dense_head else torch.nn.Identity()
+
+    def forward(self, idx):
+        return self.head(torch.tanh(self.emb(idx)))
+
+
+def _sparse_train(rank, state, hook, dense_head):
+    model = _SparseNet(dense_head)
+    ddp = DDP(model, bucket_cap_mb=BUCKET_CAP_MB)
+    if hook is not None:
+        ddp.register_comm_hook(state, hook)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.5)  # plain SGD: it accepts sparse gradients
+    for step in range(6):
+        g = torch.Generator().manual_seed(100 * rank + step)
+        idx = torch.randint(0, 40, (10, 3), generator=g)  # each rank touches different rows
+        y = torch.randn(10, 3, 4, generator=g)
+        loss = torch.nn.functional.mse_loss(ddp(idx), y)
+        opt.zero_grad()
+        loss.backward()
+        assert model.emb.weight.grad.is_sparse
+        opt.step()
+    return _flat_params(model)
+
+
+class _FailedWork:
+    """What an async all-reduce that failed hands back: its future completes with the error."""
+
+    def __init__(self, tensor, how):
+        error = RuntimeError("paracomm.all_reduce (rank 0 of 2): injected failure: a peer died")
+        fut = torch.futures.Future()
+        if how == "python":  # Future.set_exception: the error is the future's value on the C++ side
+            fut.set_exception(error)
+        else:  # failed inside a callback: the C++ future itself holds the error
+            def fail(_):
+                raise error
+            done = torch.futures.Future()
+            done.set_result(tensor)
+            fut = done.then(fail)
+        self._fut = fut
+
+    def get_future(self):
+        return self._fut
+
+    def wait(self):
+        return self._fut.wait()
+
+
+def _failing_ddp_step(rank, hook, state, how):
+    """One DDP step whose paracomm all-reduce fails on every rank (so no collective is left waiting)."""
+    import paracomm.comm
+
+    def failing_all_reduce(*args, **kwargs):
+        return _FailedWork(args[0] if isinstance(args[0], torch.Tensor) else args[1], how)
+
+    saved = (hooks.all_reduce, paracomm.comm.Communicator.all_reduce)
+    hooks.all_reduce = failing_all_reduce
+    paracomm.comm.Communicator.all_reduce = lambda self, tensor, *a, **k: _FailedWork(tensor, how)
+    try:
+        ddp = DDP(_mlp(), bucket_cap_mb=BUCKET_CAP_MB)
+        ddp.register_comm_hook(state, hook)
+        x, y = _batch(rank, 0)
+        try:
+            torch.nn.functional.mse_loss(ddp(x), y).backward()
+            return ("no error", "")
+        except Exception as e:  # noqa: BLE001  (the test inspects what the user would see)
+            return (type(e).__name__, str(e))
+    finally:
+        hooks.all_reduce, paracomm.comm.Communicator.all_reduce = saved
+
+
+def _failing_bucketer(rank, how):
+    import paracomm
+
+    model = _mlp()
+    bucketer = paracomm.GradBucketer(model, bucket_cap_mb=BUCKET_CAP_MB)
+    bucketer._comm.all_reduce = lambda tensor, *a, **k: _FailedWork(tensor, how)
+    x, y = _batch(rank, 0)
+    torch.nn.functional.mse_loss(model(x), y).backward()
+    try:
+        bucketer.wait()
+        return ("no error", "")
+    except Exception as e:  # noqa: BLE001
+        return (type(e).__name__, str(e))
+
+
+def _sparse_cases(rank, world_size, kind):
+    dense = kind == "mixed"
+    out = {
+        f"{kind}.reference": _sparse_train(rank, None, None, dense),
+        f"{kind}.torch": _sparse_train(rank, None, torch_hooks.allreduce_hook, dense),
+        f"{kind}.allreduce": _sparse_train(rank, None, hooks.allreduce_hook, dense),
+        f"{kind}.bf16": _sparse_train(rank, None, hooks.bf16_compress_hook, dense),
+        f"{kind}.ring": _sparse_train(rank, hooks.RingHookState(), hooks.ring_hook, dense),
+    }
+    return _portable(out)
+
+
+def _failure_cases(rank, world_size):
+    failures = {}
+    for how in ("python", "cpp"):
+        failures[f"allreduce_hook.{how}"] = _failing_ddp_step(rank, hooks.allreduce_hook, None, how)
+        failures[f"fp16_compress_hook.{how}"] = _failing_ddp_step(rank, hooks.fp16_compress_hook, None, how)
+        failures[f"ring_hook.{how}"] = _failing_ddp_step(rank, hooks.ring_hook, hooks.RingHookState(), how)
+        failures[f"bucketer.{how}"] = _failing_bucketer(rank, how)
+    return failures
+
+
+@pytest.mark.parametrize("kind", ["only", "mixed"])
+def test_sparse_buckets_average_like_torch(kind):
+    """kind "only": every bucket is sparse; "mixed": a dense bucket on paracomm's all-reduce beside the sparse
+    one on torch's, in the same backward (needs paracomm's transfers on a group of their own)."""
+    results = _tensors(run_ranks(2, _sparse_cases, kind, timeout=180))
+    ref = results[0][f"{kind}.torch"]
+    moved = (results[0][f"{kind}.reference"] - _flat_params(_SparseNet(kind == "mixed"))).abs().max().item()
+    assert moved > 1e-3
+    assert _max_diff(results[0][f"{kind}.reference"], ref) <= 1e-6
+    for impl in ("allreduce", "bf16", "ring"):
+        name = f"{kind}.{impl}"
+        # A dense bucket travels on paracomm's wire (bf16: within its rounding), the sparse one as torch's.
+        tol = 1e-6 if impl != "bf16" or kind == "only" else 8 * torch.finfo(torch.bfloat16).eps * max(moved, 1.0)
+        assert _max_diff(results[0][name], ref) <= tol, name
+        assert torch.equal(results[0][name], results[1][name]), f"{name}: ranks diverged"
+
+
+def test_failed_all_reduce_reaches_the_user_as_paracomms_runtime_error():
+    """A hook's (or the bucketer's) all-reduce fails on every rank (injected: no collective is left waiting);
+    backward() / wait() raise a RuntimeError with paracomm's message, not DDP's "Unable to cast ... to Tensor"."""
+    for r in run_ranks(2, _failure_cases, timeout=180):
+        for name, (kind, msg) in r.items():
+            assert kind == "RuntimeError", (name, kind, msg)
+            assert "injected failure: a peer died" in msg and "paracomm.all_reduce" in msg, (name, msg)
+            assert "Unable to cast" not in msg, (name, msg)

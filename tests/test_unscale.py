@@ -251,12 +251,21 @@ def _bad_cases(device):
                                ValueError, "out[1]"),
         "out_device": (with_out(lambda kw: kw["out"].__setitem__(1, torch.zeros(10, device=other))),
                        ValueError, "out[1]"),
+        # Not even a tensor: TypeError naming the argument (and the index in a list), before the dispatcher.
+        "grad_not_a_tensor": (grads_fix(lambda g: g.insert(1, [1.0, 2.0])), TypeError, "grads[1]"),
+        "grads_single_tensor": (lambda: base(grads=torch.ones(3, device=device)), TypeError, "grads"),
+        "out_not_a_tensor": (with_out(lambda kw: kw["out"].__setitem__(1, [0.0] * 10)), TypeError, "out[1]"),
+        "inv_scale_string": (lambda: base(inv_scale="0.5"), TypeError, "inv_scale"),
+        "inv_scale_bool": (lambda: base(inv_scale=True), TypeError, "inv_scale"),
+        "found_inf_number": (lambda: base(found_inf=0.0), TypeError, "found_inf"),
+        "norm_number": (lambda: base(norm=0.0), TypeError, "norm"),
     }
 
 
 def _snapshot(kw):
-    tensors = [t for t in kw["grads"] + (kw["out"] or []) + [kw["inv_scale"], kw["found_inf"], kw["norm"]]
-               if t is not None and t.device.type != "meta"]
+    grads = kw["grads"] if isinstance(kw["grads"], list) else [kw["grads"]]
+    tensors = [t for t in grads + (kw["out"] or []) + [kw["inv_scale"], kw["found_inf"], kw["norm"]]
+               if isinstance(t, torch.Tensor) and t.device.type != "meta"]
     return tensors, [t.clone() for t in tensors]
 
 
@@ -272,3 +281,46 @@ def test_bad_inputs_raise_and_write_nothing(device):
         assert "paracomm.unscale_and_check" in msg and arg in msg, f"{name}: {msg}"
         for t, b in zip(tensors, before):
             assert torch.equal(t, b), f"{name}: a refused call wrote to a tensor"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("use_out", [False, True])
+def test_inv_scale_as_a_python_number(device, use_out, seeded):
+    """A number is rounded to float32 once, like torch.tensor([x]): results bitwise equal to the tensor form."""
+    grads = [_rand(n, dt, device, seeded) for n, dt in [(1000, torch.float16), (77, torch.bfloat16),
+                                                          (513, torch.float32)]]
+    twin = [g.clone() for g in grads]
+    found, found_twin = torch.zeros(1, device=device), torch.zeros(1, device=device)
+    norm, norm_twin = torch.zeros(1, device=device), torch.zeros(1, device=device)
+    out = [torch.empty(g.shape, device=device) for g in grads] if use_out else None
+    out_twin = [torch.empty(g.shape, device=device) for g in grads] if use_out else None
+    paracomm.unscale_and_check_(grads, INV_SCALE, found, out=out, norm=norm)
+    paracomm.unscale_and_check_(twin, torch.tensor([INV_SCALE], device=device), found_twin, out=out_twin,
+                                norm=norm_twin)
+    for a, b in zip(out if use_out else grads, out_twin if use_out else twin):
+        assert torch.equal(a, b)
+    assert torch.equal(norm, norm_twin) and found.item() == 0.0
+    # A power of two is exact: the in-place result equals grads * 2 bitwise (an int works too).
+    g = [_rand(100, torch.float32, device, seeded)]
+    ref = g[0] * 2
+    paracomm.unscale_and_check_(g, 2, found)
+    assert torch.equal(g[0], ref)
+
+
+def test_cpp_errors_name_dtypes_as_python_does_without_file_and_line():
+    """Refused arguments read like the Python-side errors: torch.float64, not c10's Double; no [file:line]."""
+    g = [torch.ones(3, dtype=torch.int8)]
+    with pytest.raises(TypeError) as info:
+        paracomm.unscale_and_check_(g, torch.ones(1), torch.zeros(1))
+    msg = str(info.value)
+    assert "grads[0] must be float16, bfloat16 or float32, got torch.int8" in msg, msg
+    assert ".cpp:" not in msg and ".h:" not in msg and "Char" not in msg
+    with pytest.raises(TypeError) as info:
+        paracomm.unscale_and_check_([torch.ones(3)], torch.ones(1, dtype=torch.float64), torch.zeros(1))
+    assert "inv_scale must be float32, got torch.float64" in str(info.value)
+    with pytest.raises(ValueError) as info:
+        paracomm.unscale_and_check_([torch.ones(3)], torch.ones(2, 1), torch.zeros(1))
+    assert "inv_scale must have exactly one element, got shape (2, 1)" in str(info.value)
+    with pytest.raises(ValueError) as info:
+        paracomm.unscale_and_check_([torch.ones(3)], torch.ones(1), torch.zeros(1), out=[torch.ones(4)])
+    assert "out[0] has shape (4,) but grads[0] has shape (3,)" in str(info.value)

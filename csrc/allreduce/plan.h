@@ -15,9 +15,10 @@
 //      fusions when `final` is set (divide by the divisor, multiply by the scale), optionally rounds the value
 //      through the wire dtype (keeping the rounded bits in `wire_out` when it has one), tests the stored value
 //      for inf/nan when `check_inf` is set and the call has found_inf, and stores it in the output's dtype.
-// A step's transfers may start only once the reductions of every step <= `transfers_after` are done (the data
-// they send was produced there, or the receive slot they fill was last read there); they never wait for
-// anything else. Executors may therefore post step i+1's transfers before running step i's reductions whenever
+// A step's transfers may start only once the reductions and the transfers of every step <= `transfers_after`
+// are done (the data they send was produced or received there, or the receive slot they fill was last read
+// there); they never wait for anything else. (The NCCL executor issues transfers in step order on one stream,
+// so the transfer half of that rule holds by construction there; the CPU executor waits for it.) Executors may therefore post step i+1's transfers before running step i's reductions whenever
 // transfers_after(i+1) < i: that is the whole pipelining mechanism.
 //
 // Buffers, in elements of their own dtype:

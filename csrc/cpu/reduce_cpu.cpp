@@ -2,7 +2,8 @@
 // csrc/kernels/reduce.h, whose CUDA kernel gives the same bits):
 //
 //   v = acc(inputs[0][i]) + acc(inputs[1][i]) + ...  (left to right);  v /= divisor;  v *= scale[0];
-//   if wire_dtype: w = W(v), wire_out[i] = w (if given), v = acc(w);  found_inf |= !isfinite(v);  out[i] = O(v)
+//   if wire_dtype: w = W(v), wire_out[i] = w (if given), v = acc(w);  out[i] = O(v);
+//   found_inf |= !isfinite(out[i])  (the stored value: after the wire round trip and the cast to O)
 //
 // acc is float for float32/float16/bfloat16, double for float64, int64 for int32/int64 (integer sums wrap like
 // two's complement, as NCCL's and gloo's do). found_inf tests the value that is finally stored, i.e. after
@@ -157,6 +158,7 @@ void reduce_impl(const at::Tensor& out, at::TensorList inputs, double divisor, c
   const bool do_scale = kFloating && scale.has_value();
   const Acc scale_v = do_scale ? static_cast<Acc>(scale->const_data_ptr<float>()[0]) : Acc(1);
   const bool check = kFloating && found_inf.has_value();
+  const bool narrow_out = out.scalar_type() == at::kHalf || out.scalar_type() == at::kBFloat16;
   std::atomic<bool> found{false};
 
   const int64_t num_blocks = (n + kBlock - 1) / kBlock;
@@ -175,6 +177,10 @@ void reduce_impl(const at::Tensor& out, at::TensorList inputs, double divisor, c
           for (int64_t i = 0; i < len; ++i) v[i] *= scale_v;
       }
       if (round) w_s.round(v, w_p, begin, len);
+      if (check && narrow_out) {
+        // found_inf tests the value as stored: a finite float32 sum can overflow a float16 out.
+        out_s.round(v, nullptr, 0, len);
+      }
       if constexpr (kFloating) {
         if (check) {
           bool bad = false;

@@ -4,11 +4,11 @@
 //   v = acc(inputs[0][i]) + acc(inputs[1][i]) + ... (in this order, left to right)
 //   if divisor != 1: v /= divisor;   if scale: v *= *scale;
 //   if wire_dtype set: w = W(v), wire_out[i] = w (when wire_out), v = acc(w);
-//   if found_inf && !isfinite(v): *found_inf = 1;     out[i] = O(v)
+//   out[i] = O(v);     if found_inf && !isfinite(out[i]): *found_inf = 1
 //
 // acc is float when every dtype involved is float32/float16/bfloat16, double when float64 is involved, int64
-// for int32/int64 (integer sums wrap like two's complement). found_inf tests the stored value, after the wire
-// round trip. inputs[1:] share one dtype (inputs[0] may differ: the ring adds its float32 data to a received
+// for int32/int64 (integer sums wrap like two's complement). found_inf tests the stored value: after the wire
+// round trip and after the cast to out's dtype (a finite float32 sum can overflow a float16 out). inputs[1:] share one dtype (inputs[0] may differ: the ring adds its float32 data to a received
 // bfloat16 partial sum). An input may be the very same memory as out or wire_out (same pointer, same length):
 // each element's inputs are read before it is written. No other overlap is allowed.
 #pragma once

@@ -1,12 +1,14 @@
-"""``python -m paracomm.bench allreduce``: all-reduce bandwidth, paracomm's ring next to the backend's own.
+"""``python -m paracomm.bench allreduce``: all-reduce time and bandwidth, paracomm next to the backend's own.
 
 In the style of nccl-tests' ``all_reduce_perf``: a sweep of message sizes from ``-b`` to ``-e`` (each step
 times ``-f``), and for each size one row with the time, the algorithm bandwidth (bytes / time) and the bus
 bandwidth (algbw * 2(n-1)/n, the bytes each rank's link carries in a ring all-reduce, so figures compare across
 rank counts) of
 
-* **paracomm**: ``paracomm.Communicator().all_reduce(t, op, wire_dtype=...)`` (ring over NCCL send/recv on
-  GPU, the same schedule over gloo on CPU), and
+* **paracomm**: ``paracomm.Communicator().all_reduce(t, op, wire_dtype=..., algorithm=...)`` with the
+  algorithm ``--algorithm`` names (``auto``: paracomm's own choice; ``all``: ring, direct and one_shot one
+  after another in the same run, one row each, the ``algo`` column says which; the JSON also records the plan
+  ``paracomm.explain_all_reduce`` reports for it), and
 * **baseline**: ``torch.distributed.all_reduce`` on the same ranks (NCCL's or gloo's own algorithm). gloo has
   no AVG, so on CPU the baseline's avg is SUM followed by a division by the world size.
 
@@ -14,6 +16,12 @@ Timing: ``-w`` warm-up runs, then ``-n`` timed runs, each after a barrier (CUDA 
 CPU); the median per rank, then the slowest rank's median. Timing data is random; a separate check pass
 (``-c 1``) uses small integers whose exact result is known in every dtype and wire dtype and counts the
 elements that differ (``#wrong``, summed over ranks).
+
+Output as nccl-tests': every line that is not a data row starts with ``#`` (scripts skip them), and the run
+ends with ``# Avg bus bandwidth    : X`` (paracomm's mean busbw over the sizes; with several algorithms, the
+first one's). Bandwidths are printed with enough digits to read the smallest sizes. With ``--wire-dtype`` a
+``relerr`` column gives paracomm's normwise relative error ||result - ref|| / ||ref|| against a float64
+reference, from a separate pass on random normal data (the timing data's rounding is what the wire costs).
 
 In-place (``--inplace 1``, the default) reduces the buffer itself; the buffer is refilled from the random
 source outside the timed region before every run, so values do not grow run to run. Out-of-place
@@ -30,6 +38,7 @@ import sys
 import torch
 
 from . import launch as launch_mod
+from .cli import SIZE_SUFFIXES, parse_size  # noqa: F401  (parse_size: also this module's public helper)
 from .timing import barrier, gbps, median, slowest_rank, sum_over_ranks, time_iterations
 
 DTYPES = {
@@ -41,25 +50,11 @@ DTYPE_ALIASES = {"float32": "float", "fp32": "float", "float16": "half", "fp16":
 WIRE_DTYPES = {"none": None, "half": torch.float16, "bfloat16": torch.bfloat16}
 WIRE_ALIASES = {"fp16": "half", "float16": "half", "bf16": "bfloat16"}
 OPS = ("sum", "avg")
-SIZE_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+ALGORITHMS = ("auto", "ring", "direct", "one_shot")
+ALL_ALGORITHMS = ("ring", "direct", "one_shot")  # what --algorithm all runs, in this order
 
 
 # ---------------------------------------------------------------------------------------------- flags
-
-def parse_size(text: str) -> int:
-    """``"64"``, ``"1K"``, ``"32M"``, ``"1G"`` (binary multiples, as nccl-tests; a trailing B is allowed)."""
-    s = text.strip().upper()
-    if s.endswith("B") and len(s) > 1 and s[-2] in "KMG":
-        s = s[:-1]
-    suffix = s[-1] if s and s[-1] in "KMG" else ""
-    digits = s[:-1] if suffix else s
-    if not digits.isdigit():
-        raise argparse.ArgumentTypeError(f"invalid size {text!r}: expected a number with an optional K, M or G")
-    value = int(digits) * SIZE_SUFFIXES[suffix]
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"invalid size {text!r}: must be at least 1 byte")
-    return value
-
 
 def _choice(table: dict, aliases: dict, what: str):
     def convert(text: str) -> str:
@@ -80,9 +75,10 @@ def _zero_one(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="paracomm-bench allreduce",
-        description="All-reduce bandwidth: paracomm's ring vs torch.distributed.all_reduce, per message size "
-                    "(flags after nccl-tests' all_reduce_perf).",
-        epilog="Without torchrun, spawns --nproc local ranks (default: one per GPU, or 4 CPU ranks over gloo).")
+        description="All-reduce time and bandwidth: paracomm vs torch.distributed.all_reduce, per message size "
+                    "(flags and output after nccl-tests' all_reduce_perf).",
+        epilog="Without torchrun, spawns --nproc local ranks (default: one per GPU; on CPU one rank per core, "
+               "at least 2).")
     g = p.add_argument_group("sizes and iterations")
     g.add_argument("-b", "--minbytes", type=parse_size, default=parse_size("1K"), metavar="SIZE",
                    help="smallest message in bytes, suffixes K, M, G (default 1K)")
@@ -102,6 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--wire-dtype", type=_choice(WIRE_DTYPES, WIRE_ALIASES, "wire dtype"), default="none",
                    metavar="TYPE", help="paracomm only, float data only: half or bfloat16 on the wire "
                                         "(accumulation stays fp32); the baseline always sends the data type")
+    g.add_argument("--algorithm", type=_choice(dict.fromkeys(ALGORITHMS + ("all",)), {"one-shot": "one_shot"},
+                                               "algorithm"),
+                   default="auto", metavar="ALGO",
+                   help="paracomm's algorithm: auto (its own choice per size), ring, direct, one_shot, or all "
+                        "(each of ring, direct, one_shot in the same run, one row each; default auto)")
     g.add_argument("--inplace", type=_zero_one, default=1, metavar="0|1",
                    help="1: reduce the buffer in place (default); 0: out-of-place, timed as copy into the "
                         "output then in-place reduce")
@@ -109,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("output")
     g.add_argument("--json", metavar="FILE", default=None, help="write the header and every row as JSON")
     g.add_argument("--plot", metavar="FILE.png", default=None,
-                   help="plot busbw against size for both (needs matplotlib)")
+                   help="plot busbw and time against size (log-log) with the busbw ratio (needs matplotlib)")
     return p
 
 
@@ -190,21 +191,42 @@ def random_data(count: int, dtype: torch.dtype, device, generator) -> torch.Tens
     return torch.randint(-1000, 1000, (count,), generator=generator, device=device, dtype=dtype)
 
 
-# ---------------------------------------------------------------------------------------------- measuring
+# ---------------------------------------------------------------------------------------------- the engine
 
-def make_ops(ctx, args):
-    """The two all-reduces under test, each ``f(tensor)`` reducing in place over the default group."""
-    import torch.distributed as dist
+def requested_algorithms(algorithm: str) -> list:
+    """The algorithms a run measures, in column order: ``all`` -> ring, direct, one_shot; else the one named."""
+    return list(ALL_ALGORITHMS) if algorithm == "all" else [algorithm]
 
+
+def explain(count: int, dtype, world_size: int, wire_dtype, algorithm: str, backend: str) -> dict:
+    """``paracomm.explain_all_reduce`` for one row: what the algorithm resolves to and its plan's size."""
     import paracomm
 
-    comm = paracomm.Communicator(timeout=_timedelta(args.timeout))
+    info = paracomm.explain_all_reduce(count, dtype, world_size, wire_dtype=wire_dtype, algorithm=algorithm,
+                                       backend=backend)
+    # JSON-safe: dtypes and other objects as their names.
+    return {k: (v if isinstance(v, (int, float, str, bool, type(None), list, dict)) else str(v))
+            for k, v in dict(info).items()}
+
+
+# ---------------------------------------------------------------------------------------------- measuring
+
+def make_paracomm_op(comm, args, algorithm: str):
+    """paracomm's all-reduce with ``algorithm``, as ``f(tensor)`` reducing in place."""
     wire = WIRE_DTYPES[args.wire_dtype]
     op = args.op
 
     def paracomm_op(t):
-        comm.all_reduce(t, op, wire_dtype=wire)
+        comm.all_reduce(t, op, wire_dtype=wire, algorithm=algorithm)
 
+    return paracomm_op
+
+
+def make_baseline_op(ctx, args):
+    """torch.distributed.all_reduce on the default group, as ``f(tensor)`` reducing in place."""
+    import torch.distributed as dist
+
+    op = args.op
     native_avg = ctx.backend == "nccl"  # gloo has no ReduceOp.AVG
     n = ctx.world_size
 
@@ -217,7 +239,7 @@ def make_ops(ctx, args):
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
             t.div_(n)  # avg is refused for integer types (parse_args)
 
-    return paracomm_op, baseline_op
+    return baseline_op
 
 
 def _timedelta(seconds):
@@ -263,14 +285,73 @@ def measure(reduce_fn, *, src, inplace: bool, args, ctx) -> dict:
     return result
 
 
+def relative_error(reduce_fn, count: int, *, args, ctx) -> float:
+    """Normwise relative error ||result - ref|| / ||ref|| of ``reduce_fn`` on random normal float32 data (a
+    different draw on every rank), against the float64 all-reduce of the same inputs; the largest over ranks.
+
+    The float64 reference is torch.distributed's float64 all-reduce of the inputs (then divided by the world
+    size for avg): its own rounding, ~1e-16, is far below any wire dtype's.
+    """
+    import torch.distributed as dist
+
+    gen = torch.Generator(device=ctx.device).manual_seed(98765 + 7919 * ctx.rank)
+    x = torch.randn(count, generator=gen, device=ctx.device, dtype=torch.float32)
+    ref = x.double()
+    dist.all_reduce(ref, op=dist.ReduceOp.SUM)
+    if args.op == "avg":
+        ref /= ctx.world_size
+    reduce_fn(x)
+    denom = torch.linalg.vector_norm(ref).item()
+    err = torch.linalg.vector_norm(x.double() - ref).item() / denom if denom > 0 else 0.0
+    return slowest_rank(err, ctx.device)  # the MAX over ranks
+
+
 # ---------------------------------------------------------------------------------------------- output
 
-COLUMNS = ("{:>12} {:>12} {:>8} {:>5}  |{:>11} {:>7} {:>7} {:>7}  |{:>11} {:>7} {:>7} {:>7}  |{:>6}")
+def fmt_bw(x: float) -> str:
+    """A bandwidth in GB/s with three significant digits at least, never fewer than two decimals: 1 KiB on
+    CPU is ~0.01 GB/s, which two decimals would print as 0.00."""
+    if x <= 0 or x != x:
+        return f"{x:.2f}"
+    decimals = min(6, max(2, 2 - math.floor(math.log10(x))))
+    return f"{x:.{decimals}f}"
+
+
+def human_size(nbytes: float) -> str:
+    """1024 -> "1K", 3 << 20 -> "3M" (binary units, as the -b/-e flags take them); other values as numbers."""
+    n = int(round(nbytes))
+    for suffix, unit in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if n >= unit and n % unit == 0:
+            return f"{n // unit}{suffix}"
+    return str(n)
+
+
+def fmt_time(us: float) -> str:
+    """A time in microseconds: one decimal, two below 10 us."""
+    return f"{us:.2f}" if us < 10 else f"{us:.1f}"
+
+
+def _columns(with_relerr: bool):
+    """(header line 1, header line 2, header line 3, width) per column, after nccl-tests' table."""
+    cols = [("", "size", "(B)", 12), ("", "count", "(elements)", 12), ("", "type", "", 8), ("", "redop", "", 5),
+            ("", "algo", "", 8), ("paracomm", "time", "(us)", 10), ("", "algbw", "(GB/s)", 9),
+            ("", "busbw", "(GB/s)", 9), ("", "#wrong", "", 6)]
+    if with_relerr:
+        cols.append(("", "relerr", "(norm)", 9))
+    cols += [("baseline", "time", "(us)", 10), ("", "algbw", "(GB/s)", 9), ("", "busbw", "(GB/s)", 9),
+             ("", "#wrong", "", 6), ("", "ratio", "busbw", 6)]
+    return cols
+
+
+def _join(values, cols) -> str:
+    return " ".join(f"{v:>{w}}" for v, (_, _, _, w) in zip(values, cols))
 
 
 def table_head(header: dict) -> str:
     s = header["settings"]
     b = header["paracomm"]
+    cols = _columns(s["wire_dtype"] != "none")
+    cores, local = header.get("cpu_cores"), header.get("local_ranks")
     lines = [
         "# paracomm all-reduce benchmark",
         f"#  world size {header['world_size']} ({header['launcher']}), backend {header['backend']}: "
@@ -278,20 +359,26 @@ def table_head(header: dict) -> str:
         f"#  device: {header['device']}"
         + (f", {header['ranks_per_gpu']} ranks per GPU (NCCL over loopback sockets)"
            if (header.get("ranks_per_gpu") or 1) > 1 else ""),
+    ]
+    if cores is not None and local is not None:
+        lines.append(f"#  {local} local ranks on a machine with {cores} cores"
+                     + (" (more ranks than cores: ranks wait for a core, and figures jump from size to size)"
+                        if header["backend"] == "gloo" and local > cores else ""))
+    lines += [
         f"#  paracomm {b.get('version')} (torch {b.get('torch')}, cuda build {b.get('cuda')}, "
         f"cuda {b.get('cuda_version')}, nccl {b.get('nccl_version')}, archs {b.get('archs')})",
         f"#  {'in-place' if s['inplace'] else 'out-of-place (copy into the output, then reduce in place)'}, "
         f"op {s['op']}, type {s['datatype']}, paracomm wire dtype {s['wire_dtype']}, "
-        f"iters {s['iters']}, warm-up {s['warmup_iters']}, check {s['check']}",
+        f"algorithm {s['algorithm']}, iters {s['iters']}, warm-up {s['warmup_iters']}, check {s['check']}",
         f"#  baseline: {header['baseline']}",
         "#  time: median over iters of the slowest rank; algbw = size / time; busbw = algbw * 2(n-1)/n; "
-        "ratio = paracomm busbw / baseline busbw",
+        "ratio = paracomm busbw / baseline busbw; algo: the algorithm paracomm ran"
+        + ("; relerr: ||result - ref|| / ||ref|| vs float64 on random normal data" if s["wire_dtype"] != "none"
+           else ""),
         "#",
-        COLUMNS.format("", "", "", "", "paracomm", "", "", "", "baseline", "", "", "", ""),
-        COLUMNS.format("size", "count", "type", "redop", "time", "algbw", "busbw", "#wrong",
-                       "time", "algbw", "busbw", "#wrong", "ratio"),
-        COLUMNS.format("(B)", "(elements)", "", "", "(us)", "(GB/s)", "(GB/s)", "",
-                       "(us)", "(GB/s)", "(GB/s)", "", "busbw"),
+        "#" + _join([c[0] for c in cols], cols)[1:],
+        "#" + _join([c[1] for c in cols], cols)[1:],
+        "#" + _join([c[2] for c in cols], cols)[1:],
     ]
     return "\n".join(lines)
 
@@ -302,56 +389,112 @@ def _wrong_str(w):
 
 def format_row(row: dict) -> str:
     p, q = row["paracomm"], row["baseline"]
-    return COLUMNS.format(
-        row["size"], row["count"], row["type"], row["redop"],
-        f"{p['time_us']:.1f}", f"{p['algbw_gbps']:.2f}", f"{p['busbw_gbps']:.2f}", _wrong_str(p["wrong"]),
-        f"{q['time_us']:.1f}", f"{q['algbw_gbps']:.2f}", f"{q['busbw_gbps']:.2f}", _wrong_str(q["wrong"]),
-        f"{row['busbw_ratio']:.2f}")
+    with_relerr = "relerr" in p
+    values = [row["size"], row["count"], row["type"], row["redop"], row["algorithm"],
+              fmt_time(p["time_us"]), fmt_bw(p["algbw_gbps"]), fmt_bw(p["busbw_gbps"]), _wrong_str(p["wrong"])]
+    if with_relerr:
+        values.append(f"{p['relerr']:.2e}")
+    values += [fmt_time(q["time_us"]), fmt_bw(q["algbw_gbps"]), fmt_bw(q["busbw_gbps"]), _wrong_str(q["wrong"]),
+               f"{row['busbw_ratio']:.2f}"]
+    return " " + _join(values, _columns(with_relerr))[1:]
+
+
+def _geomean(xs):
+    return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs and all(x > 0 for x in xs) else float("nan")
 
 
 def summarize(rows: list) -> dict:
-    """nccl-tests' "Avg bus bandwidth" (plain mean over sizes) for both, the geometric mean of the ratios,
-    and the total of wrong elements (None when unchecked)."""
-    ratios = [r["busbw_ratio"] for r in rows]
-    wrong = [r[k]["wrong"] for r in rows for k in ("paracomm", "baseline")]
+    """nccl-tests' "Avg bus bandwidth" (plain mean over sizes) per paracomm algorithm and for the baseline, the
+    geometric mean of the busbw ratios per algorithm, and the total of wrong elements (None when unchecked)."""
+    by_algo: dict = {}
+    for r in rows:
+        by_algo.setdefault(r["algorithm_requested"], []).append(r)
+    baseline_rows = {r["size"]: r for r in rows}.values()  # one baseline measurement per size
+    wrong = [r["paracomm"]["wrong"] for r in rows] + [r["baseline"]["wrong"] for r in baseline_rows]
+    per_algo = {}
+    for algo, rs in by_algo.items():
+        ratios = [r["busbw_ratio"] for r in rs]
+        per_algo[algo] = {
+            "avg_busbw_gbps": sum(r["paracomm"]["busbw_gbps"] for r in rs) / len(rs),
+            "busbw_ratio_geomean": _geomean(ratios),
+            "busbw_ratio_min": min(ratios),
+            "busbw_ratio_max": max(ratios),
+        }
+    first = next(iter(per_algo.values()))
     return {
-        "avg_busbw_gbps": {k: sum(r[k]["busbw_gbps"] for r in rows) / len(rows) for k in ("paracomm", "baseline")},
-        "busbw_ratio_geomean": math.exp(sum(math.log(x) for x in ratios) / len(ratios)),
-        "busbw_ratio_min": min(ratios),
-        "busbw_ratio_max": max(ratios),
+        "avg_busbw_gbps": {"paracomm": first["avg_busbw_gbps"],
+                           "baseline": sum(r["baseline"]["busbw_gbps"] for r in baseline_rows) / len(baseline_rows)},
+        "busbw_ratio_geomean": first["busbw_ratio_geomean"],
+        "busbw_ratio_min": first["busbw_ratio_min"],
+        "busbw_ratio_max": first["busbw_ratio_max"],
+        "per_algorithm": per_algo,
         "wrong_total": None if any(w is None for w in wrong) else sum(wrong),
     }
 
 
 def table_tail(summary: dict) -> str:
     avg = summary["avg_busbw_gbps"]
-    return "\n".join([
-        f"# Avg bus bandwidth (GB/s): paracomm {avg['paracomm']:.3f}, baseline {avg['baseline']:.3f}",
-        f"# busbw ratio paracomm/baseline: geometric mean {summary['busbw_ratio_geomean']:.2f} "
-        f"(min {summary['busbw_ratio_min']:.2f}, max {summary['busbw_ratio_max']:.2f})",
-        f"# wrong elements in total: {_wrong_str(summary['wrong_total'])}",
-    ])
+    wrong = summary["wrong_total"]
+    lines = [
+        f"# Out of bounds values : {_wrong_str(wrong)} {'OK' if not wrong else 'FAILED'}",
+        f"# Avg bus bandwidth    : {avg['paracomm']:g}",
+        "#",
+        f"#  avg busbw (GB/s): baseline {fmt_bw(avg['baseline'])}, "
+        + ", ".join(f"paracomm {a} {fmt_bw(v['avg_busbw_gbps'])}" for a, v in summary["per_algorithm"].items()),
+    ]
+    for a, v in summary["per_algorithm"].items():
+        lines.append(f"#  busbw ratio paracomm {a} / baseline: geometric mean {v['busbw_ratio_geomean']:.2f} "
+                     f"(min {v['busbw_ratio_min']:.2f}, max {v['busbw_ratio_max']:.2f})")
+    lines.append(f"#  wrong elements in total: {_wrong_str(wrong)}")
+    return "\n".join(lines)
 
 
 def plot_busbw(rows: list, header: dict, path: str) -> None:
-    """Bus bandwidth against message size (log2 x axis) for paracomm and the baseline, written as a PNG."""
+    """Three panels against message size, all log-scaled: bus bandwidth and time (the latency view, where small
+    messages live) of every paracomm algorithm and the baseline, and the busbw ratio. Written as a PNG."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, NullFormatter
 
-    sizes = [r["size"] for r in rows]
-    fig, ax = plt.subplots(figsize=(8, 5))
-    ax.plot(sizes, [r["paracomm"]["busbw_gbps"] for r in rows], "o-", label="paracomm ring")
-    ax.plot(sizes, [r["baseline"]["busbw_gbps"] for r in rows], "s--", label=f"torch.distributed ({header['backend']})")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("message size (bytes)")
-    ax.set_ylabel("bus bandwidth (GB/s)")
+    by_algo: dict = {}
+    for r in rows:
+        by_algo.setdefault(r["algorithm_requested"], []).append(r)
+    base = sorted({r["size"]: r for r in rows}.values(), key=lambda r: r["size"])
+    fig, (ax_bw, ax_t, ax_r) = plt.subplots(3, 1, figsize=(8, 10), sharex=True,
+                                            gridspec_kw={"height_ratios": [3, 3, 2]})
+    base_label = f"torch.distributed ({header['backend']})"
+    for algo, rs in by_algo.items():
+        label = f"paracomm {algo}"
+        sizes = [r["size"] for r in rs]
+        ax_bw.plot(sizes, [r["paracomm"]["busbw_gbps"] for r in rs], "o-", label=label)
+        ax_t.plot(sizes, [r["paracomm"]["time_us"] for r in rs], "o-", label=label)
+        ax_r.plot(sizes, [r["busbw_ratio"] for r in rs], "o-", label=label)
+    ax_bw.plot([r["size"] for r in base], [r["baseline"]["busbw_gbps"] for r in base], "s--", color="k",
+               label=base_label)
+    ax_t.plot([r["size"] for r in base], [r["baseline"]["time_us"] for r in base], "s--", color="k",
+              label=base_label)
+    ax_r.axhline(1.0, color="k", linestyle="--", linewidth=1)
+    for ax in (ax_bw, ax_t, ax_r):
+        ax.set_xscale("log", base=2)
+        ax.grid(True, which="both", alpha=0.3)
+    ax_bw.set_yscale("log")
+    ax_t.set_yscale("log")
+    ax_r.set_yscale("log", base=2)
+    # Sizes as 1K, 64K, 1M (nccl-tests' units); the ratio as a plain number (0.5, 1, 2).
+    ax_r.xaxis.set_major_formatter(FuncFormatter(lambda x, _: human_size(x)))
+    ax_r.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
+    ax_r.yaxis.set_minor_formatter(NullFormatter())
+    ax_bw.set_ylabel("bus bandwidth (GB/s)")
+    ax_t.set_ylabel("time (us)")
+    ax_r.set_ylabel("busbw ratio\nparacomm / baseline")
+    ax_r.set_xlabel("message size (bytes)")
+    ax_bw.legend(fontsize=8)
+    ax_t.legend(fontsize=8)
     s = header["settings"]
-    ax.set_title(f"all-reduce {s['op']} {s['datatype']}"
-                 + (f", wire {s['wire_dtype']}" if s["wire_dtype"] != "none" else "")
-                 + f", {header['world_size']} ranks, {header['backend']}\n{header['device']}", fontsize=9)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    ax_bw.set_title(f"all-reduce {s['op']} {s['datatype']}"
+                    + (f", wire {s['wire_dtype']}" if s["wire_dtype"] != "none" else "")
+                    + f", {header['world_size']} ranks, {header['backend']}\n{header['device']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -362,8 +505,14 @@ def plot_busbw(rows: list, header: dict, path: str) -> None:
 def run_rank(ctx, args) -> int:
     """The benchmark on one rank: every rank measures, rank 0 prints each row as soon as it is measured and
     writes the JSON and the plot. Returns 1 when any element was wrong, else 0."""
+    import paracomm
+
     dtype = DTYPES[args.datatype]
-    paracomm_op, baseline_op = make_ops(ctx, args)
+    wire = WIRE_DTYPES[args.wire_dtype]
+    comm = paracomm.Communicator(timeout=_timedelta(args.timeout))
+    algorithms = requested_algorithms(args.algorithm)
+    paracomm_ops = {a: make_paracomm_op(comm, args, a) for a in algorithms}
+    baseline_op = make_baseline_op(ctx, args)
     gen = torch.Generator(device=ctx.device).manual_seed(1234 + ctx.rank)
     lead = ctx.rank == 0
     header = launch_mod.run_header(ctx)
@@ -372,21 +521,30 @@ def run_rank(ctx, args) -> int:
                              if ctx.backend == "gloo" and args.op == "avg" else ""))
     header["settings"] = {k: getattr(args, k) for k in (
         "minbytes", "maxbytes", "stepfactor", "iters", "warmup_iters", "check", "datatype", "op",
-        "wire_dtype", "inplace")}
+        "wire_dtype", "algorithm", "inplace")}
+    header["settings"]["algorithms"] = algorithms
     if lead:
         print(table_head(header), flush=True)
     rows = []
+    inplace = bool(args.inplace)
     for nbytes, count in size_sweep(args.minbytes, args.maxbytes, args.stepfactor,
                                     torch.empty(0, dtype=dtype).element_size()):
         src = random_data(count, dtype, ctx.device, gen)
-        row = {"size": nbytes, "count": count, "type": args.datatype, "redop": args.op,
-               "inplace": bool(args.inplace)}
-        row["paracomm"] = measure(paracomm_op, src=src, inplace=bool(args.inplace), args=args, ctx=ctx)
-        row["baseline"] = measure(baseline_op, src=src, inplace=bool(args.inplace), args=args, ctx=ctx)
-        row["busbw_ratio"] = row["paracomm"]["busbw_gbps"] / row["baseline"]["busbw_gbps"]
-        rows.append(row)
-        if lead:
-            print(format_row(row), flush=True)
+        baseline = measure(baseline_op, src=src, inplace=inplace, args=args, ctx=ctx)
+        if wire is not None:
+            baseline["relerr"] = relative_error(baseline_op, count, args=args, ctx=ctx)
+        for algo in algorithms:
+            plan = explain(count, dtype, ctx.world_size, wire, algo, ctx.backend)
+            row = {"size": nbytes, "count": count, "type": args.datatype, "redop": args.op, "inplace": inplace,
+                   "algorithm_requested": algo, "algorithm": plan["algorithm"], "plan": plan}
+            row["paracomm"] = measure(paracomm_ops[algo], src=src, inplace=inplace, args=args, ctx=ctx)
+            if wire is not None:
+                row["paracomm"]["relerr"] = relative_error(paracomm_ops[algo], count, args=args, ctx=ctx)
+            row["baseline"] = baseline
+            row["busbw_ratio"] = row["paracomm"]["busbw_gbps"] / row["baseline"]["busbw_gbps"]
+            rows.append(row)
+            if lead:
+                print(format_row(row), flush=True)
         del src
     summary = summarize(rows)
     if lead:

@@ -8,7 +8,7 @@ default                DDP's built-in bucketed all-reduce (no hook)
 torch-allreduce        torch's ``default_hooks.allreduce_hook``
 torch-fp16             torch's ``default_hooks.fp16_compress_hook``
 torch-bf16             torch's ``default_hooks.bf16_compress_hook`` (torch allows it only on CUDA with
-                       NCCL >= 2.10; left out elsewhere)
+                       NCCL >= 2.10; elsewhere left out, and the header says so: "skipped: ...")
 paracomm-allreduce     ``paracomm.hooks.allreduce_hook`` (the ring, avg fused into the reduction)
 paracomm-fp16          ``paracomm.hooks.fp16_compress_hook``
 paracomm-bf16          ``paracomm.hooks.bf16_compress_hook`` (works on gloo too)
@@ -97,6 +97,15 @@ def parse_args(argv) -> argparse.Namespace:
         args.variants = sorted(dict.fromkeys(names), key=lambda v: v != "default")
     launch_mod.check_output_path(p, args, "json")
     return args
+
+
+def skipped_variants(backend: str) -> dict:
+    """Variants this backend cannot run -> why (printed in the header and stored in the JSON)."""
+    skipped = {}
+    if not torch_bf16_hook_allowed(backend):
+        skipped["torch-bf16"] = ("torch allows its bf16_compress_hook only on CUDA with NCCL >= 2.10 "
+                                 f"(this run: {backend}); paracomm-bf16 runs everywhere")
+    return skipped
 
 
 def torch_bf16_hook_allowed(backend: str) -> bool:
@@ -194,11 +203,14 @@ def measure_variant(ctx, args, variant: str, batches) -> dict:
 def run_rank(ctx, args) -> int:
     """The DDP benchmark on one rank; rank 0 prints each variant's row as soon as it is measured."""
     variants = args.variants
+    skipped = skipped_variants(ctx.backend)
     if variants is None:
-        variants = [v for v in VARIANTS if v != "torch-bf16" or torch_bf16_hook_allowed(ctx.backend)]
-    elif "torch-bf16" in variants and not torch_bf16_hook_allowed(ctx.backend):
-        raise RuntimeError("--variants torch-bf16: torch allows its bf16_compress_hook only on CUDA with "
-                           "NCCL >= 2.10")
+        variants = [v for v in VARIANTS if v not in skipped]
+    else:
+        asked = [v for v in variants if v in skipped]
+        if asked:
+            raise RuntimeError("; ".join(f"--variants {v}: {skipped[v]}" for v in asked))
+        skipped = {}  # the user chose the variants: nothing was left out behind their back
     gen = torch.Generator(device=ctx.device).manual_seed(4321 + ctx.rank)  # each rank its own data shard
     shape = (args.batch, args.seq, args.d_model)
     batches = [(torch.randn(shape, generator=gen, device=ctx.device),
@@ -210,6 +222,7 @@ def run_rank(ctx, args) -> int:
                        "seq": args.seq, "batch_per_rank": args.batch, "params": n_params,
                        "grad_mb_fp32": n_params * 4 / 2**20, "bucket_cap_mb": args.bucket_cap_mb}
     header["settings"] = {"iters": args.iters, "warmup_iters": args.warmup_iters, "optimizer": "SGD(momentum)"}
+    header["skipped"] = skipped
     fmt = "{:>20} {:>11} {:>10} {:>13} {:>12}"
     if lead:
         m = header["model"]
@@ -224,8 +237,9 @@ def run_rank(ctx, args) -> int:
             f"grads), batch {m['batch_per_rank']} x seq {m['seq']} per rank, buckets {m['bucket_cap_mb']} MB",
             f"#  step: median of {args.iters} after {args.warmup_iters} warm-up, slowest rank; "
             "vs default = default step time / this step time",
+        ] + [f"#  skipped: {v}: {why}" for v, why in skipped.items()] + [
             "#",
-            fmt.format("variant", "step (ms)", "vs default", "samples/s", "loss (last)"),
+            "#" + fmt.format("variant", "step (ms)", "vs default", "samples/s", "loss (last)")[1:],
         ]), flush=True)
     rows = []
     for variant in variants:

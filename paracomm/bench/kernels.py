@@ -35,6 +35,7 @@ import torch
 
 import paracomm
 from paracomm.bench import timing
+from paracomm.bench.cli import parse_count
 
 KERNELS = ("unscale_fp16_fp32", "unscale_fp32", "unscale_fp32_norm", "flatten")
 SHAPE_NAMES = ("small", "large")
@@ -74,10 +75,15 @@ def _parse(argv) -> argparse.Namespace:
     p.add_argument("--shapes", default="both", choices=SHAPE_NAMES + ("both",), help="which shapes (default both)")
     p.add_argument("--kernels", default=",".join(KERNELS),
                    help=f"comma-separated subset of {', '.join(KERNELS)} (default all)")
-    p.add_argument("--small-tensors", type=int, default=1000, help="tensors in the small shape (default 1000)")
-    p.add_argument("--small-numel", type=int, default=4096, help="elements per small tensor (default 4096)")
-    p.add_argument("--large-tensors", type=int, default=4, help="tensors in the large shape (default 4)")
-    p.add_argument("--large-numel", type=int, default=64 << 20, help="elements per large tensor (default 64M)")
+    # Counts take the allreduce mode's suffixes (K, M, G; binary), so "--large-numel 64M" works as the help says.
+    p.add_argument("--small-tensors", type=parse_count, default=1000, metavar="N",
+                   help="tensors in the small shape (default 1000)")
+    p.add_argument("--small-numel", type=parse_count, default=4096, metavar="N",
+                   help="elements per small tensor (default 4K = 4096)")
+    p.add_argument("--large-tensors", type=parse_count, default=4, metavar="N",
+                   help="tensors in the large shape (default 4)")
+    p.add_argument("--large-numel", type=parse_count, default=64 << 20, metavar="N",
+                   help="elements per large tensor, suffixes K, M, G (default 64M = 64 * 2**20)")
     p.add_argument("--seed", type=int, default=0, help="random seed for the data (default 0)")
     args = p.parse_args(argv)
 
@@ -254,7 +260,7 @@ def main(argv=None) -> int:
         print(f"# device-to-device copy ceiling: {ceiling:.1f} GB/s (read + written)")
     print(f"# median of {args.iters} runs after {args.warmup} warm-up; GB/s = bytes the kernel must move / time; "
           f"ratio = torch time / paracomm time")
-    header = (f"{'kernel':<18} {'shape':<6} {'tensors':>8} {'elements':>11} {'us':>10} {'GB/s':>8} "
+    header = (f"#{'kernel':<17} {'shape':<6} {'tensors':>8} {'elements':>11} {'us':>10} {'GB/s':>8} "
               f"{'%copy':>6} {'torch us':>10} {'torch GB/s':>10} {'ratio':>6} match")
     print(header)
 

@@ -11,7 +11,7 @@ Two ways in, one per-rank path:
 Device placement. With CUDA, rank ``local_rank`` uses GPU ``local_rank // ranks_per_gpu``. NCCL refuses two
 ranks on one GPU, so with ``ranks_per_gpu > 1`` every rank gets its own ``NCCL_HOSTID`` and the socket
 transport over loopback (P2P, SHM and IB off) before NCCL starts: each rank then looks like its own node
-(DESIGN.md, "Several ranks on one GPU"). That transport is slow; it is for correctness and for
+(docs/ARCHITECTURE.md, "Several ranks on one GPU"). That transport is slow; it is for correctness and for
 paracomm-vs-NCCL ratios on the same transport, not for absolute figures.
 """
 from __future__ import annotations
@@ -30,7 +30,7 @@ from typing import Any, Callable
 import torch
 
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
-DEFAULT_CPU_RANKS = 4
+MAX_DEFAULT_CPU_RANKS = 4  # default CPU ranks: one per core, at least 2, at most this many
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,11 +62,21 @@ def resolve_device_kind(device: str) -> str:
     return device
 
 
+def cpu_cores() -> int:
+    """Cores this process may run on (its affinity mask; ``os.cpu_count()`` where that is unknown)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def add_rank_args(parser) -> None:
     """The flags every benchmark mode shares for placing its ranks: --nproc, --ranks-per-gpu, --device, --timeout."""
     g = parser.add_argument_group("ranks")
     g.add_argument("--nproc", type=int, default=None,
-                   help="local ranks to spawn (ignored under torchrun; default one per GPU, or 4 on CPU)")
+                   help="local ranks to spawn (ignored under torchrun; default: one per GPU times "
+                        f"--ranks-per-gpu; on CPU one per core, at least 2, at most {MAX_DEFAULT_CPU_RANKS}: "
+                        f"{default_cpu_ranks()} here)")
     g.add_argument("--ranks-per-gpu", type=int, default=1, metavar="K",
                    help="K ranks share each GPU (NCCL over loopback sockets; slow, for ratios)")
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
@@ -90,6 +100,23 @@ def check_rank_args(parser, args) -> None:
         parser.error("--ranks-per-gpu needs CUDA (on CPU, use --nproc)")
     if args.timeout <= 0:
         parser.error(f"--timeout must be positive, got {args.timeout}")
+    if args.device == "cuda" and not under_torchrun():
+        problem = gpu_rank_problem(args.nproc, args.ranks_per_gpu, torch.cuda.device_count())
+        if problem:
+            parser.error(problem)
+
+
+def gpu_rank_problem(nproc: int | None, ranks_per_gpu: int, device_count: int) -> str | None:
+    """Why ``nproc`` ranks at ``ranks_per_gpu`` per GPU do not fit on ``device_count`` GPUs, with the flags that
+    would (rank r runs on GPU r // ranks_per_gpu); None when they fit or ``nproc`` is left to the default."""
+    if nproc is None or nproc <= device_count * ranks_per_gpu:
+        return None
+    gpus = "1 GPU is" if device_count == 1 else f"{device_count} GPUs are"
+    per = -(-nproc // max(device_count, 1))
+    return (f"--nproc {nproc} needs {-(-nproc // ranks_per_gpu)} GPUs at --ranks-per-gpu {ranks_per_gpu} "
+            f"(rank r runs on GPU r // ranks-per-gpu), but {gpus} visible: pass --nproc "
+            f"{device_count * ranks_per_gpu} or fewer, or --ranks-per-gpu {per} to put {per} ranks on each GPU "
+            "(NCCL over loopback sockets), or --device cpu")
 
 
 def check_output_path(parser, args, flag: str) -> None:
@@ -103,11 +130,18 @@ def check_output_path(parser, args, flag: str) -> None:
     setattr(args, flag, path)
 
 
+def default_cpu_ranks() -> int:
+    """CPU ranks when ``--nproc`` is not given: one per core, at least 2 (an all-reduce needs a peer), at most
+    MAX_DEFAULT_CPU_RANKS. More ranks than cores time the scheduler, not the all-reduce: ratios then jump
+    from size to size."""
+    return max(2, min(cpu_cores(), MAX_DEFAULT_CPU_RANKS))
+
+
 def default_nproc(device_kind: str, ranks_per_gpu: int) -> int:
-    """One rank per GPU (times ``ranks_per_gpu``) with CUDA; 4 CPU ranks over gloo without."""
+    """One rank per GPU (times ``ranks_per_gpu``) with CUDA; :func:`default_cpu_ranks` CPU ranks without."""
     if device_kind == "cuda":
         return torch.cuda.device_count() * ranks_per_gpu
-    return DEFAULT_CPU_RANKS
+    return default_cpu_ranks()
 
 
 def multi_rank_gpu_env(rank: int) -> dict:
@@ -131,7 +165,12 @@ def _run_rank(worker: Callable[[RankContext, Any], int], args: Any, *, rank: int
         if ranks_per_gpu > 1:
             # Must precede the first NCCL communicator: NCCL reads these once, at init.
             os.environ.update(multi_rank_gpu_env(rank))
-        device = torch.device("cuda", local_rank // ranks_per_gpu)
+        gpu = local_rank // ranks_per_gpu
+        if gpu >= torch.cuda.device_count():
+            problem = gpu_rank_problem(local_world_size, ranks_per_gpu, torch.cuda.device_count())
+            raise RuntimeError(f"rank {rank} (local rank {local_rank}) would run on cuda:{gpu}: "
+                               + (problem or f"only {torch.cuda.device_count()} GPUs are visible"))
+        device = torch.device("cuda", gpu)
         torch.cuda.set_device(device)
         backend = "nccl"
     else:
@@ -199,6 +238,10 @@ def launch(worker: Callable[[RankContext, Any], int], args: Any, *, nproc: int |
     if world_size < 1:
         raise ValueError(f"nproc: need at least 1 rank, got {world_size}"
                          + (" (no GPU visible)" if device_kind == "cuda" else ""))
+    if device_kind == "cuda":
+        problem = gpu_rank_problem(world_size, ranks_per_gpu, torch.cuda.device_count())
+        if problem:
+            raise ValueError(problem)
     ctx = mp.get_context("spawn")
     rdzv_dir = tempfile.mkdtemp(prefix="paracomm_bench_")
     init_method = f"file://{os.path.join(rdzv_dir, 'rendezvous')}"
@@ -254,7 +297,7 @@ def describe_device(device: torch.device) -> str:
     except OSError:
         import platform
         model = platform.processor() or model
-    return f"{model} ({os.cpu_count()} cores)"
+    return f"{model} ({cpu_cores()} cores)"
 
 
 def backend_version(backend: str) -> str:
@@ -279,6 +322,8 @@ def run_header(ctx: RankContext) -> dict:
         "backend_version": backend_version(ctx.backend),
         "device": describe_device(ctx.device),
         "ranks_per_gpu": ctx.ranks_per_gpu if ctx.device.type == "cuda" else None,
+        "cpu_cores": cpu_cores(),
+        "local_ranks": ctx.local_world_size,
         "torch": torch.__version__,
         "paracomm": paracomm.build_info(),
         "git_commit": git_commit(),
