@@ -312,9 +312,10 @@ def test_flatten_refused_call_writes_nothing(gen):
 
 
 def reduce_reference(inputs, out_dtype, *, divisor=1.0, scale=None, wire_dtype=None):
-    """The formula of ops.cpp in torch's own CPU arithmetic: sum left to right in acc (float32, float64, int64;
+    """The formula of reduce.h in torch's own CPU arithmetic: sum left to right in acc (float32, float64, int64;
     torch's int64 add wraps), divide by a tensor (exact IEEE division, unlike a scalar divide, which may multiply
-    by the reciprocal), scale, round through the wire dtype. Returns (out, wire or None, any non-finite)."""
+    by the reciprocal), scale, round through the wire dtype, cast to out's dtype. Returns (out, wire or None,
+    whether a stored value is non-finite)."""
     first = inputs[0].cpu()
     if first.dtype in (torch.int32, torch.int64):
         acc_t = torch.int64
@@ -334,8 +335,10 @@ def reduce_reference(inputs, out_dtype, *, divisor=1.0, scale=None, wire_dtype=N
     if wire_dtype is not None:
         wire = acc.to(wire_dtype)
         acc = wire.to(acc_t)
-    bad = bool((~torch.isfinite(acc)).any()) if acc_t.is_floating_point else False
-    return acc.to(out_dtype), wire, bad
+    out = acc.to(out_dtype)
+    # found_inf tests the stored value: after the wire round trip and the cast to out's dtype.
+    bad = bool((~torch.isfinite(out.to(acc_t))).any()) if acc_t.is_floating_point else False
+    return out, wire, bad
 
 
 def reduce_both(out, inputs, *, divisor=1.0, scale=None, found_inf=None, wire_dtype=None, wire_out=None):
@@ -432,8 +435,8 @@ def test_reduce_misaligned_single_buffers(gen):
         reduce_both(torch.empty(n, device=DEV), xs, divisor=3.0, wire_dtype=torch.bfloat16, wire_out=wo)
 
 
-def test_reduce_found_inf_after_wire_round_trip():
-    """A finite float32 sum that overflows float16 is flagged (the stored result is inf on every rank)."""
+def test_reduce_found_inf_tests_the_stored_value():
+    """A finite float32 sum that overflows a float16 wire or out is flagged (the stored result is inf)."""
     x = torch.full((1000,), 60000.0, device=DEV)
     recv = torch.full((1000,), 30000.0, dtype=torch.float16, device=DEV)
     w = torch.empty(1000, dtype=torch.float16, device=DEV)
@@ -441,6 +444,16 @@ def test_reduce_found_inf_after_wire_round_trip():
     reduce_both(x, [x, recv], found_inf=found, wire_dtype=torch.float16, wire_out=w)
     assert found.item() == 1.0
     assert torch.isinf(x).all()
+    # Without the wire: the float32 sum is finite, but the float16 out it is stored in is not.
+    x = torch.full((1000,), 60000.0, device=DEV)
+    out = torch.empty(1000, dtype=torch.float16, device=DEV)
+    found = scalar(0.0)
+    reduce_both(out, [x, recv], found_inf=found)
+    assert found.item() == 1.0
+    assert torch.isinf(out).all()
+    found = scalar(0.0)
+    reduce_both(torch.empty(1000, device=DEV), [x, recv], found_inf=found)  # a float32 out holds it
+    assert found.item() == 0.0
 
 
 def test_reduce_found_inf_is_never_cleared(gen):

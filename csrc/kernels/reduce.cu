@@ -6,8 +6,8 @@
 // executors give the same bits:
 //   acc = float for float32/float16/bfloat16, double for float64, int64 for int32/int64 (wrapping add);
 //   divisor (as acc) and scale only for floating accumulation, in that order, IEEE division (no fast math);
-//   found_inf tests v after the wire round trip (a finite float32 sum that overflows float16 is a non-finite
-//   result on every rank); integers are always finite.
+//   found_inf tests the value stored in out, i.e. after the wire round trip and the cast to out's dtype (a
+//   finite float32 sum that overflows a float16 wire or out is a non-finite result); integers are always finite.
 //
 // Layout: a grid-stride loop over 16-byte vectors of the narrowest type involved (8 elements when a 16-bit
 // buffer takes part), each thread loading its vector from every input before it stores anything, so an input
@@ -60,23 +60,25 @@ __device__ __forceinline__ Acc acc_add(Acc x, Acc y) {
   }
 }
 
-// Everything after the sum for one element: divisor, scale, wire round trip, inf check.
-template <typename Acc, typename WT>
+// Everything after the sum for one element: divisor, scale, wire round trip, the cast to out's dtype, and the
+// inf check of that stored value (a finite float32 sum can overflow a float16 wire or out).
+template <typename Acc, typename WT, typename OutT>
 struct Finisher {
   bool divide, has_scale, check;
   Acc divisor, scale;
 
-  __device__ __forceinline__ Acc apply(Acc v, WT& wire_value, bool& found) const {
+  __device__ __forceinline__ OutT apply(Acc v, WT& wire_value, bool& found) const {
     if constexpr (std::is_floating_point_v<Acc>) {
       if (divide) v = v / divisor;
       if (has_scale) v = v * scale;
     }
     wire_value = convert<WT>(v);
     if constexpr (!std::is_same_v<WT, Acc>) v = to_acc<Acc>(wire_value);
+    const OutT y = convert<OutT>(v);
     if constexpr (std::is_floating_point_v<Acc>) {
-      if (check && !isfinite(v)) found = true;
+      if (check && !isfinite(to_acc<Acc>(y))) found = true;
     }
-    return v;
+    return y;
   }
 };
 
@@ -87,7 +89,8 @@ __global__ void __launch_bounds__(kReduceThreads) reduce_kernel(const __grid_con
   WT* wire = static_cast<WT*>(p.wire_out);
   const FirstT* first = static_cast<const FirstT*>(p.inputs[0]);
   const int num_inputs = p.num_inputs;
-  Finisher<Acc, WT> fin{p.divide, p.scale != nullptr, p.found_inf != nullptr, static_cast<Acc>(p.divisor), Acc(1)};
+  Finisher<Acc, WT, OutT> fin{p.divide, p.scale != nullptr, p.found_inf != nullptr, static_cast<Acc>(p.divisor),
+                              Acc(1)};
   if constexpr (std::is_floating_point_v<Acc>) {
     if (p.scale != nullptr) fin.scale = static_cast<Acc>(*p.scale);
   }
@@ -122,7 +125,7 @@ __global__ void __launch_bounds__(kReduceThreads) reduce_kernel(const __grid_con
         OutT y[kVec];
         WT w[kVec];
 #pragma unroll
-        for (int k = 0; k < kVec; ++k) y[k] = convert<OutT>(fin.apply(acc[k], w[k], found));
+        for (int k = 0; k < kVec; ++k) y[k] = fin.apply(acc[k], w[k], found);
         if constexpr (kStoreWire) store_pack(wire + base, w);
         store_pack(out + base, y);
       }
@@ -140,11 +143,11 @@ __global__ void __launch_bounds__(kReduceThreads) reduce_kernel(const __grid_con
     Acc acc = to_acc<Acc>(first[i]);
     for (int j = 1; j < num_inputs; ++j) acc = acc_add(acc, to_acc<Acc>(static_cast<const RestT*>(p.inputs[j])[i]));
     WT w;
-    const Acc v = fin.apply(acc, w, found);
+    const OutT y = fin.apply(acc, w, found);
     if constexpr (kRound) {
       if (wire != nullptr) wire[i] = w;
     }
-    out[i] = convert<OutT>(v);
+    out[i] = y;
   }
   if (found) *p.found_inf = 1.0f;  // every finder stores the same 1.0; never cleared
 }
