@@ -159,7 +159,7 @@ void check_plan_buffers(const Plan& plan, const PlanBuffers& buf, double divisor
   PARACOMM_CHECK(spec.numel == 0 || buf.data != nullptr, "ptr is null but numel is ", spec.numel);
   const int64_t required = plan.workspace_bytes();
   PARACOMM_CHECK(buf.workspace_bytes >= required, "workspace_bytes must be >= ", required,
-                 " (all_reduce_workspace_bytes), got ", buf.workspace_bytes);
+                 " (the plan's workspace_bytes), got ", buf.workspace_bytes);
   PARACOMM_CHECK(required == 0 || buf.workspace != nullptr, "workspace_ptr is null but ", required,
                  " bytes are needed");
 }

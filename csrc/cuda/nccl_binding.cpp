@@ -2,7 +2,7 @@
 //
 // Torch-free on purpose: tensors arrive as raw device pointers (int), streams as cudaStream_t values (int),
 // dtypes as DType codes (csrc/dtype.h), the algorithm as the int of paracomm::Algorithm. paracomm/comm.py
-// validates tensors, sizes the workspace with _C.all_reduce_workspace_bytes (ops.cpp, backend-neutral),
+// validates tensors, sizes the workspace with the plan's workspace_bytes (_C.plan_summary / all_reduce_plan),
 // allocates it on the current stream and calls in here. Calls that may block (construction, which waits for
 // every rank; all_reduce, whose blocking NCCL enqueue may wait while NCCL connects to a peer; abort;
 // destruction) release the GIL.
@@ -109,7 +109,8 @@ void bind_nccl(py::module_& m) {
           "synchronisation, running the plan of `algorithm` (0 ring, 1 direct, 2 one_shot; see "
           "csrc/allreduce/plan.h). divisor: N for avg, else 1 (exactly 1 for integers). wire_dtype: -1 or 1/2 "
           "(float16/bfloat16, float32 data only). scale_ptr / found_inf_ptr: 1-element float32 device buffers "
-          "or 0. workspace: >= _C.all_reduce_workspace_bytes(...) device bytes for the same arguments; it and "
+          "or 0. workspace: >= the workspace_bytes of _C.plan_summary(...) for the same call (backend 'nccl', "
+          "this rank); it and "
           "every other buffer may be freed (on `stream`) as soon as this returns. chunk_bytes: 0 for the plan's "
           "default, else bytes of the wire dtype per piece. Raises (nothing enqueued) on invalid arguments, a "
           "stream that is capturing a CUDA graph, or a failed/aborted communicator; raises after aborting the "
