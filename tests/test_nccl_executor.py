@@ -129,7 +129,8 @@ def _cases(world_size):
     sizes = sorted({0, 1, max(world_size - 1, 1), 4099, 1_000_003})
     cases = []
     for dtype in CODE:
-        for numel in sizes:
+        # ~1e6 elements for one dtype per accumulation family (the rest stop at 4099: the GPU step has a budget).
+        for numel in (sizes if dtype in (torch.float32, torch.bfloat16, torch.int64) else sizes[:-1]):
             for op in (["sum", "avg"] if dtype.is_floating_point else ["sum"]):
                 cases.append((dtype, None, numel, op, None, False, None, 0))
     for wire in (torch.float16, torch.bfloat16):
@@ -418,6 +419,7 @@ def _rank_init_without_peers(rank, world_size, timeout_s):
 
 
 # ------------------------------------------------------------------------------------------------------- tests
+@pytest.mark.slow
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4])
 def test_every_algorithm_matches_cpu_executor_and_reference(world_size):
     results = run_ranks(world_size, _rank_every_algorithm, timeout=1500, env=NCCL_ENV, pg_timeout_s=900)
@@ -438,6 +440,7 @@ def test_watchdog_does_not_break_a_global_mode_capture():
         assert values == [50.0] * 5, f"rank {rank}: {values}"
 
 
+@pytest.mark.slow
 def test_back_to_back_calls_do_not_grow_memory():
     results = run_ranks(2, _rank_steady_memory, timeout=600, env=NCCL_ENV)
     for rank, (rss_growth, alloc_growth, same, enqueue_us) in enumerate(results):
@@ -447,19 +450,20 @@ def test_back_to_back_calls_do_not_grow_memory():
         assert enqueue_us > 0.0
 
 
-@pytest.mark.parametrize("algorithm", list(ALGORITHMS))
-def test_killed_rank_makes_the_others_raise_within_the_timeout(algorithm):
-    timeout_s = 15.0
-    for world_size in (2, 4):
-        results = run_ranks(world_size, _rank_killed_peer, timeout_s, algorithm, timeout=240, env=NCCL_ENV,
-                            allow_missing=(world_size - 1,))
-        for rank, result in enumerate(results[:-1]):
-            error, elapsed, later = result
-            assert error is not None, f"rank {rank} of {world_size} never raised"
-            assert elapsed < timeout_s + 10, f"rank {rank} raised after {elapsed:.1f} s"
-            assert later is not None and "unusable" in later, later
+@pytest.mark.slow
+@pytest.mark.parametrize("algorithm,world_size", [("ring", 4), ("direct", 3), ("one_shot", 2)])
+def test_killed_rank_makes_the_others_raise_within_the_timeout(algorithm, world_size):
+    timeout_s = 10.0
+    results = run_ranks(world_size, _rank_killed_peer, timeout_s, algorithm, timeout=240, env=NCCL_ENV,
+                        allow_missing=(world_size - 1,))
+    for rank, result in enumerate(results[:-1]):
+        error, elapsed, later = result
+        assert error is not None, f"rank {rank} of {world_size} never raised"
+        assert elapsed < timeout_s + 10, f"rank {rank} raised after {elapsed:.1f} s"
+        assert later is not None and "unusable" in later, later
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("warm", [True, False])
 def test_stalled_rank_times_out_and_abort_is_idempotent(warm):
     timeout_s = 8.0
@@ -470,6 +474,7 @@ def test_stalled_rank_times_out_and_abort_is_idempotent(warm):
     assert "unusable" in after_abort
 
 
+@pytest.mark.slow
 def test_destruction_with_pending_work_does_not_hang():
     timeout_s = 60.0
     (destroyed, synced), _ = run_ranks(2, _rank_destroy_with_pending_work, timeout_s, timeout=240, env=NCCL_ENV)
