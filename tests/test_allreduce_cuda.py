@@ -1,7 +1,7 @@
 """paracomm.all_reduce on CUDA tensors over paracomm's NCCL communicator (skipped without a GPU).
 
 Several ranks share the one GPU: each rank gets its own NCCL_HOSTID and traffic goes through the socket
-transport (DESIGN.md, "Several ranks on one GPU"). Integer-valued data, so sums are exact and paracomm must
+transport (docs/ARCHITECTURE.md, "Several ranks on one GPU"). Integer-valued data, so sums are exact and paracomm must
 match torch.distributed.all_reduce (NCCL) bit for bit.
 """
 import hashlib

@@ -1,7 +1,7 @@
 """GPU tests of the NCCL plan executor and communicator through the raw binding (paracomm._C.NcclComm).
 
 Several ranks share the one GPU of the test machine: each rank gets its own NCCL_HOSTID (set inside the rank
-function, before NCCL first runs) and traffic goes over the socket transport on loopback (DESIGN.md, "Several
+function, before NCCL first runs) and traffic goes over the socket transport on loopback (docs/ARCHITECTURE.md, "Several
 ranks on one GPU"). Every multi-rank run has a deadline (run_ranks) and every communicator a timeout.
 
 Every algorithm (ring, direct, one_shot) x dtype x wire dtype x size (0, 1, < N, odd, ~1e6) on random data:
