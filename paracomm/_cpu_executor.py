@@ -32,15 +32,19 @@ import torch.distributed as dist
 from ._ops import ops
 
 _DATA, _WIRE, _RECV = 0, 1, 2
+_ELEMENT_SIZE = {dt: torch.empty((), dtype=dt).element_size()
+                 for dt in (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int32, torch.int64)}
 
 
 class PreparedPlan:
     """A plan from ``paracomm._C.all_reduce_plan`` in the shape the executor's loop reads fastest."""
 
-    __slots__ = ("algorithm", "steps", "wire_elems", "recv_elems", "recv_offset_bytes", "workspace_bytes", "raw")
+    __slots__ = ("algorithm", "steps", "wire_elems", "recv_elems", "recv_offset_bytes", "workspace_bytes", "raw",
+                 "bound")
 
     def __init__(self, raw: dict):
         self.raw = raw
+        self.bound = None  # (workspace, travel dtype, steps with workspace spans as tensors): CpuExecutor._bind
         self.algorithm = raw["algorithm"]
         self.wire_elems = raw["wire_elems"]
         self.recv_elems = raw["recv_elems"]
@@ -92,31 +96,59 @@ class CpuExecutor:
         self.reduction_threads = max(1, cores // _local_ranks(store, prefix, rank, world_size, timeout))
         self._workspace = torch.empty(0, dtype=torch.uint8)
 
-    def _buffers(self, plan: PreparedPlan, x: torch.Tensor, travel: torch.dtype):
+    def _bind(self, plan: PreparedPlan, travel: torch.dtype) -> tuple:
+        """The plan's steps with every workspace span already a tensor view; data spans stay (begin, end).
+
+        Views are made once per (plan, workspace): a call then slices only the user's tensor (a Python-level
+        tensor op costs microseconds, and a small all-reduce has dozens of spans).
+        """
         if self._workspace.numel() < plan.workspace_bytes:
             self._workspace = torch.empty(plan.workspace_bytes, dtype=torch.uint8)
         ws = self._workspace
-        esize = torch.empty((), dtype=travel).element_size()
-        wire = ws[: plan.wire_elems * esize].view(travel) if plan.wire_elems else None
-        start = plan.recv_offset_bytes
-        recv = ws[start: start + plan.recv_elems * esize].view(travel) if plan.recv_elems else None
-        return (x, wire, recv)
+        bound = plan.bound
+        if bound is not None and bound[0] is ws and bound[1] == travel:
+            return bound[2]
+        esize = _ELEMENT_SIZE[travel]
+        views = {
+            _WIRE: ws[: plan.wire_elems * esize].view(travel) if plan.wire_elems else None,
+            _RECV: (ws[plan.recv_offset_bytes: plan.recv_offset_bytes + plan.recv_elems * esize].view(travel)
+                    if plan.recv_elems else None),
+        }
+
+        def span(buf, begin, end):
+            return (begin, end) if buf == _DATA else views[buf][begin:end]
+
+        steps = []
+        for after, transfers, reductions in plan.steps:
+            ts = tuple((is_send, peer, span(buf, b, e)) for is_send, peer, buf, b, e in transfers)
+            rs = tuple((tuple(span(*i) for i in inputs), span(*out), final, round_to_wire,
+                        None if wire_out is None else span(*wire_out), check_inf)
+                       for inputs, out, final, round_to_wire, wire_out, check_inf in reductions)
+            steps.append((after, ts, rs))
+        plan.bound = (ws, travel, tuple(steps))
+        return plan.bound[2]
 
     def run(self, plan: PreparedPlan, x: torch.Tensor, *, travel: torch.dtype, divisor: float,
             scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor], wire_dtype: Optional[torch.dtype],
-            wait: Callable[[object, str], None]) -> None:
+            wait: Callable[[object, str, int, int], None]) -> None:
         """Execute ``plan`` on the flat tensor ``x`` in place.
 
-        ``wait(work, what)`` waits for one gloo work within the caller's deadline and raises the caller's error.
+        ``wait(work, algorithm, step, steps)`` waits for one gloo work within the caller's deadline and raises
+        the caller's error.
         """
-        steps = plan.steps
-        n = len(steps)
+        n = len(plan.steps)
         if n == 0:
             return
-        bufs = self._buffers(plan, x, travel)
+        steps = self._bind(plan, travel)
+        numel = x.numel()
+
+        def t(sp):  # a bound span: a workspace view, or (begin, end) in the user's tensor
+            if type(sp) is tuple:
+                return x if sp[0] == 0 and sp[1] == numel else x[sp[0]:sp[1]]
+            return sp
+
         pg = self.pg
         posted: list = [None] * n
-
         waited = -1  # steps whose transfers have all completed
 
         def wait_through(k: int) -> None:
@@ -124,7 +156,7 @@ class CpuExecutor:
             nonlocal waited
             for j in range(waited + 1, k + 1):
                 for work in posted[j] or ():
-                    wait(work, f"step {j} of {n} ({plan.algorithm})")
+                    wait(work, plan.algorithm, j, n)
                 posted[j] = ()
             waited = max(waited, k)
 
@@ -132,12 +164,10 @@ class CpuExecutor:
             # What step i sends may have arrived by a receive of a step <= transfers_after (the all-gather
             # forwards what it received): those transfers must be complete, not just posted.
             wait_through(steps[i][0])
-            works = []
-            for is_send, peer, buf, begin, end in steps[i][1]:
-                t = bufs[buf][begin:end]
-                works.append(pg.send([t], peer, i) if is_send else pg.recv([t], peer, i))
-            return works
+            return [pg.send([t(sp)], peer, i) if is_send else pg.recv([t(sp)], peer, i)
+                    for is_send, peer, sp in steps[i][1]]
 
+        reduce = ops.reduce_
         saved_threads = torch.get_num_threads()
         limit = min(saved_threads, self.reduction_threads)
         if limit != saved_threads:
@@ -155,14 +185,14 @@ class CpuExecutor:
                 # A reduction runs once this step's transfers, and every earlier step's, have completed.
                 wait_through(i)
                 for inputs, out, final, round_to_wire, wire_out, check_inf in reductions:
-                    ops.reduce_(
-                        bufs[out[0]][out[1]:out[2]],
-                        [bufs[b][s:e] for b, s, e in inputs],
+                    reduce(
+                        t(out),
+                        [t(sp) for sp in inputs],
                         divisor if final else 1.0,
                         scale if final else None,
                         found_inf if check_inf else None,
                         wire_dtype if round_to_wire else None,
-                        None if wire_out is None else bufs[wire_out[0]][wire_out[1]:wire_out[2]],
+                        None if wire_out is None else t(wire_out),
                     )
             wait_through(n - 1)
         finally:
@@ -171,15 +201,17 @@ class CpuExecutor:
 
 
 def deadline_wait(deadline: float, on_error: Callable[[str, BaseException], BaseException]):
-    """A ``wait(work, what)`` for :meth:`CpuExecutor.run` bounded by ``deadline`` (time.monotonic())."""
+    """A ``wait(work, algorithm, step, steps)`` for :meth:`CpuExecutor.run` bounded by ``deadline``
+    (time.monotonic()); ``algorithm``/``step``/``steps`` name the transfer in the error."""
 
-    def wait(work, what: str) -> None:
+    def wait(work, algorithm: str = "", step: int = -1, steps: int = 0) -> None:
         remaining = deadline - time.monotonic()
         try:
             if remaining <= 0:
                 raise TimeoutError("no time left")
             work.wait(timedelta(seconds=remaining))
         except Exception as e:  # noqa: BLE001
+            what = f"step {step} of {steps} ({algorithm})" if step >= 0 else algorithm
             raise on_error(what, e) from e
 
     return wait
