@@ -81,12 +81,15 @@ export PYTHONUNBUFFERED=1
 STATUS=$LOGS/steps.tsv
 : >"$STATUS"
 
-HAVE_GPU=0
-"$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null && HAVE_GPU=1
-TORCH_CUDA=$("$PY" -c "import torch; print(torch.version.cuda or '')" 2>/dev/null)
+# One interpreter start (importing torch takes seconds): GPU present, torch's version and CUDA, pytest-timeout.
+read -r HAVE_GPU TORCH_VERSION TORCH_CUDA HAVE_PT_TIMEOUT < <("$PY" -c "
+import importlib.util, torch
+print(int(torch.cuda.is_available()), torch.__version__, torch.version.cuda or '-',
+      int(importlib.util.find_spec('pytest_timeout') is not None))" 2>/dev/null || echo "0 none - 0")
+[ "$TORCH_CUDA" = "-" ] && TORCH_CUDA=""
 BUILD_OK=0
 PYTEST_TIMEOUT=()
-"$PY" -c "import pytest_timeout" 2>/dev/null && PYTEST_TIMEOUT=(-p pytest_timeout --timeout=120)
+[ "$HAVE_PT_TIMEOUT" = 1 ] && PYTEST_TIMEOUT=(-p pytest_timeout --timeout=120)  # one hung test cannot eat the step
 
 elapsed() { echo $(($(date +%s) - T0)); }
 record() { printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" >>"$STATUS"; }  # step status seconds note
@@ -159,9 +162,18 @@ step_build() {
 
 # bench_ar NAME RANKS [EXTRA...]: the all-reduce benchmark, K ranks on the one GPU, beside NCCL's all-reduce.
 ALGO_FLAG=()
+ALGO_CHECKED=0
 bench_ar() {
   local name=$1 ranks=$2
   shift 2
+  if [ "$ALGO_CHECKED" = 0 ]; then  # --algorithm (every plan generator) is newer than the benchmark: use it if there
+    ALGO_CHECKED=1
+    if "$PY" -m paracomm.bench allreduce --help 2>/dev/null | grep -q -- "--algorithm"; then
+      ALGO_FLAG=(--algorithm all)
+    else
+      echo "   (paracomm.bench allreduce has no --algorithm: the all-reduce steps run its default algorithm)"
+    fi
+  fi
   run_step "$name" "$PY" -m paracomm.bench allreduce --device cuda --ranks-per-gpu "$ranks" "${ALGO_FLAG[@]}" \
     -b 1K -e 128M -f 4 -n 10 -w 3 --timeout 60 --json "$LOGS/$name.json" "$@"
 }
@@ -176,7 +188,7 @@ for s in "${STEPS[@]}"; do
       ;;
     build)
       if [ -z "$TORCH_CUDA" ]; then
-        skip build "torch ($("$PY" -c 'import torch; print(torch.__version__)' 2>/dev/null)) has no CUDA: no CUDA build here"
+        skip build "torch ($TORCH_VERSION) has no CUDA: no CUDA build here"
       elif ! command -v nvcc >/dev/null; then
         skip build "no nvcc on PATH or in /usr/local/cuda/bin"
       else
@@ -192,11 +204,6 @@ for s in "${STEPS[@]}"; do
           tail -n 1 "$LOGS/ptxas_summary.txt" | sed 's/^/   /'
           record ptxas FAILED 0 "spills / stack frame or no report (ptxas_summary.txt)"
         fi
-      fi
-      if "$PY" -m paracomm.bench allreduce --help 2>/dev/null | grep -q -- "--algorithm"; then
-        ALGO_FLAG=(--algorithm all)
-      else
-        echo "   (paracomm.bench allreduce has no --algorithm yet: the all-reduce steps run its default algorithm)"
       fi
       ;;
     *)
@@ -261,13 +268,15 @@ print(f"{'step':16} {'status':9} {'s':>5}  note")
 for s in steps:
     print(f"{s['step']:16} {s['status']:9} {s['seconds']:5}  {s['note']}")
 print(f"elapsed {elapsed}s of a {budget}s budget")
+skipped = [s["step"] for s in steps if s["status"] == "skipped"]
 rerun = [s["step"] for s in steps if s["status"] in ("not-run", "FAILED") and s["step"] != "ptxas"]
-# a skip for lack of a GPU or build is not for a rerun on this machine; a skip for any other reason would be
+if skipped:
+    print("skipped (the notes say why): " + ",".join(skipped))
 if rerun:
     print("did not run or failed: " + ",".join(rerun))
     print("next call: bash bench/gpu_check.sh --only " + ",".join(rerun))
-else:
-    print("every step ran" + ("" if summary["ok"] else " (some skipped: see the notes)"))
+elif not skipped:
+    print("every step ran and passed")
 EOF
 cat "$LOGS/summary.txt"
 if [ -n "${OUT:-}" ]; then
