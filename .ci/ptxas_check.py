@@ -54,15 +54,20 @@ def main():
         lines.append(f"{k['arch']:7} regs={k['regs']:3} stack={k['stack']} spill_st={k['spill_st']} "
                      f"spill_ld={k['spill_ld']} smem={k['smem']} param_cmem={k['cmem']}  {k['name']}{flag}")
     if kernels:
-        lines.append(f"ptxas: {len(kernels)} kernels (x arch); {len(bad)} with spills or a stack frame; registers <= "
-                     f"{max(k['regs'] for k in kernels)}; kernel parameters <= {max(k['cmem'] for k in kernels)} bytes")
+        # Recent ptxas (CUDA 13) no longer prints cmem[0], the kernel-parameter bank: say so rather than print 0.
+        cmem = max(k["cmem"] for k in kernels)
+        params = f"kernel parameters <= {cmem} bytes" if cmem else "kernel parameter bytes not reported by this ptxas"
+        total = (f"ptxas: {len(kernels)} kernels (x arch: {', '.join(sorted({k['arch'] for k in kernels}))}); "
+                 f"{len(bad)} with spills or a stack frame; registers <= {max(k['regs'] for k in kernels)}; "
+                 f"shared memory <= {max(k['smem'] for k in kernels)} bytes; {params}")
     else:
-        lines.append(f"ptxas: no kernel report in {args.log} (was -Xptxas -v passed?)")
-    report = "\n".join(lines)
-    print(report)
+        total = f"ptxas: no kernel report in {args.log} (was -Xptxas -v passed?)"
+    lines.append(total)
+    # The full table goes to the summary file; the console gets the offenders and the total.
+    print("\n".join([line for line in lines[:-1] if "SPILL" in line] + [total]))
     if args.summary:
         with open(args.summary, "w") as f:
-            f.write(report + "\n")
+            f.write("\n".join(lines) + "\n")
     if not kernels:
         return 2
     return 1 if bad else 0
