@@ -8,7 +8,8 @@
 // Wrong dtypes raise TypeError, everything else ValueError (TORCH_CHECK_TYPE / TORCH_CHECK_VALUE).
 #pragma once
 
-#include <ATen/ATen.h>
+// The Tensor class, not ATen/ATen.h (every op's declaration, ~5 s more of parsing in each file including this).
+#include <ATen/core/Tensor.h>
 
 #include <string>
 

@@ -3,7 +3,7 @@
 // writes anything. Errors: TypeError for dtypes, ValueError otherwise (see glue.h).
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 #include <optional>
 

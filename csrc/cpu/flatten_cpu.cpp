@@ -11,7 +11,8 @@
 //   scaling: factor = C(scale) * C(scale_tensor[0]), dst = cast(C(src) * factor), C = float32, or float64
 //   when the source or the destination is float64 or an integer type (float32 would round int32/int64).
 // Casts are C++ static_casts through c10's Half/BFloat16, as torch's own Tensor.to() does.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -38,6 +39,10 @@ void visit_dtype(at::ScalarType t, F&& f) {
     default: TORCH_INTERNAL_ASSERT(false, "paracomm flatten: unvalidated dtype ", t);
   }
 }
+
+// Elements per parallel piece: ATen's own grain size (at::internal::GRAIN_SIZE, 32768), written out because it is
+// declared in ATen/TensorIterator.h, a header that costs seconds of compile time for one constant.
+constexpr int64_t kGrainSize = 32768;
 
 inline bool needs_double(at::ScalarType t) { return t == at::kDouble || t == at::kInt || t == at::kLong; }
 
@@ -102,7 +107,7 @@ void copy_segments(const Segments& seg, char* flat, at::ScalarType flat_dtype, b
   const int64_t total = seg.offsets.back();
   if (total == 0) return;
   const int64_t flat_size = static_cast<int64_t>(c10::elementSize(flat_dtype));
-  at::parallel_for(0, total, at::internal::GRAIN_SIZE, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, total, kGrainSize, [&](int64_t begin, int64_t end) {
     // The last segment starting at or before `begin`: empty segments share an offset with the next one, so
     // this lands on the non-empty segment that holds element `begin`.
     size_t i = static_cast<size_t>(std::upper_bound(seg.offsets.begin(), seg.offsets.end(), begin) -

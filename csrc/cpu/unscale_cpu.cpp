@@ -4,7 +4,7 @@
 // fp16/bf16/fp32), the non-finite test on the input value, the squared norm of v. The norm is summed per
 // fixed-size block and the block sums added in block order, so the result does not depend on how many
 // threads at::parallel_for happens to use.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
