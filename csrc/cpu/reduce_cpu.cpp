@@ -14,7 +14,7 @@
 // add, round-trip, store) is a loop templated on one element type and picked once per call through a
 // function pointer, so the inner loops are dtype-free and vectorisable; blocks are spread over threads with
 // at::parallel_for. Every element's arithmetic is independent of the blocking and of the thread count.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 

@@ -1,7 +1,7 @@
-// The CUDA glue of the unscale and flatten ops (TORCH_LIBRARY_IMPL(paracomm, CUDA)), in one translation unit:
+// The CUDA glue of every op (TORCH_LIBRARY_IMPL(paracomm, CUDA)), in one translation unit:
 // each file that includes torch's headers costs seconds to compile, and the glue is thin: validate (validate.h),
 // guard the device, take torch's current stream (and a workspace from its caching allocator), then call the
-// torch-free launchers (csrc/kernels/unscale.h, csrc/kernels/flatten.h). Nothing here synchronises with the
+// torch-free launchers (csrc/kernels/unscale.h, flatten.h, reduce.h). Nothing here synchronises with the
 // host: inv_scale and a tensor scale are read on the device, found_inf / norm are written there.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "kernels/flatten.h"
+#include "kernels/reduce.h"
 #include "kernels/unscale.h"
 #include "validate.h"
 
@@ -117,6 +118,35 @@ void unflatten_cuda(const at::Tensor& flat, at::TensorList tensors, double scale
   flatten_cuda_impl("unflatten_", FlattenDirection::kFromFlat, tensors, flat, scale, scale_tensor);
 }
 
+// ---- reduce_ (the all-reduce's local reduction as a torch op) ------------------------------------------------
+
+void reduce_cuda(const at::Tensor& out, at::TensorList inputs, double divisor, const std::optional<at::Tensor>& scale,
+                 const std::optional<at::Tensor>& found_inf, std::optional<at::ScalarType> wire_dtype,
+                 const std::optional<at::Tensor>& wire_out) {
+  check_reduce_args(out, inputs, divisor, scale, found_inf, wire_dtype, wire_out);
+  const at::Device device = out.device();
+  const c10::cuda::CUDAGuard guard(device);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+
+  ReduceArgs args;
+  args.out = out.mutable_data_ptr();
+  args.out_dtype = to_dtype(out.scalar_type(), "reduce_", "out");
+  args.num_inputs = static_cast<int32_t>(inputs.size());
+  for (size_t j = 0; j < inputs.size(); ++j) args.inputs[j] = inputs[j].const_data_ptr();
+  args.first_dtype = to_dtype(inputs[0].scalar_type(), "reduce_", "inputs[0]");
+  args.rest_dtype = inputs.size() > 1 ? to_dtype(inputs[1].scalar_type(), "reduce_", "inputs[1]") : args.first_dtype;
+  args.n = out.numel();
+  args.divisor = divisor;
+  if (scale.has_value()) args.scale = scale->const_data_ptr<float>();
+  if (found_inf.has_value()) args.found_inf = found_inf->mutable_data_ptr<float>();
+  if (wire_dtype.has_value()) {
+    args.round_to_wire = true;
+    args.wire_dtype = to_dtype(*wire_dtype, "reduce_", "wire_dtype");
+    if (wire_out.has_value()) args.wire_out = wire_out->mutable_data_ptr();
+  }
+  launch_reduce(args, stream);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(paracomm, CUDA, m) {
@@ -125,6 +155,7 @@ TORCH_LIBRARY_IMPL(paracomm, CUDA, m) {
   m.impl("flatten", &flatten_cuda);
   m.impl("flatten_out", &flatten_out_cuda);
   m.impl("unflatten_", &unflatten_cuda);
+  m.impl("reduce_", &reduce_cuda);
 }
 
 }  // namespace paracomm
