@@ -135,6 +135,18 @@ def _params(model):
     return [p.detach().clone().numpy() for p in model.parameters()]
 
 
+def _run_steps(rank, model, net, sync):
+    """STEPS of SGD with momentum on _Net's task; ``sync()`` runs between backward() and the optimizer step."""
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
+    for step in range(STEPS):
+        x, y = _data(rank, step)
+        loss = torch.nn.functional.mse_loss(net(x, use_branch=_uses_branch(rank, step)), y)
+        opt.zero_grad()
+        loss.backward()
+        sync()
+        opt.step()
+
+
 def _train(rank, world_size, bucketer_kwargs):
     """10 steps; bucketer_kwargs None: DDP(find_unused_parameters=True) as the reference."""
     model = _Net()
@@ -145,14 +157,7 @@ def _train(rank, world_size, bucketer_kwargs):
         net = model
         bucketer = paracomm.GradBucketer(model.parameters(), **bucketer_kwargs)
         sync = bucketer.wait
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
-    for step in range(STEPS):
-        x, y = _data(rank, step)
-        loss = torch.nn.functional.mse_loss(net(x, use_branch=_uses_branch(rank, step)), y)
-        opt.zero_grad()
-        loss.backward()
-        sync()
-        opt.step()
+    _run_steps(rank, model, net, sync)
     out = {"params": _params(model)}
     if bucketer_kwargs is not None:
         out["never_used_grad"] = model.never_used.grad.clone().numpy()
@@ -188,14 +193,7 @@ def _diverse_start(rank, world_size):
             sync = bucketer.wait
         out[name + ".start"] = _params(model)
         out[name + ".stat"] = model.stat.clone().numpy()
-        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
-        for step in range(STEPS):
-            x, y = _data(rank, step)
-            loss = torch.nn.functional.mse_loss(net(x, use_branch=_uses_branch(rank, step)), y)
-            opt.zero_grad()
-            loss.backward()
-            sync()
-            opt.step()
+        _run_steps(rank, model, net, sync)
         out[name] = _params(model)
         if name != "ddp":
             bucketer.remove()
