@@ -483,3 +483,31 @@ def _interleaved(rank, world_size, iters):
 def test_async_paracomm_and_torch_collectives_interleave_without_deadlock(world_size):
     # Before the private group, `w = all_reduce(a, async_op=True); dist.all_reduce(b); w.wait()` hung every rank.
     assert run_ranks(world_size, _interleaved, 100, timeout=300) == [True] * world_size
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The compressed wire's error does not grow with N (direct and one_shot), on real processes
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _compressed_error(rank, world_size, algo):
+    import paracomm
+
+    numel = 1 << 17
+    x = _normal(rank, numel, torch.float32, salt=77)
+    exact = sum(_normal(r, numel, torch.float32, salt=77).double() for r in range(world_size)) / world_size
+    errors = {}
+    for wire in (torch.float16, torch.bfloat16):
+        y = x.clone()
+        paracomm.all_reduce(y, "avg", wire_dtype=wire, algorithm=algo)
+        errors[str(wire)] = ((y.double() - exact).norm() / exact.norm()).item()
+    return errors
+
+
+@pytest.mark.parametrize("algo", ["direct", "one_shot"])
+def test_compressed_error_bounded_and_flat_in_world_size(algo):
+    errors = {n: run_ranks(n, _compressed_error, algo, timeout=240)[0] for n in (2, 4, 8)}
+    for wire, bound in (("torch.bfloat16", 2.5e-3), ("torch.float16", 3.1e-4)):
+        per_n = [errors[n][wire] for n in (2, 4, 8)]
+        assert max(per_n) <= bound, (algo, wire, per_n)
+        assert per_n[2] <= 1.1 * per_n[0], (algo, wire, per_n)
