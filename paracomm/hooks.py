@@ -1,4 +1,4 @@
-"""DDP communication hooks on paracomm's ring all-reduce.
+"""DDP communication hooks on paracomm's all-reduce (ring, direct or one_shot: ``paracomm.all_reduce``).
 
 Drop-in replacements for ``torch.distributed.algorithms.ddp_comm_hooks.default_hooks``::
 
@@ -15,14 +15,14 @@ and paracomm's own hook, which fuses compression, averaging and AMP unscaling in
 Differences from torch's hooks (results agree within rounding):
 
 * The average is taken inside the reduction (op "avg"), not by dividing the bucket before sending it.
-* The compress hooks send float16/bfloat16 on the wire but accumulate in float32 at every ring step (torch's
-  add in the low precision) and leave the result in the bucket's own float32 buffer.
+* The compress hooks send float16/bfloat16 on the wire but accumulate in float32 in every local reduction
+  (torch's add in the low precision) and leave the result in the bucket's own float32 buffer.
 * torch refuses hooks whose ``__name__`` is ``bf16_compress_hook`` or ``bf16_compress_wrapper_hook`` unless
   it has CUDA and NCCL >= 2.10; paracomm's bf16 hooks are named ``paracomm_bf16_compress_hook`` and
   ``paracomm_bf16_compress_wrapper_hook`` so that they also run on CPU over gloo.
 * Sparse buckets (``nn.Embedding(sparse=True)``, which DDP gives a bucket of their own) take torch's path:
   ``torch.distributed.all_reduce`` of the sparse tensor divided by the world size, as torch's
-  ``allreduce_hook`` does (the compress hooks send sparse buckets uncompressed); the ring reduces dense
+  ``allreduce_hook`` does (the compress hooks send sparse buckets uncompressed); paracomm reduces dense
   buffers only.
 
 Errors: a failed all-reduce (a dead peer, a timeout, ranks that disagree on the bucket) completes the hook's
@@ -93,7 +93,7 @@ def _sparse_avg_future(process_group, tensor: torch.Tensor) -> torch.futures.Fut
 
 
 def allreduce_hook(process_group: dist.ProcessGroup, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
-    """Average the bucket over the ranks with paracomm's ring (in place; same results as DDP without a hook).
+    """Average the bucket over the ranks with paracomm's all-reduce (in place; same results as DDP without a hook).
 
     Replaces ``default_hooks.allreduce_hook``. The division by the world size happens inside the reduction.
     A sparse bucket (sparse gradients) takes torch's path, ``torch.distributed.all_reduce`` of the bucket
@@ -121,7 +121,7 @@ def _compress_hook(dtype: torch.dtype, process_group, bucket, where: str) -> tor
         # A sparse bucket travels as it is (indices and values; gloo's sparse all-reduce has no 16-bit path).
         return _sparse_avg_future(process_group, buffer)
     if buffer.dtype == torch.float32:
-        # The ring casts to ``dtype`` for the wire and back for each float32 accumulation.
+        # The all-reduce casts to ``dtype`` for the wire and back for each float32 accumulation.
         return _avg_future(process_group, buffer, dtype)
     if buffer.dtype == dtype:
         return _avg_future(process_group, buffer, None)
@@ -139,7 +139,7 @@ def fp16_compress_hook(process_group: dist.ProcessGroup,
                        bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     """Average the bucket over the ranks, sending it as float16 (replaces ``default_hooks.fp16_compress_hook``).
 
-    A float32 bucket travels as float16 and every ring step accumulates in float32; the result is written
+    A float32 bucket travels as float16 and every local reduction accumulates in float32; the result is written
     back into the bucket's float32 buffer, which is the future's value. Values beyond float16's range
     (65504) become inf on the wire, as with torch's hook. A float16 bucket is averaged as it is; other dtypes
     are cast to float16, averaged and cast back into the buffer.
@@ -159,7 +159,7 @@ def bf16_compress_hook(process_group: dist.ProcessGroup,
     """Average the bucket over the ranks, sending it as bfloat16 (replaces ``default_hooks.bf16_compress_hook``).
 
     As :func:`fp16_compress_hook` with bfloat16 on the wire (float32's range, 8 bits of mantissa). Works on
-    any backend paracomm's ring runs on, CPU/gloo included: the function's ``__name__`` is
+    any backend paracomm's all-reduce runs on, CPU/gloo included: the function's ``__name__`` is
     ``paracomm_bf16_compress_hook``, which DDP's NCCL-version check does not single out.
 
     Example::
@@ -178,7 +178,7 @@ def _compress_wrapper(dtype: torch.dtype, hook, where: str, inner_name: str):
 
     def wrapper_hook(hook_state, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
         if hook is allreduce_hook:
-            # The common case gets the ring's compressed wire with float32 accumulation (and no extra copy);
+            # The common case gets the all-reduce's compressed wire with float32 accumulation (and no extra copy);
             # torch documents fp16_compress_wrapper(allreduce_hook) as equal to fp16_compress_hook.
             return _compress_hook(dtype, hook_state, bucket, where)
         buffer = bucket.buffer()
@@ -206,7 +206,7 @@ def fp16_compress_wrapper(
 
     The returned hook casts the bucket's buffer to float16 (``bucket.set_buffer``), runs ``hook`` on it, and
     copies the hook's result back into the original buffer, which is the future's value. Wrapping
-    :func:`allreduce_hook` gives exactly :func:`fp16_compress_hook` (float32 accumulation on the ring).
+    :func:`allreduce_hook` gives exactly :func:`fp16_compress_hook` (float32 accumulation in paracomm's all-reduce).
 
     Args:
         hook: a callable ``(state, bucket) -> torch.futures.Future[torch.Tensor]``.
@@ -240,7 +240,7 @@ class RingHookState:
         process_group: the ProcessGroup to reduce over, or None for the world group (resolved at the first
             bucket, so the state may be built before ``init_process_group``).
         wire_dtype: None (send the buffer's own dtype), torch.float16 or torch.bfloat16: float32 buckets
-            travel in this dtype and every ring step accumulates in float32. Buckets of other dtypes travel
+            travel in this dtype and every local reduction accumulates in float32. Buckets of other dtypes travel
             as they are.
         algorithm: None (the Communicator's default: "auto", or ``PARACOMM_ALGORITHM``), "auto", "ring",
             "direct" or "one_shot": the all-reduce algorithm of every bucket (see ``paracomm.all_reduce``).
@@ -289,7 +289,7 @@ class RingHookState:
 
 
 def ring_hook(state: RingHookState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
-    """Average the bucket on paracomm's ring with optional compression and fused AMP unscale (see RingHookState).
+    """Average the bucket with paracomm's all-reduce, with optional compression and fused AMP unscale (see RingHookState).
 
     One all-reduce per bucket: the buffer travels as ``state.wire_dtype`` (float32 buckets only), is
     accumulated in float32, divided by the world size, multiplied by the scaler's inverse scale and checked
