@@ -4,7 +4,7 @@
 * ``paracomm.Communicator``, ``paracomm.all_reduce``, ``paracomm.explain_all_reduce``: all-reduce (ring,
   direct and one-shot plans; NCCL for CUDA tensors, gloo for CPU).
 * ``paracomm.amp.GradScaler``: torch's GradScaler on the fused unscale-and-check kernel.
-* ``paracomm.hooks``: DDP communication hooks on the ring; ``paracomm.GradBucketer``: bucketed gradient
+* ``paracomm.hooks``: DDP communication hooks on that all-reduce; ``paracomm.GradBucketer``: bucketed gradient
   all-reduce without DDP.
 """
 from __future__ import annotations

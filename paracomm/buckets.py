@@ -29,7 +29,7 @@ How it works (the same scheme as DDP's reducer):
   bucket and writes the reduced values back with ``paracomm.unflatten_``.
 
 Choices (documented in the class docstring): zeros for missing gradients, a second backward before
-``wait()`` is refused, ``no_sync()`` for local gradient accumulation, compression left to the ring.
+``wait()`` is refused, ``no_sync()`` for local gradient accumulation, compression left to the all-reduce.
 """
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ from ._validate import check_process_group, check_wire_dtype
 __all__ = ["GradBucketer", "assign_buckets"]
 
 _MB = 1024 * 1024
-# The ring all-reduce's data types: floating-point gradients only.
+# The all-reduce's data types: floating-point gradients only.
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _OPS = ("avg", "sum")
 _BROADCAST_BUCKET_BYTES = 250 * _MB  # DDP's broadcast_bucket_size
@@ -147,8 +147,8 @@ class GradBucketer:
         first_bucket_mb: size cap of the first bucket of each (dtype, device) in MiB (default 1, as DDP), so
             the all-reduce of the last layers' gradients starts early.
         group: the process group (default: the world group); ``torch.distributed`` must be initialized.
-        wire_dtype: None, torch.float16 or torch.bfloat16: float32 buckets travel in this dtype on the ring,
-            which still accumulates in float32 (the flat buffer stays float32; the ring compresses and
+        wire_dtype: None, torch.float16 or torch.bfloat16: float32 buckets travel in this dtype,
+            which still accumulates in float32 (the flat buffer stays float32; the all-reduce compresses and
             decompresses on the way, which is more accurate than casting the buffer first and adds no pass).
             Buckets of other dtypes travel in their own dtype.
         op: "avg" (default: the gradient average, as DDP) or "sum".

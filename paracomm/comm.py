@@ -135,7 +135,7 @@ class Work:
 
     ``wait()`` blocks until the reduction is done (on CUDA: makes the current stream wait for it, without a host
     synchronisation) and returns what the synchronous call returns (the tensor, or the ``__dlpack__`` object that
-    was passed in); it raises the ring's error if the collective failed. ``get_future()`` returns a
+    was passed in); it raises the all-reduce's error if the collective failed. ``get_future()`` returns a
     ``torch.futures.Future`` whose value is the reduced tensor (CUDA-aware on CUDA, as DDP comm hooks need).
     """
 
@@ -166,7 +166,7 @@ class Work:
         return True
 
     def get_future(self) -> torch.futures.Future:
-        """A ``torch.futures.Future`` completed with the reduced tensor (or with the ring's error)."""
+        """A ``torch.futures.Future`` completed with the reduced tensor (or with the all-reduce's error)."""
         return self._future
 
 

@@ -101,7 +101,7 @@ def allreduce_hook(process_group: dist.ProcessGroup, bucket: dist.GradBucket) ->
 
     Args:
         process_group: the ProcessGroup to reduce over, or None for the world group.
-        bucket: the DDP GradBucket; its buffer (any dtype the ring supports) is reduced in place.
+        bucket: the DDP GradBucket; its buffer (any dtype paracomm.all_reduce supports) is reduced in place.
 
     Returns:
         A future whose value is the bucket's buffer holding the average (for a sparse bucket: a new sparse
