@@ -147,9 +147,10 @@ class GradBucketer:
         first_bucket_mb: size cap of the first bucket of each (dtype, device) in MiB (default 1, as DDP), so
             the all-reduce of the last layers' gradients starts early.
         group: the process group (default: the world group); ``torch.distributed`` must be initialized.
-        wire_dtype: None, torch.float16 or torch.bfloat16: float32 buckets travel in this dtype and
-            every local reduction still accumulates in float32 (the flat buffer stays float32; the all-reduce compresses and
-            decompresses on the way, which is more accurate than casting the buffer first and adds no pass).
+        wire_dtype: None, torch.float16 or torch.bfloat16: float32 buckets travel in this dtype and every
+            local reduction still accumulates in float32 (the flat buffer stays float32; the all-reduce
+            compresses and decompresses on the way, which is more accurate than casting the buffer first and
+            adds no pass).
             Buckets of other dtypes travel in their own dtype.
         op: "avg" (default: the gradient average, as DDP) or "sum".
         algorithm: None (the Communicator's default: "auto", or ``PARACOMM_ALGORITHM``), "auto", "ring",
