@@ -133,8 +133,8 @@ class CpuExecutor:
             wait: Callable[[object, str, int, int], None]) -> None:
         """Execute ``plan`` on the flat tensor ``x`` in place.
 
-        ``wait(work, algorithm, step, steps)`` waits for one gloo work within the caller's deadline and raises
-        the caller's error.
+        ``wait(work, what, step, steps)`` waits for one gloo work within the caller's deadline and raises the
+        caller's error (``what`` is the plan's algorithm here).
         """
         n = len(plan.steps)
         if n == 0:
@@ -201,17 +201,16 @@ class CpuExecutor:
 
 
 def deadline_wait(deadline: float, on_error: Callable[[str, BaseException], BaseException]):
-    """A ``wait(work, algorithm, step, steps)`` for :meth:`CpuExecutor.run` bounded by ``deadline``
-    (time.monotonic()); ``algorithm``/``step``/``steps`` name the transfer in the error."""
+    """A ``wait(work, what, step=-1, steps=0)`` bounded by ``deadline`` (time.monotonic()); ``what`` (and, for a
+    plan's transfers, ``step`` of ``steps``) names the wait in the error."""
 
-    def wait(work, algorithm: str = "", step: int = -1, steps: int = 0) -> None:
+    def wait(work, what: str, step: int = -1, steps: int = 0) -> None:
         remaining = deadline - time.monotonic()
         try:
             if remaining <= 0:
                 raise TimeoutError("no time left")
             work.wait(timedelta(seconds=remaining))
         except Exception as e:  # noqa: BLE001
-            what = f"step {step} of {steps} ({algorithm})" if step >= 0 else algorithm
-            raise on_error(what, e) from e
+            raise on_error(f"step {step} of {steps} ({what})" if step >= 0 else what, e) from e
 
     return wait

@@ -45,6 +45,7 @@ _DTYPE_CODES = {
 _OPS = ("sum", "avg")
 ALGORITHMS = ("auto", "ring", "direct", "one_shot")
 _ALGORITHM_CODES = {"ring": 0, "direct": 1, "one_shot": 2}
+_MAX_REDUCE_RANKS = 32  # kMaxReduceInputs in csrc/allreduce/plan.h
 _PLAN_CACHE_SIZE = 64  # plans kept per Communicator (one per signature in use; DDP uses a handful)
 
 # Communicators created so far per process group name: the n-th Communicator over a group gets the same store
@@ -70,6 +71,13 @@ def _check_algorithm(algorithm, name: str) -> str:
     if algorithm not in ALGORITHMS:
         raise ValueError(f"{name}: algorithm must be one of {', '.join(map(repr, ALGORITHMS))}, got {algorithm!r}")
     return algorithm
+
+
+def _check_rank_limit(algorithm: str, world_size: int, name: str) -> None:
+    """direct and one_shot sum all N inputs in one reduction: at most _MAX_REDUCE_RANKS (kMaxReduceInputs)."""
+    if algorithm in ("direct", "one_shot") and world_size > _MAX_REDUCE_RANKS:
+        raise ValueError(f"{name}: algorithm={algorithm!r} serves at most {_MAX_REDUCE_RANKS} ranks (one reduction "
+                         f"sums all of them), got world_size {world_size}; use 'ring' or 'auto'")
 
 
 def _default_algorithm() -> str:
@@ -397,9 +405,7 @@ class Communicator:
             check_wire_dtype(wire_dtype, name)
             if tensor.dtype != torch.float32:
                 raise ValueError(f"{name}: wire_dtype={wire_dtype} needs a float32 tensor, got {tensor.dtype}")
-        if algorithm in ("direct", "one_shot") and self.world_size > 32:
-            raise ValueError(f"{name}: algorithm={algorithm!r} serves at most 32 ranks (one reduction sums all of "
-                             f"them), this group has {self.world_size}; use 'ring' or 'auto'")
+        _check_rank_limit(algorithm, self.world_size, name)
         device = tensor.device
         if device.type == "cpu":
             if not self._serves_cpu:
@@ -536,18 +542,16 @@ class Communicator:
             return self._fail(f"{what} failed or timed out (timeout {self.timeout.total_seconds():g} s); "
                               f"a peer may have died: {e}")
 
-        wait = deadline_wait(deadline, on_error)
-        if self.world_size > 1:
-            executor = self._cpu_executor()
-            if self._needs_handshake(call):
-                self._handshake_cpu(call, wait)
-        elif not call.has_final_op or x.numel() == 0:
-            return
-        plan = self._plans.get(call, self.world_size, self.rank, "gloo", _chunk_bytes())
         if self.world_size == 1:
             # Nothing travels (so the wire dtype rounds nothing); only avg/scale/found_inf touch the data.
-            reduce_(x, [x], divisor=call.divisor, scale=call.scale, found_inf=call.found_inf)
+            if call.has_final_op and x.numel() > 0:
+                reduce_(x, [x], divisor=call.divisor, scale=call.scale, found_inf=call.found_inf)
             return
+        wait = deadline_wait(deadline, on_error)
+        executor = self._cpu_executor()
+        if self._needs_handshake(call):
+            self._handshake_cpu(call, wait)
+        plan = self._plans.get(call, self.world_size, self.rank, "gloo", _chunk_bytes())
         travel = call.wire_dtype if call.wire_dtype is not None else x.dtype
         executor.run(plan, x, travel=travel, divisor=call.divisor, scale=call.scale, found_inf=call.found_inf,
                      wire_dtype=call.wire_dtype, wait=wait)
@@ -684,8 +688,7 @@ def explain_all_reduce(numel: int, dtype: torch.dtype, world_size: int, *, wire_
     _check_algorithm(algorithm, name)
     if backend not in ("nccl", "gloo"):
         raise ValueError(f"{name}: backend must be 'nccl' or 'gloo', got {backend!r}")
-    if algorithm in ("direct", "one_shot") and world_size > 32:
-        raise ValueError(f"{name}: algorithm={algorithm!r} serves at most 32 ranks, got world_size {world_size}")
+    _check_rank_limit(algorithm, world_size, name)
     wire = -1 if wire_dtype is None else _DTYPE_CODES[wire_dtype]
     return dict(_C.plan_summary(numel, _DTYPE_CODES[dtype], wire, world_size, 0, algorithm, backend, False, False,
                                 _chunk_bytes()))
