@@ -76,7 +76,7 @@ PY=${PYTHON:-python3}
 [ -x /usr/local/cuda/bin/nvcc ] && export PATH="/usr/local/cuda/bin:$PATH"
 export TMPDIR="$ROOT/.tmp" TORCHINDUCTOR_CACHE_DIR="$ROOT/.tmp/inductor"
 export TORCH_CUDA_ARCH_LIST=9.0 PARACOMM_PTXAS_VERBOSE=1 MAX_JOBS=${MAX_JOBS:-$(nproc)}
-export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"  # the in-place build
+export PYTHONPATH="$ROOT/src${PYTHONPATH:+:$PYTHONPATH}"  # the in-place build
 export PYTHONUNBUFFERED=1
 STATUS=$LOGS/steps.tsv
 : >"$STATUS"

@@ -22,7 +22,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 def _run(args, timeout=150):
     env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = str(ROOT / "src") + os.pathsep + env.get("PYTHONPATH", "")
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):  # never look like torchrun to the benchmark
         env.pop(var, None)
     return subprocess.run([sys.executable, "-m", "paracomm.bench", *args], cwd=ROOT, env=env,
