@@ -1,11 +1,20 @@
-"""CPU check of the NCCL executor's ordering (csrc/allreduce/plan_waits.cpp) on every algorithm's real plans.
+"""CPU check of the NCCL executor's stream schedule (csrc/allreduce/plan_waits.cpp) on every algorithm's real plans.
 
-The NCCL executor runs each step's transfer group on the comm stream C and its reductions on the caller's stream
-S, with exactly the cross-stream waits plan_waits() computes (nccl_executor.cpp enqueues nothing else). This
-test compiles plan_waits.cpp and plan.cpp with g++ behind a tiny C shim (no CUDA, no NCCL, no torch), takes the
-same plans from paracomm._C.all_reduce_plan, and replays the two streams with vector clocks: every pair of
-operations on different streams that touch overlapping bytes, one of them writing, must be ordered. (Operations
-on one stream are ordered by the stream itself.) A mutation check shows the replay catches a missing wait.
+The NCCL executor enqueues exactly the operations plan_schedule() lists (nccl_executor.cpp walks that list): the
+caller's stream S records `start` (and, in a synchronous call, waits for `done`), paracomm's reduce stream R runs
+the reductions, paracomm's comm stream C the transfer groups, with the events between them. This test compiles
+plan_waits.cpp and plan.cpp with g++ behind a tiny C shim (no CUDA, no NCCL, no torch), takes the same plans from
+paracomm._C.all_reduce_plan, and replays the three streams with vector clocks, together with what surrounds a
+call in a training step: the caller's earlier work (which produced the data), two calls in a row on the same
+tensor and the same workspace block (the caching allocator hands R's released block to the next call), the
+caller's later work (before and after Work.wait()), and the caller freeing its buffers early (the allocator then
+reuses them on S once the keep-alive's events have completed). It checks that
+  * every two operations on different streams that touch overlapping bytes, one of them writing, are ordered
+    (operations on one stream are ordered by the stream itself), which covers every buffer's last use against
+    its release and reuse;
+  * after an async call, the caller's later work is ordered after no transfer and no reduction of the call,
+    until wait(); after a synchronous call it is ordered after all of them;
+and that dropping any single wait, record or keep-alive of the schedule (or Work.wait's wait) is caught.
 """
 import ctypes
 import pathlib
@@ -61,6 +70,39 @@ extern "C" long long pw_waits(long long numel, int dtype, int wire, long long n,
     return -1;
   }
 }
+
+// out: per schedule op (action, stream, event, step). Returns the op count, -1 on error, -2 when cap is too small.
+extern "C" long long pw_schedule(long long numel, int dtype, int wire, long long n, long long rank, int algorithm,
+                                 int has_found_inf, int has_final_op, long long chunk_bytes, int sync,
+                                 long long* out, long long cap, char* err, int errlen) {
+  try {
+    PlanSpec s;
+    s.numel = numel;
+    s.dtype = static_cast<DType>(dtype);
+    s.wire_dtype = wire;
+    s.world_size = n;
+    s.rank = rank;
+    s.algorithm = static_cast<Algorithm>(algorithm);
+    s.backend = Backend::kNccl;
+    s.has_found_inf = has_found_inf != 0;
+    s.has_final_op = has_final_op != 0;
+    s.chunk_bytes = chunk_bytes;
+    const Plan plan = make_plan(s);
+    const std::vector<SchedOp> ops = plan_schedule(plan, plan_waits(plan), sync != 0);
+    const long long k = static_cast<long long>(ops.size());
+    if (4 * k > cap) return -2;
+    for (long long i = 0; i < k; ++i) {
+      out[4 * i] = static_cast<long long>(ops[i].action);
+      out[4 * i + 1] = static_cast<long long>(ops[i].stream);
+      out[4 * i + 2] = static_cast<long long>(ops[i].event);
+      out[4 * i + 3] = ops[i].step;
+    }
+    return k;
+  } catch (const std::exception& e) {
+    std::snprintf(err, errlen, "%s", e.what());
+    return -1;
+  }
+}
 """
 
 
@@ -84,6 +126,10 @@ def waits_lib(tmp_path_factory):
                             ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_longlong,
                             ctypes.POINTER(ctypes.c_longlong), ctypes.c_longlong, ctypes.c_char_p, ctypes.c_int]
     so.pw_waits.restype = ctypes.c_longlong
+    so.pw_schedule.argtypes = [ctypes.c_longlong, ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong,
+                               ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_int,
+                               ctypes.POINTER(ctypes.c_longlong), ctypes.c_longlong, ctypes.c_char_p, ctypes.c_int]
+    so.pw_schedule.restype = ctypes.c_longlong
     return so
 
 
@@ -104,61 +150,152 @@ def _waits(lib, numel, dtype, wire, n, rank, algorithm, found, final, chunk):
     return bool(out[0]), comm_waits, stream_waits
 
 
-def _unordered(plan, has_transfers, comm_waits, stream_waits):
-    """Replays S and C with vector clocks; returns the conflicting (reduction step, transfer step) pairs that no
-    wait orders."""
+# plan_waits.h's enums.
+RECORD, WAIT, TRANSFERS, REDUCTIONS, KEEP_ALIVE = range(5)
+STREAMS = ("S", "R", "C")
+START, BEGIN, TRANSFER, REDUCE, END, DONE = range(1, 7)
+
+
+def _schedule(lib, numel, dtype, wire, n, rank, algorithm, found, final, chunk, sync):
+    cap = 1 << 18
+    out = (ctypes.c_longlong * cap)()
+    err = ctypes.create_string_buffer(1024)
+    k = lib.pw_schedule(numel, dtype, wire, n, rank, ALGORITHMS[algorithm], int(found), int(final), chunk,
+                        int(sync), out, cap, err, 1024)
+    assert k >= 0, err.value.decode() or f"pw_schedule returned {k}"
+    return [(out[4 * i], STREAMS[out[4 * i + 1]], out[4 * i + 2], out[4 * i + 3]) for i in range(k)]
+
+
+class _Replay:
+    """Vector clocks over S, R and C. An op is (stream, index); clock[s] = the latest op index on stream s that is
+    known to precede the stream's next op."""
+
+    def __init__(self):
+        self.ops = {s: [] for s in STREAMS}  # (reads, writes, label, clock at the op)
+        self.clock = {s: {t: -1 for t in STREAMS} for s in STREAMS}
+        self.events = {}  # (event, step) -> clock snapshot at its latest record
+
+    def push(self, stream, reads, writes, label):
+        self.clock[stream][stream] = len(self.ops[stream])
+        self.ops[stream].append((reads, writes, label, dict(self.clock[stream])))
+        return (stream, len(self.ops[stream]) - 1)
+
+    def snapshot(self, stream):
+        return dict(self.clock[stream])
+
+    def join(self, stream, other):
+        for t in STREAMS:
+            self.clock[stream][t] = max(self.clock[stream][t], other[t])
+
+    def precedes(self, a, b):
+        """Op a = (stream, index) is ordered before op b."""
+        return self.ops[b[0]][b[1]][3][a[0]] >= a[1] if a[0] != b[0] else a[1] < b[1]
+
+    def unordered_conflicts(self):
+        def overlap(x, y):
+            return x[0] == y[0] and x[1] < y[2] and y[1] < x[2]
+
+        flat = [(s, i) for s in STREAMS for i in range(len(self.ops[s]))]
+        bad = []
+        for ai, a in enumerate(flat):
+            ra, wa, la, _ = self.ops[a[0]][a[1]]
+            for b in flat[ai + 1:]:
+                if a[0] == b[0]:
+                    continue
+                rb, wb, lb, _ = self.ops[b[0]][b[1]]
+                if not (any(overlap(x, y) for x in wa for y in rb + wb) or any(overlap(x, y) for x in ra for y in wb)):
+                    continue
+                if not (self.precedes(a, b) or self.precedes(b, a)):
+                    bad.append((la, lb))
+        return bad
+
+
+def _spans(plan):
+    """Byte ranges of the data ("d"), the workspace ("w"), scale ("x" 0-4) and found_inf ("x" 4-8)."""
     T = ITEMSIZE[plan["dtype"]]
     W = ITEMSIZE[plan["wire"]] if plan["wire"] >= 0 else T
     recv_off = plan["recv_offset_bytes"]
 
-    def span(buf, off, count):  # byte range in the data ("d") or the workspace ("w")
+    def span(buf, off, count):
         if buf == 0:
             return ("d", off * T, (off + count) * T)
         base = 0 if buf == 1 else recv_off
         return ("w", base + off * W, base + (off + count) * W)
 
-    ops = {"S": [], "C": []}
-    clock = {"S": [-1, -1], "C": [-1, -1]}  # per stream: the latest S op and C op known to precede its next op
+    return span
 
-    def push(stream, reads, writes, step):
-        k = clock[stream]
-        k[0 if stream == "S" else 1] = len(ops[stream])
-        ops[stream].append((reads, writes, step, tuple(k)))
 
-    def wait(stream, other):
-        k = clock[stream]
-        k[0], k[1] = max(k[0], other[0]), max(k[1], other[1])
+def _run_call(rp, plan, schedule, call, found, drop=None):
+    """Replays one call's schedule into rp; returns (first op per stream of the call, keep-alive clock or None).
+    `drop`: index of a schedule op to leave out (mutation check)."""
+    span = _spans(plan)
+    first = {}
+    alive = None
+    scale, found_inf = ("x", 0, 4), ("x", 4, 8)
+    for k, (action, stream, event, step) in enumerate(schedule):
+        if k == drop:
+            continue
+        key = (event, step if event in (TRANSFER, REDUCE) else -1)
+        if action == RECORD:
+            rp.events[key] = rp.snapshot(stream)
+        elif action == WAIT:
+            if key in rp.events:  # a dropped record leaves the previous call's record (or none) in place
+                rp.join(stream, rp.events[key])
+        elif action == KEEP_ALIVE:
+            alive = rp.snapshot(stream)
+        elif action == TRANSFERS:
+            _, transfers, _ = plan["steps"][step]
+            op = rp.push(stream, [span(b, o, c) for send, _, b, o, c in transfers if send],
+                         [span(b, o, c) for send, _, b, o, c in transfers if not send], f"call{call} T{step}")
+            first.setdefault(stream, op[1])
+        elif action == REDUCTIONS:
+            for count, inputs, out, final, _, wire_out, check_inf in plan["steps"][step][2]:
+                reads = [span(b, o, count) for b, o in inputs] + ([scale] if final and found else [])
+                writes = [span(out[0], out[1], count)] + ([span(wire_out[0], wire_out[1], count)] if wire_out else [])
+                if check_inf and found:
+                    writes.append(found_inf)
+                op = rp.push(stream, reads, writes, f"call{call} R{step}")
+                first.setdefault(stream, op[1])
+    return first, alive
 
-    reduce_clock, transfer_clock = {}, {}
-    if has_transfers:
-        wait("C", tuple(clock["S"]))  # start
-    for i, (_, transfers, reductions) in enumerate(plan["steps"]):
-        if transfers:
-            if comm_waits[i] >= 0:
-                wait("C", reduce_clock[comm_waits[i]])
-            push("C", [span(b, o, c) for send, _, b, o, c in transfers if send],
-                 [span(b, o, c) for send, _, b, o, c in transfers if not send], i)
-            transfer_clock[i] = ops["C"][-1][3]
-        if reductions:
-            if stream_waits[i] >= 0:
-                wait("S", transfer_clock[stream_waits[i]])
-            for count, inputs, out, _, _, wire_out, _ in reductions:
-                writes = [span(out[0], out[1], count)]
-                if wire_out is not None:
-                    writes.append(span(wire_out[0], wire_out[1], count))
-                push("S", [span(b, o, count) for b, o in inputs], writes, i)
-            reduce_clock[i] = ops["S"][-1][3]
 
-    def overlap(a, b):
-        return a[0] == b[0] and a[1] < b[2] and b[1] < a[2]
-
-    bad = []
-    for ia, (ra, wa, sa, ca) in enumerate(ops["S"]):
-        for ib, (rb, wb, sb, cb) in enumerate(ops["C"]):
-            conflict = any(overlap(x, y) for x in wa for y in rb + wb) or any(overlap(x, y) for x in ra for y in wb)
-            if conflict and cb[0] < ia and ca[1] < ib:
-                bad.append((sa, sb))
-    return bad
+def _violations(plan, sched_sync, sched_async, found, sync, drop=None, drop_work_wait=False):
+    """Both scenarios for one plan; returns a list of what went wrong (empty when the schedule is right)."""
+    schedule = sched_sync if sync else sched_async
+    everything = [("d", 0, 1 << 62), ("x", 0, 8)]
+    problems = []
+    # Scenario 1: earlier work, two calls in a row (same tensor, same workspace block), later work, wait, use.
+    rp = _Replay()
+    rp.push("S", [], everything, "caller produces the data")
+    works = []
+    for call in (1, 2):
+        first, _ = _run_call(rp, plan, schedule, call, found, drop)
+        probe = rp.push("S", [], [], f"caller's work after call {call}")
+        if sync:
+            # Ordered after every transfer and reduction of the call: the caller may use the result now.
+            rp.ops["S"][-1] = ([], everything, f"caller uses the result of call {call}", rp.ops["S"][-1][3])
+        else:
+            for stream, index in first.items():
+                if rp.precedes((stream, index), probe):
+                    problems.append(f"the caller's work after async call {call} waits for its {stream} op {index}")
+            works.append(call)
+    if not sync and not drop_work_wait:
+        for _ in works:  # Work.wait(): the current stream waits for the future's event, recorded on R after done
+            rp.join("S", rp.events.get((DONE, -1), {t: -1 for t in STREAMS}))
+    if not sync:
+        rp.push("S", [], everything, "caller uses the result after wait()")
+    problems += [f"unordered: {a} / {b}" for a, b in rp.unordered_conflicts()]
+    # Scenario 2: the caller frees data, scale and found_inf right after the call returns (async: before wait()).
+    # The caching allocator reuses a block on S once the events of its recorded streams (the keep-alive on R)
+    # have completed; a sync call needs none (S waited for done).
+    rp = _Replay()
+    rp.push("S", [], everything, "caller produces the data")
+    _, alive = _run_call(rp, plan, schedule, 1, found, drop)
+    if alive is not None:
+        rp.join("S", alive)
+    rp.push("S", [], everything, "allocator reuses the freed blocks")
+    problems += [f"unordered after release: {a} / {b}" for a, b in rp.unordered_conflicts()]
+    return problems
 
 
 def _plan(numel, dtype, wire, n, rank, algorithm, found, final, chunk):
@@ -168,9 +305,9 @@ def _plan(numel, dtype, wire, n, rank, algorithm, found, final, chunk):
     return dict(p, dtype=dtype, wire=wire)
 
 
-@pytest.mark.parametrize("n", [2, 3, 5, 8])
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 6, 7, 8])
 @pytest.mark.parametrize("algorithm", list(ALGORITHMS))
-def test_every_conflicting_pair_is_ordered(waits_lib, n, algorithm):
+def test_schedule_orders_every_conflict_and_leaves_the_caller_free(waits_lib, n, algorithm):
     checked = 0
     for dtype, wire in ((0, -1), (0, 1), (2, -1), (3, -1), (5, -1)):
         for numel in (1, 1000, 50007):
@@ -186,21 +323,58 @@ def test_every_conflicting_pair_is_ordered(waits_lib, n, algorithm):
                         for i, (after, transfers, reductions) in enumerate(plan["steps"]):
                             assert comm_waits[i] <= after and (comm_waits[i] < 0 or transfers), (args, i)
                             assert stream_waits[i] <= i and (stream_waits[i] < 0 or reductions), (args, i)
-                        bad = _unordered(plan, has_transfers, comm_waits, stream_waits)
-                        assert not bad, f"{args}: unordered (reduction step, transfer step) pairs {bad[:5]}"
+                        sched_sync = _schedule(waits_lib, *args, True)
+                        sched_async = _schedule(waits_lib, *args, False)
+                        # Nothing of the call runs on the caller's stream: S only records start (and waits in a
+                        # synchronous call).
+                        for sched in (sched_sync, sched_async):
+                            assert all(st != "S" or (a, e) in ((RECORD, START), (WAIT, DONE))
+                                       for a, st, e, _ in sched), args
+                        assert bool(sched_sync) == bool(sched_async) == any(st[1] or st[2] for st in plan["steps"])
+                        if sched_sync:
+                            assert (WAIT, "S", DONE, -1) in sched_sync and (WAIT, "S", DONE, -1) not in sched_async
+                            assert (KEEP_ALIVE, "R", 0, -1) in sched_async
+                        for sync in (True, False):
+                            problems = _violations(plan, sched_sync, sched_async, found, sync)
+                            assert not problems, f"{args} sync={sync}: {problems[:5]}"
                         checked += 1
     assert checked > 0
 
 
-def test_replay_catches_a_missing_wait(waits_lib):
-    """Dropping any one wait of a pipelined ring or direct plan leaves some conflicting pair unordered."""
-    for algorithm in ("ring", "direct"):
-        args = (50007, 0, 1, 4, 1, algorithm, True, True, 4096)
+@pytest.mark.parametrize("algorithm", list(ALGORITHMS))
+def test_replay_catches_any_dropped_wait_record_or_keep_alive(waits_lib, algorithm):
+    """Dropping a wait, record or keep-alive of the schedule (or Work.wait's wait) is caught: some conflicting pair
+    is left unordered. The first six per-step waits and records of each kind are caught on their own; every kind
+    of op (per-step or call protocol: start, begin, end, done, keep-alive) in at least one of the plans and modes
+    tried (a few are redundant in some plans, e.g. `begin` when the first transfer group already waits for a
+    reduction, or a late all-gather wait that C's own order already covers)."""
+    uncaught = set()
+    caught = set()
+    for args in ((50007, 0, 1, 4, 1, algorithm, True, True, 4096), (50007, 0, -1, 4, 2, algorithm, True, True, 4096),
+                 (1000, 0, -1, 3, 0, algorithm, False, False, 0)):
         plan = _plan(*args)
-        has_transfers, comm_waits, stream_waits = _waits(waits_lib, *args)
-        assert not _unordered(plan, has_transfers, comm_waits, stream_waits)
-        for waits in (comm_waits, stream_waits):
-            for i in [k for k, w in enumerate(waits) if w >= 0][:6]:
-                saved, waits[i] = waits[i], -1
-                assert _unordered(plan, has_transfers, comm_waits, stream_waits), (algorithm, i)
-                waits[i] = saved
+        sched_sync = _schedule(waits_lib, *args, True)
+        sched_async = _schedule(waits_lib, *args, False)
+        found = args[6]
+        for sync in (True, False):
+            sched = sched_sync if sync else sched_async
+            assert not _violations(plan, sched_sync, sched_async, found, sync)
+            seen = {}
+            for k, (action, stream, event, step) in enumerate(sched):
+                if action not in (RECORD, WAIT, KEEP_ALIVE):
+                    continue
+                hit = bool(_violations(plan, sched_sync, sched_async, found, sync, drop=k))
+                seen[(action, event)] = seen.get((action, event), 0) + 1
+                if event in (TRANSFER, REDUCE) and seen[(action, event)] <= 6:
+                    assert hit, (args, sync, sched[k])
+                if hit:
+                    caught.add((action, stream, event))
+                else:
+                    uncaught.add((action, stream, event))
+        assert _violations(plan, sched_sync, sched_async, found, False, drop_work_wait=True), args
+    assert uncaught <= caught, f"never caught: {sorted(uncaught - caught)}"
+    protocol = {(RECORD, "S", START), (WAIT, "R", START), (RECORD, "R", BEGIN), (WAIT, "C", BEGIN),
+                (RECORD, "R", DONE), (WAIT, "S", DONE), (KEEP_ALIVE, "R", 0)}
+    if algorithm != "one_shot":  # one_shot ends with a reduction that already waited for the last group
+        protocol |= {(RECORD, "C", END), (WAIT, "R", END)}
+    assert caught >= protocol, sorted(caught)

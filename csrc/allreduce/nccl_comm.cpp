@@ -2,6 +2,7 @@
 // destruction. Design, lifecycle and locking: nccl_comm.h.
 #include "allreduce/nccl_comm.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <exception>
@@ -18,8 +19,6 @@ using Clock = std::chrono::steady_clock;
 // errors then, so check() reports a dead peer promptly).
 constexpr auto kPollBusy = std::chrono::milliseconds(2);
 constexpr auto kPollIdle = std::chrono::milliseconds(50);
-// How long the watchdog defers an abort while another thread is inside an enqueue (nccl_comm.h, Locking).
-constexpr auto kAbortGrace = std::chrono::milliseconds(1000);
 // Plans cached per communicator (a training loop uses a handful: one per bucket size); past this the cache
 // starts over rather than growing without bound.
 constexpr size_t kMaxCachedPlans = 256;
@@ -139,7 +138,9 @@ NcclComm::NcclComm(const std::string& unique_id, int world_size, int rank, int d
   ncclComm_t child = nullptr;  // NCCL's split job stores the child handle here once it is complete
   try {
     PARACOMM_CUDA_CHECK(cudaStreamCreateWithFlags(&comm_stream_, cudaStreamNonBlocking));
+    PARACOMM_CUDA_CHECK(cudaStreamCreateWithFlags(&reduce_stream_, cudaStreamNonBlocking));
     PARACOMM_CUDA_CHECK(cudaEventCreateWithFlags(&start_event_, cudaEventDisableTiming));
+    PARACOMM_CUDA_CHECK(cudaEventCreateWithFlags(&begin_event_, cudaEventDisableTiming));
     PARACOMM_CUDA_CHECK(cudaEventCreateWithFlags(&end_event_, cudaEventDisableTiming));
 
     ncclUniqueId id;
@@ -156,13 +157,14 @@ NcclComm::NcclComm(const std::string& unique_id, int world_size, int rank, int d
     }
     wait_ready(parent, "communicator initialisation", deadline, timeout_s_, who);
 
-    // 2. The blocking child for the data path. NCCL runs the split as a job of the parent's group, so with
+    // 2. The non-blocking child for the data path (non-blocking so that no NCCL call of the enqueuing thread
+    // ever waits inside NCCL: nccl_comm.h, Locking). NCCL runs the split as a job of the parent's group, so with
     // this non-blocking parent ncclCommSplit returns ncclInProgress and the parent's async state reports the
     // job's outcome (the child handle is stored once it is complete): polled against the same deadline. Should
     // a library run the split synchronously instead, the timer bounds it by aborting the parent, which NCCL
     // forwards to a child still being initialised (the parent's childAbortFlag).
     ncclConfig_t child_config = NCCL_CONFIG_INITIALIZER;
-    child_config.blocking = 1;
+    child_config.blocking = 0;
     child_config.splitShare = 0;
     {
       AbortTimer timer(device_, deadline, [parent] { (void)ncclCommAbort(parent); });
@@ -177,13 +179,13 @@ NcclComm::NcclComm(const std::string& unique_id, int world_size, int rank, int d
       PARACOMM_THROW(who, ": ncclCommSplit failed: ", nccl_error_text(r, parent));
     }
     // On failure or timeout the catch below aborts the parent, which stops the split job.
-    wait_ready(parent, "ncclCommSplit (the blocking communicator)", deadline, timeout_s_, who);
+    wait_ready(parent, "ncclCommSplit (the data-path communicator)", deadline, timeout_s_, who);
     // NCCL stores the handle from its job thread: read it atomically, and give a late store until the deadline.
     while ((comm_ = __atomic_load_n(&child, __ATOMIC_ACQUIRE)) == nullptr && Clock::now() < deadline) {
       std::this_thread::sleep_for(std::chrono::microseconds(100));
     }
     PARACOMM_CHECK(comm_ != nullptr, who, ": ncclCommSplit returned no communicator");
-    wait_ready(comm_, "initialising the blocking communicator", deadline, timeout_s_, who);
+    wait_ready(comm_, "initialising the data-path communicator", deadline, timeout_s_, who);
 
     // 3. Release the parent (it never ran an operation): finalize + destroy, polled; abort past the deadline.
     ncclComm_t p = parent;
@@ -212,38 +214,63 @@ NcclComm::NcclComm(const std::string& unique_id, int world_size, int rank, int d
   watchdog_ = std::thread([this] { watchdog_loop(); });
 }
 
-NcclComm::~NcclComm() {
-  {
-    std::lock_guard<std::mutex> lock(state_mu_);
+NcclComm::~NcclComm() { close(); }
+
+void NcclComm::close() noexcept {
+  // No enqueue runs while this does (and none after: comm_ is null, so a later all_reduce throws).
+  std::lock_guard<std::mutex> enqueue_lock(enqueue_mu_);
+  if (closed_) return;
+  closed_ = true;
+  try {
+    // 1. Healthy pending work is waited for: the watchdog keeps polling it, and records a failure (which ends
+    // this wait) on an asynchronous error or once a call passes its deadline (timeout_s after its enqueue).
+    // The extra bound only guards against a watchdog that stopped making progress.
+    std::unique_lock<std::mutex> lock(state_mu_);
+    Clock::time_point bound = Clock::now();
+    for (const Pending& p : pending_) bound = std::max(bound, p.deadline);
+    bound += std::chrono::seconds(2);
+    drained_.wait_until(lock, bound, [this] { return pending_.empty() || failed_ || comm_ == nullptr; });
+    if (!pending_.empty() && !failed_) {
+      record_failure_locked(concat("destroyed while ", pending_.size(), " all_reduce(s) were still pending past "
+                                   "their deadline"));
+    }
     stop_ = true;
+  } catch (...) {
   }
   wake_.notify_all();
   aborted_.notify_all();
   if (watchdog_.joinable()) watchdog_.join();
-  // From here on this is the only thread: no enqueue can run (the binding holds a reference while it calls
-  // in), and the watchdog has stopped.
+  // From here on this is the only thread touching the communicator: the enqueue lock is held, the watchdog has
+  // stopped.
   try {
     DeviceGuard guard(device_);
     ncclComm_t comm = comm_;
     comm_ = nullptr;
     bool abort_now = failed_;
     for (const Pending& p : pending_) {
-      if (cudaEventQuery(p.done) != cudaSuccess) abort_now = true;  // still running (or broken)
+      if (cudaEventQuery(p.done) != cudaSuccess) abort_now = true;  // broken (the wait above saw it finish)
     }
     (void)cudaGetLastError();
     if (comm != nullptr) {
       if (abort_now) {
-        (void)ncclCommAbort(comm);  // at once: pending work may wait on a peer that never comes
+        (void)ncclCommAbort(comm);  // failed: pending work may wait on a peer that never comes
       } else {
-        // Healthy and idle: finalize (blocking communicator) then destroy; a timer aborts past the timeout
-        // so a destructor never hangs on a dead peer.
-        AbortTimer timer(device_, deadline_from_now(), [comm] { (void)ncclCommAbort(comm); });
-        const ncclResult_t r = ncclCommFinalize(comm);
-        if (!timer.disarm()) (void)(r == ncclSuccess ? ncclCommDestroy(comm) : ncclCommAbort(comm));
+        // Healthy and drained: finalize (non-blocking: polled against timeout_s) then destroy; abort past it so a
+        // destructor never hangs on a dead peer.
+        bool finalized = false;
+        try {
+          const ncclResult_t r = ncclCommFinalize(comm);
+          if (r == ncclSuccess || r == ncclInProgress) {
+            wait_ready(comm, "ncclCommFinalize", deadline_from_now(), timeout_s_, "NcclComm");
+            finalized = true;
+          }
+        } catch (...) {
+        }
+        (void)(finalized ? ncclCommDestroy(comm) : ncclCommAbort(comm));
       }
     }
   } catch (...) {
-    // Destructors do not throw (this can run at interpreter exit, when CUDA may already be unloading).
+    // Never throws (this can run at interpreter exit, when CUDA may already be unloading).
   }
   release_cuda_resources();
 }
@@ -254,6 +281,7 @@ void NcclComm::release_cuda_resources() noexcept {
     e = nullptr;
   };
   destroy(start_event_);
+  destroy(begin_event_);
   destroy(end_event_);
   for (auto& e : transfer_events_) destroy(e);
   for (auto& e : reduce_events_) destroy(e);
@@ -264,7 +292,9 @@ void NcclComm::release_cuda_resources() noexcept {
   free_events_.clear();
   pending_.clear();
   if (comm_stream_ != nullptr) (void)cudaStreamDestroy(comm_stream_);
+  if (reduce_stream_ != nullptr) (void)cudaStreamDestroy(reduce_stream_);
   comm_stream_ = nullptr;
+  reduce_stream_ = nullptr;
 }
 
 NcclComm::Clock::time_point NcclComm::deadline_from_now() const {
@@ -279,7 +309,6 @@ void NcclComm::record_failure_locked(const std::string& reason) {
   if (failed_) return;  // keep the first reason: later ones are consequences
   failed_ = true;
   failure_ = reason;
-  failed_at_ = Clock::now();
   failed_flag_.store(true, std::memory_order_release);
 }
 
@@ -296,6 +325,8 @@ std::shared_ptr<const NcclComm::CachedPlan> NcclComm::plan_for(const PlanSpec& s
                      cached->plan.spec.numel == spec.numel,
                  "make_plan returned a plan for another call");
   cached->waits = plan_waits(cached->plan);
+  cached->schedule_sync = plan_schedule(cached->plan, cached->waits, true);
+  cached->schedule_async = plan_schedule(cached->plan, cached->waits, false);
   if (plans_.size() >= kMaxCachedPlans) plans_.clear();
   plans_.emplace(key, cached);
   return cached;
@@ -329,13 +360,30 @@ cudaEvent_t NcclComm::take_completion_event() {
   return e;
 }
 
+namespace {
+
+// Releases a workspace from NcclCallServices at scope exit (after the enqueue, or on a refusal or failure:
+// either way every use of it was enqueued on streams the allocator's pool of R orders; nccl_executor.h).
+struct WorkspaceLease {
+  NcclCallServices* services = nullptr;
+  void* ptr = nullptr;
+  ~WorkspaceLease() {
+    if (ptr != nullptr) services->release_workspace(ptr);
+  }
+};
+
+}  // namespace
+
 void NcclComm::all_reduce(const NcclAllReduceCall& call, cudaStream_t stream) {
   std::lock_guard<std::mutex> enqueue_lock(enqueue_mu_);
   const Clock::time_point t0 = Clock::now();
   {
     std::lock_guard<std::mutex> lock(state_mu_);
     if (failed_) throw_failed_locked();
+    PARACOMM_CHECK(!closed_, "NcclComm (rank ", rank_, " of ", world_size_, ") was closed");
   }
+  PARACOMM_CHECK(call.sync || call.services != nullptr,
+                 "all_reduce: an asynchronous call needs NcclCallServices (its buffers' keep-alive)");
   PlanSpec spec;
   spec.numel = call.numel;
   spec.dtype = call.dtype;
@@ -349,8 +397,8 @@ void NcclComm::all_reduce(const NcclAllReduceCall& call, cudaStream_t stream) {
   spec.chunk_bytes = call.chunk_bytes;
 
   DeviceGuard guard(device_);
-  // Refuse a capturing stream before anything is enqueued: the comm stream would join the capture and NCCL's
-  // blocking enqueue is not capturable through this path.
+  // Refuse a capturing stream before anything is enqueued: paracomm's streams would join the capture and the
+  // NCCL enqueue is not capturable through this path.
   cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
   PARACOMM_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
   PARACOMM_CHECK(capture == cudaStreamCaptureStatusNone,
@@ -358,45 +406,57 @@ void NcclComm::all_reduce(const NcclAllReduceCall& call, cudaStream_t stream) {
 
   const std::shared_ptr<const CachedPlan> cached = plan_for(spec);
   const Plan& plan = cached->plan;
+  const std::vector<SchedOp>& schedule = call.sync ? cached->schedule_sync : cached->schedule_async;
+  WorkspaceLease lease;
   PlanBuffers buf;
   buf.data = call.data;
   buf.scale = call.scale;
   buf.found_inf = call.found_inf;
   buf.workspace = call.workspace;
   buf.workspace_bytes = call.workspace_bytes;
+  if (call.services != nullptr && call.workspace == nullptr && plan.workspace_bytes() > 0 && !schedule.empty()) {
+    lease.services = call.services;
+    lease.ptr = call.services->allocate_workspace(plan.workspace_bytes(), reduce_stream_);
+    buf.workspace = lease.ptr;
+    buf.workspace_bytes = plan.workspace_bytes();
+  }
   check_plan_buffers(plan, buf, call.divisor);
   ensure_step_events(static_cast<int64_t>(plan.steps.size()));
-  cudaEvent_t done = cached->waits.has_transfers ? take_completion_event() : nullptr;
+  cudaEvent_t done = schedule.empty() ? nullptr : take_completion_event();
   const uint64_t seq = next_seq_++;
 
-  ncclComm_t comm = nullptr;
   {
     std::lock_guard<std::mutex> lock(state_mu_);
-    if (failed_) {
+    if (failed_ || comm_ == nullptr) {
       if (done != nullptr) free_events_.push_back(done);
+      if (!failed_) record_failure_locked("the communicator was aborted");
       throw_failed_locked();
     }
-    comm = comm_;
     enqueue_active_ = true;
     enqueue_deadline_ = deadline_from_now();
     enqueue_seq_ = seq;
   }
   bool nccl_issued = false;
   NcclExecContext ctx;
-  ctx.comm = comm;
+  ctx.nccl.mu = &nccl_mu_;
+  ctx.nccl.comm = &comm_;
   ctx.comm_stream = comm_stream_;
+  ctx.reduce_stream = reduce_stream_;
   ctx.stream = stream;
   ctx.events.start = start_event_;
+  ctx.events.begin = begin_event_;
   ctx.events.end = end_event_;
+  ctx.events.done = done;
   ctx.events.transfer = transfer_events_.data();
   ctx.events.reduce = reduce_events_.data();
   ctx.events.steps = static_cast<int64_t>(transfer_events_.size());
   ctx.failed = &failed_flag_;
+  ctx.deadline = deadline_from_now();
+  ctx.timeout_s = timeout_s_;
   ctx.nccl_issued = &nccl_issued;
+  ctx.services = call.services;
   try {
-    enqueue_plan(ctx, plan, cached->waits, buf, call.divisor);
-    // The caller's stream has waited for the comm stream, so this event completes with the whole call.
-    if (done != nullptr) PARACOMM_CUDA_CHECK(cudaEventRecord(done, stream));
+    enqueue_plan(ctx, plan, schedule, buf, call.divisor);
   } catch (const std::exception& e) {
     std::string failure;
     {
@@ -410,8 +470,7 @@ void NcclComm::all_reduce(const NcclAllReduceCall& call, cudaStream_t stream) {
     }
     wake_.notify_all();
     if (failure.empty()) throw;
-    // The first reason (e.g. the watchdog's enqueue deadline, which is why NCCL returned) says more than
-    // NCCL's error after an abort.
+    // The first reason (e.g. the watchdog's enqueue deadline) says more than NCCL's error after an abort.
     PARACOMM_THROW("NcclComm (rank ", rank_, " of ", world_size_, ") is unusable: ", failure,
                    " [this all_reduce: ", e.what(), "]");
   }
@@ -434,7 +493,8 @@ void NcclComm::abort() {
   std::unique_lock<std::mutex> lock(state_mu_);
   record_failure_locked("aborted by NcclComm.abort()");
   wake_.notify_all();
-  aborted_.wait_for(lock, kAbortGrace + std::chrono::seconds(1), [this] { return comm_ == nullptr || stop_; });
+  // The watchdog aborts within one round plus the enqueuing thread's current NCCL call (non-blocking).
+  aborted_.wait_for(lock, std::chrono::seconds(5), [this] { return comm_ == nullptr || stop_; });
 }
 
 void NcclComm::watchdog_loop() {
@@ -454,6 +514,7 @@ void NcclComm::watchdog_loop() {
     } catch (...) {
       // Only allocation failures can land here; the next round tries again.
     }
+    drained_.notify_all();
   }
 }
 
@@ -461,17 +522,24 @@ void NcclComm::watchdog_round(std::unique_lock<std::mutex>& lock) {
   const Clock::time_point now = Clock::now();
   if (!failed_ && comm_ != nullptr) {
     if (enqueue_active_ && now >= enqueue_deadline_) {
+      // The enqueue polls this flag between its NCCL queries and leaves; the abort below then releases NCCL.
       record_failure_locked(concat("all_reduce #", enqueue_seq_, " was still being enqueued after ", timeout_s_,
                                    " s (NCCL waits for a peer that is absent or dead); the communicator was aborted"));
-      failed_at_ = now - kAbortGrace;  // the enqueue is blocked inside NCCL: only the abort releases it
     } else {
-      // Poll outside the lock: only this thread aborts or destroys comm_ while the watchdog runs, and pending
-      // entries are only appended by others, so the snapshot stays valid.
-      const ncclComm_t comm = comm_;
+      // Event queries outside both locks (pending entries are only appended by others, so the snapshot stays
+      // valid); the NCCL query under nccl_mu_ (never concurrent with the enqueue's NCCL calls or an abort).
       const std::vector<Pending> snapshot(pending_.begin(), pending_.end());
       lock.unlock();
-      ncclResult_t state = ncclSuccess;
-      const ncclResult_t q = ncclCommGetAsyncError(comm, &state);
+      ncclResult_t state = ncclSuccess, q = ncclSuccess;
+      std::string q_text;
+      {
+        std::lock_guard<std::mutex> g(nccl_mu_);
+        if (comm_ != nullptr) {
+          q = ncclCommGetAsyncError(comm_, &state);
+          if (q != ncclSuccess) q_text = nccl_error_text(q, comm_);
+          else if (state != ncclSuccess && state != ncclInProgress) q_text = nccl_error_text(state, comm_);
+        }
+      }
       std::vector<cudaError_t> status(snapshot.size(), cudaErrorNotReady);
       for (size_t k = 0; k < snapshot.size(); ++k) {
         status[k] = cudaEventQuery(snapshot[k].done);
@@ -479,10 +547,9 @@ void NcclComm::watchdog_round(std::unique_lock<std::mutex>& lock) {
       }
       lock.lock();
       if (q != ncclSuccess) {
-        record_failure_locked(concat("ncclCommGetAsyncError failed: ", nccl_error_text(q, comm)));
+        record_failure_locked(concat("ncclCommGetAsyncError failed: ", q_text));
       } else if (state != ncclSuccess && state != ncclInProgress) {
-        record_failure_locked(
-            concat("asynchronous NCCL error (a peer may have died): ", nccl_error_text(state, comm)));
+        record_failure_locked(concat("asynchronous NCCL error (a peer may have died): ", q_text));
       }
       // pending_ still starts with the snapshot (only the watchdog removes entries).
       std::deque<Pending> keep;
@@ -506,15 +573,20 @@ void NcclComm::watchdog_round(std::unique_lock<std::mutex>& lock) {
     }
   }
   if (failed_ && comm_ != nullptr) {
-    // Abort once no enqueue is inside NCCL, or once one has stayed there past the grace (it is blocked).
-    if (!enqueue_active_ || Clock::now() - failed_at_ >= kAbortGrace) {
-      const ncclComm_t comm = comm_;
-      comm_ = nullptr;
-      lock.unlock();
-      (void)ncclCommAbort(comm);
-      lock.lock();
-      aborted_.notify_all();
+    // nccl_mu_ excludes the enqueuing thread's NCCL calls, each of which returns promptly (non-blocking
+    // communicator), so this waits microseconds at most; the enqueue sees the failure flag (or the null handle)
+    // at its next NCCL section and stops. Lock order: nccl_mu_ before state_mu_.
+    lock.unlock();
+    {
+      std::lock_guard<std::mutex> g(nccl_mu_);
+      if (comm_ != nullptr) {
+        (void)ncclCommAbort(comm_);
+        std::lock_guard<std::mutex> relock(state_mu_);
+        comm_ = nullptr;
+      }
     }
+    lock.lock();
+    aborted_.notify_all();
   }
   if (failed_ && comm_ == nullptr) {
     // Nothing more completes or matters once aborted: recycle the completion events.

@@ -1,43 +1,49 @@
-// paracomm's NCCL communicator (torch-free): a blocking ncclComm_t for the data path, its own stream, an event
-// pool, a plan cache, and a watchdog thread that turns hangs and asynchronous NCCL errors into exceptions.
+// paracomm's NCCL communicator (torch-free): a NON-blocking ncclComm_t for the data path, its two streams (C for
+// transfers, R for reductions: nccl_executor.h), an event pool, a plan cache, and a watchdog thread that turns
+// hangs and asynchronous NCCL errors into exceptions.
 //
 // Lifecycle
 //   * Construction refuses an NCCL library older at run time (ncclGetVersion) than the headers compiled
-//     against (NCCL_VERSION_CODE). It then initialises a NON-blocking communicator (ncclCommInitRankConfig,
+//     against (NCCL_VERSION_CODE). It then initialises a non-blocking communicator (ncclCommInitRankConfig,
 //     polled with ncclCommGetAsyncError against a deadline of timeout_s, aborted past it), and splits it
-//     (ncclCommSplit, color 0, key rank, splitShare 0) into a BLOCKING child used for every enqueue. NCCL runs
-//     the split as a job of the parent's (non-blocking) group, so it is polled against the same deadline; past
-//     it the parent is aborted, which NCCL forwards to a child still being initialised (the parent's
-//     childAbortFlag). Should a library run the split synchronously, a timer thread does that abort. The
-//     parent is then released (finalize + destroy): the child shares nothing with it.
-//   * all_reduce looks up (or makes and checks) the plan for its PlanSpec, validates the call, and runs the
-//     plan (nccl_executor.h): enqueue only, no host synchronisation, no thread start and no ncclInProgress
-//     polling (the blocking communicator finishes every NCCL call before returning). It hands the call's
-//     completion event and deadline (now + timeout_s) to the watchdog.
+//     (ncclCommSplit, color 0, key rank, splitShare 0) into a non-blocking child used for every enqueue. NCCL
+//     runs the split as a job of the parent's group, so it is polled against the same deadline; past it the
+//     parent is aborted, which NCCL forwards to a child still being initialised (the parent's childAbortFlag).
+//     Should a library run the split synchronously, a timer thread does that abort. The parent is then
+//     released (finalize + destroy): the child shares nothing with it.
+//   * all_reduce looks up (or makes and checks) the plan and its schedules (plan_waits.h) for its PlanSpec,
+//     validates the call, takes the workspace from the call's services (torch's caching allocator, pool of R),
+//     and runs the schedule (nccl_executor.h): enqueue only, no host synchronisation, no thread start. A warm
+//     ncclGroupEnd returns ncclSuccess inline; a cold one (NCCL connecting) returns ncclInProgress and the
+//     enqueue polls ncclCommGetAsyncError until the group is enqueued, against the enqueue deadline and the
+//     failure flag. The call's completion event `done` and its deadline (now + timeout_s) go to the watchdog.
 //   * The watchdog polls the pending completion events (cudaEventQuery) and ncclCommGetAsyncError. On an
-//     asynchronous error, an expired completion deadline, an enqueue blocked past its deadline, or abort(), the
-//     communicator is marked failed (every later all_reduce/check() throws with the first reason) and aborted
-//     (ncclCommAbort, which also releases NCCL kernels spinning on a dead peer). It runs with the thread's
-//     stream-capture mode relaxed, so its event queries never invalidate a user's global-mode graph capture.
-//   * Destruction stops the watchdog; it aborts at once when the communicator failed or work is still
-//     pending, else finalizes and destroys it, bounded by timeout_s (a timer aborts past it).
+//     asynchronous error, an expired completion deadline, an enqueue in progress past its deadline, or abort(),
+//     the communicator is marked failed (every later all_reduce/check() throws with the first reason) and
+//     aborted (ncclCommAbort, which also releases NCCL kernels spinning on a dead peer). It runs with the
+//     thread's stream-capture mode relaxed, so its event queries never invalidate a user's global-mode capture.
+//   * Destruction (or close()) first waits for healthy pending work: the watchdog keeps running and ends that
+//     wait by completing the work or by failing the communicator (asynchronous error, or a call past its
+//     deadline, i.e. at most timeout_s after its enqueue). It then stops the watchdog and aborts if the
+//     communicator failed, else finalizes (polled, bounded by timeout_s; aborted past it) and destroys it. So a
+//     Communicator dropped right after a correct async or sync call never kills that call.
 //
-// Locking (the watchdog must always be able to abort):
-//   * enqueue_mu_ serialises all_reduce calls (NCCL requires one thread at a time per communicator; it also
-//     guards the plan cache, the event pool and the comm stream's order). It IS held across ncclGroupEnd,
-//     which on a blocking communicator may wait while NCCL connects to a peer, so nothing else ever takes it:
-//     not the watchdog, not check(), not abort().
-//   * state_mu_ guards the failure record, the pending completions, the free completion events and the
-//     communicator handle. It is only held for bookkeeping, never across an NCCL or CUDA call that can block
-//     (ncclCommAbort and the event queries run outside it).
-//   * Only the watchdog thread calls ncclCommGetAsyncError and ncclCommAbort while the communicator is live
-//     (construction and destruction run before it starts and after it stopped), so no thread ever frees the
-//     handle under another one's query. While an all_reduce is enqueueing, the watchdog records a failure at
-//     once (the enqueue stops before its next transfer group: it checks failed_flag_) but defers the abort for
-//     kAbortGrace, or until the enqueue leaves; an enqueue still inside NCCL after that is blocked there (on a
-//     dead or absent peer) and only the abort can release it: NCCL's wait loops poll the abort flag. That
-//     concurrent abort is the one NCCL call that overlaps another thread's; it is NCCL's documented way out of
-//     a hung blocking call, and the same one torch's ProcessGroupNCCL watchdog relies on.
+// Locking (abort is safe by construction):
+//   * enqueue_mu_ serialises all_reduce calls and close() (it guards the plan cache, the step events and the
+//     streams' order). Nothing blocks for long under it: every NCCL call on the non-blocking communicator
+//     returns promptly, and the in-progress poll checks the failure flag and the deadline.
+//   * nccl_mu_ guards every use of the communicator handle comm_: the enqueue takes it around each transfer
+//     group (ncclGroupStart .. ncclGroupEnd) and each in-progress query, the watchdog around its
+//     ncclCommGetAsyncError and around ncclCommAbort. So ncclCommAbort never runs concurrently with another
+//     NCCL call on the communicator from another thread, and the watchdog never waits more than one
+//     non-blocking NCCL call for it. comm_ is set to null (under nccl_mu_ and state_mu_) by the abort; the
+//     enqueue re-reads it under nccl_mu_ for every group and stops when it is null. Lock order: enqueue_mu_,
+//     then nccl_mu_, then state_mu_.
+//   * state_mu_ guards the failure record, the pending completions and the free completion events. It is only
+//     held for bookkeeping, never across an NCCL or CUDA call that can block.
+//   * The watchdog still breaks a stall within the timeout: a call whose completion passes its deadline or an
+//     enqueue still in progress past its deadline fails the communicator; the enqueue leaves at its next poll
+//     (microseconds), and the abort follows under nccl_mu_.
 #pragma once
 
 #ifndef PARACOMM_WITH_NCCL
@@ -80,6 +86,12 @@ struct NcclAllReduceCall {
   int64_t workspace_bytes = 0;
   Algorithm algorithm = Algorithm::kRing;
   int64_t chunk_bytes = 0;           // 0: the plan's chunk policy
+  // true: the caller's stream waits for the call before all_reduce returns (dist.all_reduce). false (needs
+  // services): the caller's stream is left free; wait on reduce_stream() after the call (Work.wait()).
+  bool sync = true;
+  // Torch-facing workspace allocation and keep-alive (nccl_executor.h). With services and workspace == null,
+  // the workspace is allocated here from the plan's workspace_bytes.
+  NcclCallServices* services = nullptr;
 };
 
 class NcclComm {
@@ -94,8 +106,9 @@ class NcclComm {
   NcclComm(const NcclComm&) = delete;
   NcclComm& operator=(const NcclComm&) = delete;
 
-  // One in-place all_reduce on `stream` (the caller's stream, on this communicator's device), run from the
-  // plan of (numel, dtype, wire_dtype, world size, rank, algorithm, found_inf given, final op, chunk_bytes).
+  // One in-place all_reduce of data ready on `stream` (the caller's stream, on this communicator's device): it
+  // runs on paracomm's streams after everything enqueued on `stream` before the call; call.sync decides whether
+  // `stream` waits for it (nccl_executor.h). Runs the plan of (numel, dtype, wire_dtype, world size, rank, algorithm, found_inf given, final op, chunk_bytes).
   // Throws paracomm::Error if the communicator failed or was aborted, if the stream is capturing a CUDA
   // graph, or on invalid arguments (in these cases nothing was enqueued and the communicator stays as it
   // was); if enqueuing fails midway, the communicator is marked failed and aborted (the peers cannot finish
@@ -104,9 +117,14 @@ class NcclComm {
 
   // Throws paracomm::Error if the communicator has failed (asynchronous NCCL error, timeout, abort()).
   void check();
+  // What destruction does, now: waits for pending work (bounded, see Lifecycle), then finalizes or aborts.
+  // Later all_reduce calls throw. Idempotent; never throws.
+  void close() noexcept;
+  // paracomm's reduce stream R: every call's `done` is recorded there last (wait on it after an async call).
+  cudaStream_t reduce_stream() const { return reduce_stream_; }
   // Marks the communicator failed ("aborted by NcclComm.abort()") and has the watchdog abort it; returns once
-  // ncclCommAbort has run (or, while another thread's all_reduce is still enqueueing, after kAbortGrace at
-  // most plus one watchdog round). Later calls throw. Idempotent.
+  // ncclCommAbort has run (one watchdog round plus the enqueuing thread's current NCCL call at most; 5 s
+  // bound). Later calls throw. Idempotent.
   void abort();
 
   int rank() const { return rank_; }
@@ -127,6 +145,7 @@ class NcclComm {
   struct CachedPlan {
     Plan plan;
     PlanWaits waits;
+    std::vector<SchedOp> schedule_sync, schedule_async;
   };
 
   Clock::time_point deadline_from_now() const;
@@ -146,21 +165,23 @@ class NcclComm {
 
   // ---- enqueue side (enqueue_mu_) ----
   std::mutex enqueue_mu_;
-  cudaStream_t comm_stream_ = nullptr;
-  cudaEvent_t start_event_ = nullptr, end_event_ = nullptr;
+  bool closed_ = false;
+  cudaStream_t comm_stream_ = nullptr, reduce_stream_ = nullptr;
+  cudaEvent_t start_event_ = nullptr, begin_event_ = nullptr, end_event_ = nullptr;
   std::vector<cudaEvent_t> transfer_events_, reduce_events_;  // one per step of the longest plan seen
   std::map<PlanKey, std::shared_ptr<const CachedPlan>> plans_;
   uint64_t next_seq_ = 0;
   std::atomic<double> last_enqueue_us_{0.0};
 
   // ---- shared state (state_mu_) ----
+  std::mutex nccl_mu_;                // every use of comm_'s handle (see Locking)
   mutable std::mutex state_mu_;
   std::condition_variable wake_;      // wakes the watchdog
   std::condition_variable aborted_;   // signals abort() waiters
-  ncclComm_t comm_ = nullptr;         // the blocking data-path communicator; null once aborted/destroyed
+  std::condition_variable drained_;   // the watchdog finished a round (close() waits for pending work)
+  ncclComm_t comm_ = nullptr;         // the non-blocking data-path communicator; null once aborted/destroyed
   bool failed_ = false;
   std::string failure_;
-  Clock::time_point failed_at_;
   std::atomic<bool> failed_flag_{false};  // == failed_, readable by the enqueue without the lock
   bool enqueue_active_ = false;
   Clock::time_point enqueue_deadline_;

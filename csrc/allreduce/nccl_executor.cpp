@@ -1,42 +1,9 @@
-// The NCCL plan executor. Ordering argument, in one place (S = the caller's stream, C = the comm stream):
-//
-//   S:  rec(start)  ..[wait(T_t)] reductions_i rec(R_i)..                     wait(end)
-//   C:  wait(start) ..[wait(R_j)] group_i rec(T_i)..                 rec(end)
-//
-// The waits themselves are computed by plan_waits (plan_waits.h, pure C++), which tests/test_plan_waits.py
-// checks on the CPU against every algorithm's plans; this file enqueues exactly those.
-//
-// * Start: C waits for S once (only when the plan has transfers), so every transfer sees the data, the
-//   workspace and everything the caller enqueued on S before the call.
-// * Transfers of step i wait for R_j, j = the latest step <= transfers_after(i) that has reductions. All
-//   reductions run on S in step order, so R_j covers every reduction of every step <= transfers_after(i),
-//   which is exactly what the plan asks (plan.h: the data sent was produced there, the receive slot filled
-//   was last read there). Transfer groups run on C in step order, one after the other, so they never overtake
-//   each other: a send of bytes an earlier step *received* (the ring's all-gather forwards what arrived one
-//   hop before, and that step has no reduction for transfers_after to name) is ordered by the stream itself.
-//   An executor that posts transfer groups concurrently (gloo) must order that case by other means.
-//   A wait that an earlier wait of this call already covers is skipped (j <= the last R waited for).
-// * Reductions of step i wait for T_t, t = the latest step <= i with transfers: transfer groups run on C in
-//   order, so T_t covers this step's transfers and every earlier one (plan.h: "a reduction starts once this
-//   step's transfers, and every earlier step's, have completed"). Again skipped when already covered.
-// * Everything else may overlap, and the plan guarantees that whatever may run concurrently touches
-//   disjoint bytes: that is how step i+1's transfers overlap step i's reductions.
-// * End: S waits for C's `end` (recorded after the last transfer group), so every use of the data, the
-//   workspace, scale and found_inf -- on either stream -- is ordered before anything enqueued on S after the
-//   call. The caller allocated the workspace on S with torch's caching allocator: when it frees the block
-//   right after the call returns, the allocator may hand it to a later allocation on S, whose work S runs
-//   after `end`, i.e. after the last NCCL transfer that touched it. No record_stream is needed, and the
-//   allocator may free or reuse every buffer as soon as the call returns.
-// * Events are reused by every call: cudaStreamWaitEvent captures an event's latest record at the time it
-//   is enqueued, and every wait above is enqueued after the record it refers to (in this call), so a later
-//   call re-recording the same event cannot change what an earlier wait waits for.
-// * On an error after the first NCCL call, `end` is still recorded and waited for (best effort), so the
-//   caller's buffers stay ordered; the communicator then aborts (nccl_comm.cpp), which releases NCCL's
-//   kernels.
+// The NCCL plan executor; the ordering argument is at the top of nccl_executor.h.
 #include "allreduce/nccl_executor.h"
 
 #include <cmath>
 #include <string>
+#include <thread>
 
 #include "kernels/reduce.h"
 
@@ -164,12 +131,57 @@ void check_plan_buffers(const Plan& plan, const PlanBuffers& buf, double divisor
                  " bytes are needed");
 }
 
-void enqueue_plan(const NcclExecContext& ctx, const Plan& plan, const PlanWaits& waits, const PlanBuffers& buf,
-                  double divisor) {
+namespace {
+
+// Throws unless *ctx.nccl.comm is live; returns it (*ctx.nccl.mu held by the caller).
+ncclComm_t live_comm(const NcclExecContext& ctx) {
+  ncclComm_t comm = *ctx.nccl.comm;
+  PARACOMM_CHECK(comm != nullptr, "the communicator was aborted while this all_reduce was being enqueued");
+  return comm;
+}
+
+// Polls the non-blocking communicator until step i's group has been enqueued on C (ncclInProgress means NCCL is
+// still connecting or launching in the background; nothing on C may be recorded before it settles). The lock is
+// taken per query so the watchdog can abort in between; a failure flag, an abort or the deadline ends the wait.
+void wait_group_enqueued(const NcclExecContext& ctx, int64_t i) {
+  for (int spin = 0;; ++spin) {
+    PARACOMM_CHECK(!ctx.failed->load(std::memory_order_acquire), "the communicator failed while step ", i,
+                   "'s NCCL group was in progress");
+    ncclResult_t state = ncclInProgress;
+    {
+      std::lock_guard<std::mutex> g(*ctx.nccl.mu);
+      const ncclComm_t comm = live_comm(ctx);
+      const ncclResult_t q = ncclCommGetAsyncError(comm, &state);
+      if (q != ncclSuccess) {
+        PARACOMM_THROW("NCCL error ", ncclGetErrorString(q), " in ncclCommGetAsyncError (step ", i, "): ",
+                       ncclGetLastError(comm));
+      }
+      if (state != ncclSuccess && state != ncclInProgress) {
+        PARACOMM_THROW("NCCL error ", ncclGetErrorString(state), " in ncclGroupEnd (step ", i, "): ",
+                       ncclGetLastError(comm));
+      }
+    }
+    if (state == ncclSuccess) return;
+    PARACOMM_CHECK(std::chrono::steady_clock::now() < ctx.deadline, "step ", i, "'s NCCL group was still in "
+                   "progress after ", ctx.timeout_s, " s (NCCL waits for a peer that is absent or dead)");
+    if (spin < 256) {
+      std::this_thread::yield();
+    } else {
+      std::this_thread::sleep_for(std::chrono::microseconds(50));
+    }
+  }
+}
+
+}  // namespace
+
+void enqueue_plan(const NcclExecContext& ctx, const Plan& plan, const std::vector<SchedOp>& schedule,
+                  const PlanBuffers& buf, double divisor) {
   const PlanSpec& spec = plan.spec;
   const int64_t num_steps = static_cast<int64_t>(plan.steps.size());
-  PARACOMM_CHECK(ctx.nccl_issued != nullptr && ctx.failed != nullptr && ctx.events.steps >= num_steps &&
-                     ctx.events.start != nullptr && ctx.events.end != nullptr,
+  const PlanEvents& ev = ctx.events;
+  PARACOMM_CHECK(ctx.nccl_issued != nullptr && ctx.failed != nullptr && ctx.nccl.mu != nullptr &&
+                     ctx.nccl.comm != nullptr && ev.steps >= num_steps && ev.start != nullptr &&
+                     ev.begin != nullptr && ev.end != nullptr && (schedule.empty() || ev.done != nullptr),
                  "enqueue_plan: incomplete context");
   const DType T = spec.dtype, W = spec.travel_dtype();
   char* const ws = static_cast<char*>(buf.workspace);
@@ -182,83 +194,120 @@ void enqueue_plan(const NcclExecContext& ctx, const Plan& plan, const PlanWaits&
     }
     return nullptr;
   };
-  const cudaStream_t S = ctx.stream, C = ctx.comm_stream;
-  const PlanEvents& ev = ctx.events;
-  PARACOMM_CHECK(waits.comm_waits.size() == plan.steps.size() && waits.stream_waits.size() == plan.steps.size() &&
-                     waits.record_transfer.size() == plan.steps.size() &&
-                     waits.record_reduce.size() == plan.steps.size(),
-                 "enqueue_plan: waits computed for another plan");
+  auto stream_of = [&](SchedStream s) {
+    return s == SchedStream::kCaller ? ctx.stream : s == SchedStream::kReduce ? ctx.reduce_stream : ctx.comm_stream;
+  };
+  auto event_of = [&](const SchedOp& op) -> cudaEvent_t {
+    switch (op.event) {
+      case SchedEvent::kStart: return ev.start;
+      case SchedEvent::kBegin: return ev.begin;
+      case SchedEvent::kTransfer: return ev.transfer[op.step];
+      case SchedEvent::kReduce: return ev.reduce[op.step];
+      case SchedEvent::kEnd: return ev.end;
+      case SchedEvent::kDone: return ev.done;
+      case SchedEvent::kNone: break;
+    }
+    PARACOMM_THROW("enqueue_plan: schedule op without an event");
+  };
 
-  if (waits.has_transfers) {
-    PARACOMM_CUDA_CHECK(cudaEventRecord(ev.start, S));
-    PARACOMM_CUDA_CHECK(cudaStreamWaitEvent(C, ev.start, 0));
-  }
-  try {
-    for (int64_t i = 0; i < num_steps; ++i) {
-      const PlanStep& step = plan.steps[static_cast<size_t>(i)];
-      if (!step.transfers.empty()) {
-        const int64_t j = waits.comm_waits[static_cast<size_t>(i)];
-        if (j >= 0) PARACOMM_CUDA_CHECK(cudaStreamWaitEvent(C, ev.reduce[j], 0));
-        PARACOMM_CHECK(!ctx.failed->load(std::memory_order_acquire),
-                       "the communicator failed while this all_reduce was being enqueued");
-        *ctx.nccl_issued = true;
-        PARACOMM_NCCL_CHECK(ncclGroupStart(), ctx.comm);
-        // Inside a group NCCL only records the calls; a failure must still close the group before it is raised.
-        ncclResult_t queued = ncclSuccess;
-        const char* failed_call = nullptr;
-        for (const PlanTransfer& t : step.transfers) {
-          const DType dt = buffer_dtype(spec, t.span.buffer);
-          const ncclResult_t r =
-              t.send ? ncclSend(address(t.span), static_cast<size_t>(t.count), to_nccl_dtype(dt), t.peer, ctx.comm, C)
-                     : ncclRecv(address(t.span), static_cast<size_t>(t.count), to_nccl_dtype(dt), t.peer, ctx.comm, C);
-          if (r != ncclSuccess) {
-            queued = r;
-            failed_call = t.send ? "ncclSend" : "ncclRecv";
-            break;
-          }
+  auto transfers = [&](int64_t i) {
+    const PlanStep& step = plan.steps[static_cast<size_t>(i)];
+    PARACOMM_CHECK(!ctx.failed->load(std::memory_order_acquire),
+                   "the communicator failed while this all_reduce was being enqueued");
+    ncclResult_t ended = ncclSuccess;
+    {
+      std::lock_guard<std::mutex> g(*ctx.nccl.mu);
+      const ncclComm_t comm = live_comm(ctx);
+      *ctx.nccl_issued = true;
+      PARACOMM_NCCL_CHECK(ncclGroupStart(), comm);
+      // Inside a group NCCL only records the calls; a failure must still close the group before it is raised.
+      ncclResult_t queued = ncclSuccess;
+      const char* failed_call = nullptr;
+      for (const PlanTransfer& t : step.transfers) {
+        const ncclDataType_t dt = to_nccl_dtype(buffer_dtype(spec, t.span.buffer));
+        const size_t count = static_cast<size_t>(t.count);
+        const ncclResult_t r = t.send ? ncclSend(address(t.span), count, dt, t.peer, comm, ctx.comm_stream)
+                                      : ncclRecv(address(t.span), count, dt, t.peer, comm, ctx.comm_stream);
+        if (r != ncclSuccess && r != ncclInProgress) {
+          queued = r;
+          failed_call = t.send ? "ncclSend" : "ncclRecv";
+          break;
         }
-        const ncclResult_t ended = ncclGroupEnd();  // blocking communicator: may wait while peers connect
-        if (failed_call != nullptr) {
-          PARACOMM_THROW("NCCL error ", ncclGetErrorString(queued), " in ", failed_call, " (step ", i, "): ",
-                         ncclGetLastError(ctx.comm));
-        }
-        if (ended != ncclSuccess) {
-          PARACOMM_THROW("NCCL error ", ncclGetErrorString(ended), " in ncclGroupEnd (step ", i, "): ",
-                         ncclGetLastError(ctx.comm));
-        }
-        if (waits.record_transfer[static_cast<size_t>(i)]) PARACOMM_CUDA_CHECK(cudaEventRecord(ev.transfer[i], C));
       }
-      if (!step.reductions.empty()) {
-        const int64_t t = waits.stream_waits[static_cast<size_t>(i)];
-        if (t >= 0) PARACOMM_CUDA_CHECK(cudaStreamWaitEvent(S, ev.transfer[t], 0));
-        for (const PlanReduction& r : step.reductions) {
-          ReduceArgs a;
-          a.out = address(r.out);
-          a.out_dtype = buffer_dtype(spec, r.out.buffer);
-          a.num_inputs = static_cast<int32_t>(r.inputs.size());
-          for (size_t k = 0; k < r.inputs.size(); ++k) a.inputs[k] = address(r.inputs[k]);
-          a.first_dtype = buffer_dtype(spec, r.inputs[0].buffer);
-          a.rest_dtype = r.inputs.size() > 1 ? buffer_dtype(spec, r.inputs[1].buffer) : a.first_dtype;
-          a.n = r.count;
-          a.divisor = r.final ? divisor : 1.0;
-          a.scale = r.final ? buf.scale : nullptr;
-          a.found_inf = r.check_inf ? buf.found_inf : nullptr;
-          a.round_to_wire = r.round_to_wire;
-          a.wire_dtype = r.round_to_wire ? W : DType::kFloat16;
-          a.wire_out = r.round_to_wire && r.has_wire_out ? address(r.wire_out) : nullptr;
-          launch_reduce(a, S);
-        }
-        if (waits.record_reduce[static_cast<size_t>(i)]) PARACOMM_CUDA_CHECK(cudaEventRecord(ev.reduce[i], S));
+      // Non-blocking communicator: a warm group returns ncclSuccess here; a cold one (connecting) ncclInProgress.
+      ended = ncclGroupEnd();
+      if (failed_call != nullptr) {
+        PARACOMM_THROW("NCCL error ", ncclGetErrorString(queued), " in ", failed_call, " (step ", i, "): ",
+                       ncclGetLastError(comm));
+      }
+      if (ended != ncclSuccess && ended != ncclInProgress) {
+        PARACOMM_THROW("NCCL error ", ncclGetErrorString(ended), " in ncclGroupEnd (step ", i, "): ",
+                       ncclGetLastError(comm));
       }
     }
-    if (waits.has_transfers) {
-      PARACOMM_CUDA_CHECK(cudaEventRecord(ev.end, C));
-      PARACOMM_CUDA_CHECK(cudaStreamWaitEvent(S, ev.end, 0));
+    if (ended == ncclInProgress) wait_group_enqueued(ctx, i);
+  };
+
+  auto reductions = [&](int64_t i) {
+    for (const PlanReduction& r : plan.steps[static_cast<size_t>(i)].reductions) {
+      ReduceArgs a;
+      a.out = address(r.out);
+      a.out_dtype = buffer_dtype(spec, r.out.buffer);
+      a.num_inputs = static_cast<int32_t>(r.inputs.size());
+      for (size_t k = 0; k < r.inputs.size(); ++k) a.inputs[k] = address(r.inputs[k]);
+      a.first_dtype = buffer_dtype(spec, r.inputs[0].buffer);
+      a.rest_dtype = r.inputs.size() > 1 ? buffer_dtype(spec, r.inputs[1].buffer) : a.first_dtype;
+      a.n = r.count;
+      a.divisor = r.final ? divisor : 1.0;
+      a.scale = r.final ? buf.scale : nullptr;
+      a.found_inf = r.check_inf ? buf.found_inf : nullptr;
+      a.round_to_wire = r.round_to_wire;
+      a.wire_dtype = r.round_to_wire ? W : DType::kFloat16;
+      a.wire_out = r.round_to_wire && r.has_wire_out ? address(r.wire_out) : nullptr;
+      launch_reduce(a, ctx.reduce_stream);
+    }
+  };
+
+  try {
+    for (const SchedOp& op : schedule) {
+      switch (op.action) {
+        case SchedAction::kRecord:
+          PARACOMM_CUDA_CHECK(cudaEventRecord(event_of(op), stream_of(op.stream)));
+          break;
+        case SchedAction::kWait:
+          PARACOMM_CUDA_CHECK(cudaStreamWaitEvent(stream_of(op.stream), event_of(op), 0));
+          break;
+        case SchedAction::kTransfers:
+          transfers(op.step);
+          break;
+        case SchedAction::kReductions:
+          reductions(op.step);
+          break;
+        case SchedAction::kKeepAlive:
+          PARACOMM_CHECK(ctx.services != nullptr, "enqueue_plan: an async schedule needs the keep-alive service");
+          ctx.services->keep_alive(stream_of(op.stream));
+          break;
+      }
     }
   } catch (...) {
-    if (waits.has_transfers) {
-      // Keep the caller's buffers ordered after whatever reached the comm stream (see the file comment).
-      if (cudaEventRecord(ev.end, C) == cudaSuccess) (void)cudaStreamWaitEvent(S, ev.end, 0);
+    // Keep the caller's buffers ordered after whatever reached the streams (see the header's last point).
+    if (!schedule.empty()) {
+      bool sync_schedule = false;
+      for (const SchedOp& op : schedule) {
+        sync_schedule |= op.action == SchedAction::kWait && op.stream == SchedStream::kCaller;
+      }
+      if (cudaEventRecord(ev.end, ctx.comm_stream) == cudaSuccess) {
+        (void)cudaStreamWaitEvent(ctx.reduce_stream, ev.end, 0);
+      }
+      (void)cudaEventRecord(ev.done, ctx.reduce_stream);
+      if (sync_schedule) {
+        (void)cudaStreamWaitEvent(ctx.stream, ev.done, 0);
+      } else if (ctx.services != nullptr) {
+        try {
+          ctx.services->keep_alive(ctx.reduce_stream);
+        } catch (...) {
+        }
+      }
       (void)cudaGetLastError();
     }
     throw;

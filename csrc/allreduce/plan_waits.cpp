@@ -1,4 +1,5 @@
-// Waits of the NCCL executor for a plan; the rules and why they suffice: plan_waits.h and nccl_executor.cpp.
+// Waits and stream schedule of the NCCL executor for a plan; the rules and why they suffice: plan_waits.h and
+// nccl_executor.h.
 #include "allreduce/plan_waits.h"
 
 namespace paracomm {
@@ -27,6 +28,7 @@ PlanWaits plan_waits(const Plan& plan) {
       last_transfer = i;
     }
     if (!step.reductions.empty()) {
+      w.has_reductions = true;
       if (last_transfer > stream_waited) {
         w.stream_waits[u] = last_transfer;
         w.record_transfer[static_cast<size_t>(last_transfer)] = true;
@@ -38,6 +40,54 @@ PlanWaits plan_waits(const Plan& plan) {
     }
   }
   return w;
+}
+
+std::vector<SchedOp> plan_schedule(const Plan& plan, const PlanWaits& waits, bool sync) {
+  std::vector<SchedOp> ops;
+  if (!waits.has_transfers && !waits.has_reductions) return ops;
+  using A = SchedAction;
+  using S = SchedStream;
+  using E = SchedEvent;
+  // R joins the caller once; C joins R (so C also follows every earlier call's reductions, which may still read
+  // a workspace block or data this call's transfers overwrite).
+  ops.push_back({A::kRecord, S::kCaller, E::kStart});
+  ops.push_back({A::kWait, S::kReduce, E::kStart});
+  if (waits.has_transfers) {
+    ops.push_back({A::kRecord, S::kReduce, E::kBegin});
+    ops.push_back({A::kWait, S::kComm, E::kBegin});
+  }
+  for (size_t u = 0; u < plan.steps.size(); ++u) {
+    const int64_t i = static_cast<int64_t>(u);
+    const PlanStep& step = plan.steps[u];
+    if (!step.transfers.empty()) {
+      if (waits.comm_waits[u] >= 0) ops.push_back({A::kWait, S::kComm, E::kReduce, waits.comm_waits[u]});
+      ops.push_back({A::kTransfers, S::kComm, E::kNone, i});
+      if (waits.record_transfer[u]) ops.push_back({A::kRecord, S::kComm, E::kTransfer, i});
+    }
+    if (!step.reductions.empty()) {
+      if (waits.stream_waits[u] >= 0) ops.push_back({A::kWait, S::kReduce, E::kTransfer, waits.stream_waits[u]});
+      ops.push_back({A::kReductions, S::kReduce, E::kNone, i});
+      if (waits.record_reduce[u]) ops.push_back({A::kRecord, S::kReduce, E::kReduce, i});
+    }
+  }
+  // C -> R after the last transfer group, unless R already waited for that group (a plan ending in a reduction
+  // of everything received, as one_shot's): then `end` would add nothing.
+  int64_t last_transfer = -1, last_stream_wait = -1;
+  for (size_t u = 0; u < plan.steps.size(); ++u) {
+    if (!plan.steps[u].transfers.empty()) last_transfer = static_cast<int64_t>(u);
+    if (waits.stream_waits[u] >= 0) last_stream_wait = waits.stream_waits[u];
+  }
+  if (waits.has_transfers && last_stream_wait < last_transfer) {
+    ops.push_back({A::kRecord, S::kComm, E::kEnd});
+    ops.push_back({A::kWait, S::kReduce, E::kEnd});
+  }
+  ops.push_back({A::kRecord, S::kReduce, E::kDone});
+  if (sync) {
+    ops.push_back({A::kWait, S::kCaller, E::kDone});
+  } else {
+    ops.push_back({A::kKeepAlive, S::kReduce});
+  }
+  return ops;
 }
 
 }  // namespace paracomm

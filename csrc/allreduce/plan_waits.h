@@ -1,20 +1,22 @@
-// The cross-stream waits the NCCL executor (nccl_executor.cpp) enqueues for a plan: plain C++ (no CUDA, no NCCL,
-// no torch), so the ordering argument can be checked on a machine without a GPU (tests/test_plan_waits.py runs
-// it on every algorithm's plans and checks that every two operations touching the same bytes are ordered).
+// The stream schedule of the NCCL executor (nccl_executor.cpp) for a plan: plain C++ (no CUDA, no NCCL, no
+// torch), so the ordering argument can be checked on a machine without a GPU. tests/test_plan_waits.py replays
+// plan_schedule() on every algorithm's plans, with the caller's stream and the caller's later work, and checks
+// that every two operations touching the same bytes are ordered, that an async call blocks none of the caller's
+// later work, and that every buffer's last use precedes its release.
 //
-// S = the caller's stream (every step's reductions, in step order); C = the comm stream (every step's transfer
-// group, in step order). R_i = the event recorded on S after step i's reductions, T_i = the event recorded on C
-// after step i's transfer group.
-//   * start / end: when the plan has transfers, C waits for S before the first group and S waits for C after
-//     the last one;
+// Three streams: S = the caller's current stream (it only records `start`, and waits for `done` in a
+// synchronous call), R = paracomm's reduce stream (every step's reductions, in step order), C = paracomm's comm
+// stream (every step's transfer group, in step order). R_i = the event recorded on R after step i's reductions,
+// T_i = the event recorded on C after step i's transfer group.
 //   * comm_waits[i] = j >= 0: before step i's transfer group, C waits for R_j, j = the latest step <=
-//     transfers_after(i) that has reductions (reductions run in order on S, so R_j covers all of them);
+//     transfers_after(i) that has reductions (reductions run in order on R, so R_j covers all of them);
 //     -1 when there is none, or when an earlier wait on C already covers it;
 //   * transfer groups need no waits among themselves: C runs them one after the other, which also orders a send
 //     of bytes an earlier step received (the ring's all-gather), a dependency transfers_after does not name;
-//   * stream_waits[i] = t >= 0: before step i's reductions, S waits for T_t, t = the latest step <= i with
+//   * stream_waits[i] = t >= 0: before step i's reductions, R waits for T_t, t = the latest step <= i with
 //     transfers (groups run in order on C, so T_t covers this step's and every earlier one); -1 when there is
-//     none, or when an earlier wait on S already covers it.
+//     none, or when an earlier wait on R already covers it.
+// plan_schedule() wraps those in the call protocol (the argument for each wait: nccl_executor.h).
 #pragma once
 
 #include <cstdint>
@@ -26,8 +28,9 @@ namespace paracomm {
 
 struct PlanWaits {
   bool has_transfers = false;
+  bool has_reductions = false;
   std::vector<int64_t> comm_waits;    // one per step
-  std::vector<int64_t> stream_waits;  // one per step
+  std::vector<int64_t> stream_waits;  // one per step (waits of the reduce stream R)
   // Whether some wait refers to T_i / R_i: events nobody waits for are not recorded (each record is ~1 us of
   // host time; a 16-group plan saves a dozen).
   std::vector<bool> record_transfer;  // one per step
@@ -35,5 +38,37 @@ struct PlanWaits {
 };
 
 PlanWaits plan_waits(const Plan& plan);
+
+enum class SchedStream : int32_t { kCaller = 0, kReduce = 1, kComm = 2 };
+enum class SchedAction : int32_t {
+  kRecord = 0,      // cudaEventRecord(event, stream)
+  kWait = 1,        // cudaStreamWaitEvent(stream, event)
+  kTransfers = 2,   // step `step`'s transfer group (C)
+  kReductions = 3,  // step `step`'s reductions (R)
+  kKeepAlive = 4,   // the caller's buffers (data, scale, found_inf) are not reused before the work enqueued on
+                    // `stream` so far completes (torch: record_stream on R); async calls only
+};
+enum class SchedEvent : int32_t {
+  kNone = 0,
+  kStart = 1,     // S -> R: everything the caller enqueued before the call
+  kBegin = 2,     // R -> C: the above, plus every earlier call's reductions
+  kTransfer = 3,  // T_step
+  kReduce = 4,    // R_step
+  kEnd = 5,       // C -> R: after the last transfer group
+  kDone = 6,      // on R after everything: the call's completion event (watchdog, Work.wait, sync call)
+};
+
+struct SchedOp {
+  SchedAction action;
+  SchedStream stream;
+  SchedEvent event = SchedEvent::kNone;
+  int64_t step = -1;  // kTransfers / kReductions / kTransfer / kReduce
+};
+
+// Every operation the executor enqueues for one call of `plan`, in enqueue order (empty when the plan has no
+// work). `sync`: the caller's stream waits for `done` before the call returns (as dist.all_reduce); otherwise
+// the caller's stream is left free and the buffers are kept alive on R instead (Work.wait() makes the then-
+// current stream wait for `done`).
+std::vector<SchedOp> plan_schedule(const Plan& plan, const PlanWaits& waits, bool sync);
 
 }  // namespace paracomm

@@ -19,6 +19,8 @@ namespace py = pybind11;
 
 namespace paracomm {
 
+void bind_nccl_tensor(py::module_& m);  // csrc/cuda/nccl_tensor_call.cpp (torch-facing)
+
 namespace {
 
 // Destroying a communicator may wait (finalize, bounded by timeout_s): do it without the GIL so other Python
@@ -111,10 +113,16 @@ void bind_nccl(py::module_& m) {
           "(float16/bfloat16, float32 data only). scale_ptr / found_inf_ptr: 1-element float32 device buffers "
           "or 0. workspace: >= the workspace_bytes of _C.plan_summary(...) for the same call (backend 'nccl', "
           "this rank); it and "
-          "every other buffer may be freed (on `stream`) as soon as this returns. chunk_bytes: 0 for the plan's "
+          "every other buffer may be freed (on `stream`) as soon as this returns (the call is synchronous: `stream` waits for it). chunk_bytes: 0 for the plan's "
           "default, else bytes of the wire dtype per piece. Raises (nothing enqueued) on invalid arguments, a "
           "stream that is capturing a CUDA graph, or a failed/aborted communicator; raises after aborting the "
           "communicator if enqueuing fails midway.")
+      .def("close", &NcclComm::close, py::call_guard<py::gil_scoped_release>(),
+           "Waits for pending work (bounded by timeout_s: a call past its deadline fails the communicator), then "
+           "finalizes it, or aborts it if it failed; later calls raise. What destruction does. Idempotent.")
+      .def_property_readonly(
+          "reduce_stream", [](const NcclComm& self) { return reinterpret_cast<uintptr_t>(self.reduce_stream()); },
+          "cudaStream_t (int) of paracomm's reduce stream: every call's completion is recorded there last.")
       .def("check", &NcclComm::check, py::call_guard<py::gil_scoped_release>(),
            "Raises if the communicator has failed (asynchronous NCCL error, timeout) or been aborted.")
       .def("abort", &NcclComm::abort, py::call_guard<py::gil_scoped_release>(),
@@ -126,6 +134,7 @@ void bind_nccl(py::module_& m) {
       .def_property_readonly("last_enqueue_us", &NcclComm::last_enqueue_us,
                              "Host microseconds the last all_reduce spent enqueuing (plan lookup, checks, NCCL "
                              "groups and kernel launches), for the benchmark.");
+  bind_nccl_tensor(m);  // after NcclComm's registration: its signature names the class
 }
 
 }  // namespace paracomm

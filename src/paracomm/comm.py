@@ -5,8 +5,8 @@ one_shot; :func:`explain_all_reduce` shows which and what it costs) and run by a
 algorithm:
 
 * CUDA tensors: paracomm's own NCCL communicator (``paracomm._C.NcclComm``, CUDA builds only), bootstrapped
-  through the process group's store; one NCCL group per plan step, reductions on the caller's current stream,
-  no host synchronisation (csrc/allreduce/nccl_executor.cpp).
+  through the process group's store; one NCCL group per plan step, transfers and reductions on paracomm's own
+  streams after the caller's current stream, no host synchronisation (csrc/allreduce/nccl_executor.h).
 * CPU tensors: :class:`paracomm._cpu_executor.CpuExecutor`, gloo point-to-point on a private gloo group of the
   same ranks and the CPU reduction op.
 
@@ -15,10 +15,12 @@ owner whose bits the others copy, or by every rank from identical inputs in the 
 """
 from __future__ import annotations
 
+import atexit
 import concurrent.futures
 import os
 import threading
 import time
+import weakref
 from datetime import timedelta
 from typing import Optional, Union
 
@@ -141,17 +143,21 @@ def _group_backends(group) -> tuple:
 class Work:
     """Handle of an ``async_op=True`` all-reduce.
 
-    ``wait()`` blocks until the reduction is done (on CUDA: makes the current stream wait for it, without a host
-    synchronisation) and returns what the synchronous call returns (the tensor, or the ``__dlpack__`` object that
-    was passed in); it raises the all-reduce's error if the collective failed. ``get_future()`` returns a
-    ``torch.futures.Future`` whose value is the reduced tensor (CUDA-aware on CUDA, as DDP comm hooks need).
+    ``wait()`` blocks until the reduction is done (on CUDA, as torch's NCCL work: makes the stream current at the
+    time of ``wait()`` wait for the call's completion, without a host synchronisation; until then the caller's
+    stream runs freely beside the all-reduce) and returns what the synchronous call returns (the tensor, or the
+    ``__dlpack__`` object that was passed in); it raises the all-reduce's error if the collective failed.
+    ``get_future()`` returns a ``torch.futures.Future`` whose value is the reduced tensor (CUDA-aware on CUDA,
+    completed on paracomm's stream as torch's NCCL futures are: ``then()`` callbacks and DDP wait for it on their
+    current stream).
     """
 
-    def __init__(self, future: torch.futures.Future, result, done_event=None, check=None):
+    def __init__(self, future: torch.futures.Future, result, done_event=None, check=None, keep=()):
         self._future = future
         self._result = result
-        self._done_event = done_event  # torch.cuda.Event recorded after the enqueue, or None
+        self._done_event = done_event  # torch.cuda.Event recorded after the call's last operation, or None
         self._check = check  # raises the communicator's asynchronous error (NCCL), or None
+        self._keep = keep  # tensors the call uses (scale, found_inf), held until wait()
 
     def wait(self, timeout: Optional[timedelta] = None):
         """Wait for completion; return the reduced tensor (or the ``__dlpack__`` object given). Raises its error.
@@ -160,7 +166,8 @@ class Work:
         Communicator's own timeout already bounds every call, and a call past it raises here.
         """
         del timeout
-        self._future.wait()
+        self._future.wait()  # CUDA: the current stream waits for the call's completion event (no host sync)
+        self._keep = ()
         if self._check is not None:
             self._check()
         return self._result
@@ -566,7 +573,13 @@ class Communicator:
         return self._store
 
     def _nccl_comm(self, device: torch.device):
-        """paracomm's NCCL communicator for ``device``, created on first use (collective over the group)."""
+        """paracomm's NCCL communicator for ``device``, created on first use (collective over the group).
+
+        Also fixes, once per Communicator, what the per-call path would otherwise look up per call: the chunk size
+        (``_nccl_chunk``, from :meth:`_plan_chunk_bytes`) and paracomm's reduce stream as a torch stream
+        (``_nccl_stream``, where async calls complete). The communicator is closed at interpreter exit
+        (:func:`_close_nccl_at_exit`), while CUDA is still up, so pending work is waited for.
+        """
         if self._nccl is None:
             store = self._group_store()
             key = f"{self._prefix}/nccl_unique_id"
@@ -580,46 +593,72 @@ class Communicator:
                     raise self._fail(f"rank 0 did not publish the NCCL unique id within "
                                      f"{self.timeout.total_seconds():g} s: {e}") from e
                 unique_id = bytes(store.get(key))
-            self._nccl = _C.NcclComm(unique_id, self.world_size, self.rank, device.index,
-                                     self.timeout.total_seconds())
+            nccl = _C.NcclComm(unique_id, self.world_size, self.rank, device.index, self.timeout.total_seconds())
+            self._nccl_chunk = self._plan_chunk_bytes()
+            self._nccl_stream = torch.cuda.ExternalStream(nccl.reduce_stream, device=device)
+            self._nccl = nccl
+            _open_nccl.add(self)
         return self._nccl
 
+    def _plan_chunk_bytes(self) -> int:
+        """Chunk bytes the plans of this Communicator use (read once, when its NCCL communicator is made)."""
+        return _chunk_bytes()
+
     def _all_reduce_nccl(self, call: _Call, async_op: bool):
+        """The CUDA path: one C++ call (csrc/cuda/nccl_tensor_call.cpp) after the handshake.
+
+        Stream semantics of torch's WorkNCCL (csrc/allreduce/nccl_executor.h): every transfer and reduction runs
+        on paracomm's streams, after the caller's current stream; a synchronous call makes the current stream
+        wait before returning; an async call leaves it free, and :meth:`Work.wait` (or the future DDP waits on)
+        makes the then-current stream wait. World size 1 runs its one local reduction on the current stream.
+        """
         x = call.flat
-        device = x.device
-        with torch.cuda.device(device):
-            stream = torch.cuda.current_stream(device)
-            if self.world_size == 1:
+        if self.world_size == 1:
+            with torch.cuda.device(x.device):
                 if call.has_final_op and x.numel() > 0:
                     reduce_(x, [x], divisor=call.divisor, scale=call.scale, found_inf=call.found_inf)
-            else:
-                deadline = time.monotonic() + self.timeout.total_seconds()
-                if self._needs_handshake(call):
-                    self._handshake_store(call, deadline)
-                comm = self._nccl_comm(device)
-                chunk_bytes = _chunk_bytes()
-                plan = self._plans.get(call, self.world_size, self.rank, "nccl", chunk_bytes)
-                ws_bytes = plan.workspace_bytes
-                # Allocated on the current stream: the executor makes that stream wait for its own before it
-                # returns, so the caching allocator may reuse the workspace as soon as we return.
-                workspace = torch.empty(max(ws_bytes, 1), dtype=torch.uint8, device=device)
-                wire_code = -1 if call.wire_dtype is None else _DTYPE_CODES[call.wire_dtype]
-                comm.all_reduce(
-                    x.data_ptr(), x.numel(), _DTYPE_CODES[x.dtype], call.divisor, wire_code,
-                    call.scale.data_ptr() if call.scale is not None else 0,
-                    call.found_inf.data_ptr() if call.found_inf is not None else 0,
-                    workspace.data_ptr(), ws_bytes, stream.cuda_stream, _ALGORITHM_CODES[plan.algorithm],
-                    chunk_bytes)
-            if not async_op:
-                return call.result
-            # A CUDA-aware future: set_result records an event on the current stream, and whoever waits on
-            # the future (wait(), then(), DDP) synchronises with that stream, never the host.
-            future = torch.futures.Future(devices=[device])
+                if not async_op:
+                    return call.result
+                future = torch.futures.Future(devices=[x.device])
+                future.set_result(call.tensor)  # records on the current stream, where the reduction ran
+                done = torch.cuda.Event()
+                done.record()
+                return Work(future, call.result, done_event=done)
+        if self._needs_handshake(call):
+            self._handshake_store(call, time.monotonic() + self.timeout.total_seconds())
+        comm = self._nccl if self._nccl is not None else self._nccl_comm(x.device)
+        _C.nccl_all_reduce(comm, x, call.divisor, -1 if call.wire_dtype is None else _DTYPE_CODES[call.wire_dtype],
+                           call.scale, call.found_inf, _ALGORITHM_CODES.get(call.algorithm, -1), self._nccl_chunk,
+                           async_op)
+        if not async_op:
+            return call.result
+        # The call's last operation is on paracomm's reduce stream R: a CUDA-aware future completed with R
+        # current records its event there (as ProcessGroupNCCL completes its futures on its NCCL stream), so
+        # wait(), then() and DDP make their current stream wait for R, never the host. The Work keeps the
+        # tensors referenced too (torch's stashed_for_allocator_safety); record_stream already covers a free.
+        future = torch.futures.Future(devices=[x.device])
+        done = torch.cuda.Event()
+        with torch.cuda.stream(self._nccl_stream):
             future.set_result(call.tensor)
-            done = torch.cuda.Event()
-            done.record(stream)
-            check = self._nccl.check if self._nccl is not None else None
-            return Work(future, call.result, done_event=done, check=check)
+            done.record()
+        return Work(future, call.result, done_event=done, check=comm.check,
+                    keep=(call.scale, call.found_inf))
+
+
+# Communicators with an NCCL communicator; closed at interpreter exit (Python's atexit runs before the CUDA
+# runtime's own exit handlers), so pending work is waited for (bounded by the timeout) and NCCL is finalized
+# rather than torn down under running kernels.
+_open_nccl: "weakref.WeakSet" = weakref.WeakSet()
+
+
+def _close_nccl_at_exit() -> None:
+    for c in list(_open_nccl):
+        nccl = c._nccl
+        if nccl is not None:
+            nccl.close()
+
+
+atexit.register(_close_nccl_at_exit)
 
 
 # ----------------------------------------------------------------------------------------------------------
