@@ -10,8 +10,9 @@ Every algorithm (ring, direct, one_shot) x dtype x wire dtype x size (0, 1, < N,
     executors run plans of the same algorithm, which reduce every element in the same order);
   * it is within the rounding bound of a float64 reference (exact for integers).
 Then: calls in flight on several streams, refusals that leave the communicator usable, a capturing stream
-refused, a user's global-mode graph capture undisturbed by the watchdog, dead / stalled / absent peers raising
-within the timeout, and destruction with pending work returning at once.
+refused, a user's global-mode graph capture (begun while a call is pending) undisturbed by the watchdog, dead /
+stalled / absent peers raising within the timeout, destruction completing healthy pending work and aborting
+failed work at its deadline.
 """
 import hashlib
 import os
@@ -88,7 +89,7 @@ def _all_reduce(comm, x, op="sum", wire=None, algorithm="ring", scale=None, foun
                     0 if scale is None else scale.data_ptr(), 0 if found_inf is None else found_inf.data_ptr(),
                     ws.data_ptr(), need if workspace_bytes is None else workspace_bytes, stream.cuda_stream,
                     ALGORITHMS[algorithm], chunk_bytes)
-    del ws  # the executor made `stream` wait for the comm stream: the allocator may reuse it at once
+    del ws  # the raw call is synchronous (`stream` waited for it): the allocator may reuse it at once
 
 
 def _data(case_id, rank, dtype, numel):
@@ -276,22 +277,41 @@ def _rank_streams_and_refusals(rank, world_size):
 
 
 def _rank_watchdog_keeps_global_capture(rank, world_size):
-    """The watchdog queries events while the main thread captures a graph in global mode: with its capture
-    mode relaxed, the capture must not be invalidated."""
+    """A user captures a graph in global mode while an all_reduce is pending, so the watchdog is querying its
+    completion event during the capture: with its capture mode relaxed, the capture must not be invalidated.
+    torch.cuda.graph() synchronises the device first (nothing would be pending), so the capture is begun by hand
+    on a side stream; rank 1 joins each call late, which keeps rank 0's call pending through the capture."""
     comm = _make_comm(rank, world_size)
     x = _data(4000, rank, torch.float32, 1 << 20).cuda()
+    _all_reduce(comm, x, "avg")  # warm: later enqueues return at once
+    torch.cuda.synchronize()
     results = []
-    for _ in range(5):
-        _all_reduce(comm, x, "avg")  # pending work for the watchdog to poll during the capture
+    for _ in range(3):
+        dist.barrier()
+        if rank == 1:
+            time.sleep(1.0)
+            _all_reduce(comm, x, "avg")
+            torch.cuda.synchronize()
+            results.append((True, 50.0))
+            continue
+        _all_reduce(comm, x, "avg")
+        pending = torch.cuda.Event()
+        pending.record()
+        was_pending = not pending.query()  # rank 1 has not joined yet
         g = torch.cuda.CUDAGraph()
         y = torch.zeros(1024, device="cuda")
-        with torch.cuda.graph(g, capture_error_mode="global"):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            g.capture_begin(capture_error_mode="global")
             for _ in range(50):
                 y.add_(1.0)
-                time.sleep(0.002)  # several watchdog rounds (2 ms each while work is pending)
+                time.sleep(0.004)  # ~100 watchdog rounds (2 ms each while work is pending)
+            g.capture_end()
+        torch.cuda.current_stream().wait_stream(side)
         g.replay()
         torch.cuda.synchronize()
-        results.append(float(y[0].item()))
+        results.append((was_pending, float(y[0].item())))
     comm.check()
     return results
 
@@ -363,8 +383,8 @@ def _rank_killed_peer(rank, world_size, timeout_s, algorithm):
 
 def _rank_stalled_peer(rank, world_size, timeout_s, warm):
     """Rank 1 is alive but skips an all_reduce. warm: a first call connected the peers, so rank 0's enqueue
-    returns and its completion deadline expires; cold: rank 0's blocking enqueue waits for rank 1 to connect
-    and the enqueue deadline expires."""
+    returns and its completion deadline expires; cold: rank 0's enqueue polls its in-progress NCCL group (rank 1
+    never connects) and the enqueue deadline expires."""
     comm = _make_comm(rank, world_size, timeout_s)
     x = _data(6000, rank, torch.float32, 1 << 12).cuda()
     if warm:
@@ -386,15 +406,15 @@ def _rank_stalled_peer(rank, world_size, timeout_s, warm):
 
 
 def _rank_destroy_with_pending_work(rank, world_size, timeout_s):
-    """Rank 0 destroys its communicator while an all_reduce that rank 1 never joins is pending: the
-    destructor must abort at once (not wait for the timeout) and release the GPU."""
+    """Rank 0 destroys its communicator while an all_reduce that rank 1 never joins is pending: destruction waits
+    for it until its deadline (timeout_s after the enqueue), then aborts (failed work) and releases the GPU."""
     comm = _make_comm(rank, world_size, timeout_s)
     x = _data(7000, rank, torch.float32, 1 << 16).cuda()
     _all_reduce(comm, x)
     torch.cuda.synchronize()
     dist.barrier()
     if rank == 1:
-        time.sleep(15.0)  # absent from the next call; leaves before the others' timeout matters
+        time.sleep(timeout_s + 8)  # absent from the next call
         dist.barrier()
         return None
     _all_reduce(comm, x)
@@ -405,6 +425,24 @@ def _rank_destroy_with_pending_work(rank, world_size, timeout_s):
     synced = time.monotonic() - start
     dist.barrier()
     return destroyed, synced
+
+
+def _rank_destroy_healthy_pending(rank, world_size, timeout_s):
+    """Every rank destroys its communicator right after enqueuing a large all_reduce: healthy pending work is
+    waited for (not aborted), so every rank gets the right result."""
+    comm = _make_comm(rank, world_size, timeout_s)
+    xs_all = [_data(7100, r, torch.float32, 16 << 20) for r in range(world_size)]
+    x = xs_all[rank].cuda()
+    _all_reduce(comm, x)
+    torch.cuda.synchronize()
+    x = xs_all[rank].cuda()
+    torch.cuda.synchronize()
+    _all_reduce(comm, x, algorithm="ring")
+    start = time.monotonic()
+    del comm  # the call is (almost certainly) still running on the GPU
+    destroyed = time.monotonic() - start
+    torch.cuda.synchronize()
+    return destroyed, bool(_within_reference(x.cpu(), xs_all, "sum", None, None, world_size))
 
 
 def _rank_init_without_peers(rank, world_size, timeout_s):
@@ -437,7 +475,7 @@ def test_streams_in_flight_refusals_and_capture(world_size):
 def test_watchdog_does_not_break_a_global_mode_capture():
     results = run_ranks(2, _rank_watchdog_keeps_global_capture, timeout=300, env=NCCL_ENV)
     for rank, values in enumerate(results):
-        assert values == [50.0] * 5, f"rank {rank}: {values}"
+        assert values == [(True, 50.0)] * 3, f"rank {rank}: {values}"
 
 
 @pytest.mark.slow
@@ -475,11 +513,18 @@ def test_stalled_rank_times_out_and_abort_is_idempotent(warm):
 
 
 @pytest.mark.slow
-def test_destruction_with_pending_work_does_not_hang():
-    timeout_s = 60.0
+def test_destruction_waits_for_pending_work_then_aborts_at_its_deadline():
+    timeout_s = 8.0
     (destroyed, synced), _ = run_ranks(2, _rank_destroy_with_pending_work, timeout_s, timeout=240, env=NCCL_ENV)
-    assert destroyed < 10.0, f"the destructor took {destroyed:.1f} s"
-    assert synced < 15.0, f"the GPU stayed busy for {synced:.1f} s after the destructor"
+    assert timeout_s - 2 < destroyed < timeout_s + 10, f"the destructor took {destroyed:.1f} s"
+    assert synced < destroyed + 10.0, f"the GPU stayed busy for {synced:.1f} s after the destructor"
+
+
+def test_destruction_with_healthy_pending_work_completes_it():
+    results = run_ranks(2, _rank_destroy_healthy_pending, 60.0, timeout=240, env=NCCL_ENV)
+    for rank, (destroyed, correct) in enumerate(results):
+        assert correct, f"rank {rank}: the result is wrong after destroying the communicator with work pending"
+        assert destroyed < 60.0, f"rank {rank}: destruction took {destroyed:.1f} s"
 
 
 def test_init_times_out_when_a_rank_never_joins():
