@@ -1,61 +1,88 @@
 #!/usr/bin/env bash
-# paracomm on the GPU machine in one device call of at most 9 minutes (one H200, 16 cores, Python 3.12, torch
-# 2.11+cu130, nvcc 13.0, the nvidia-nccl wheel, no internet: nothing is installed, the build uses what is there).
+# paracomm on the GPU machine: one device call of at most 8 minutes for what matters most, then a second call
+# (--only) for the slow fault tests and the rest. On the machine: one H200, 16 cores, torch with CUDA, nvcc, the
+# nvidia-nccl wheel, no internet: nothing is installed, the build uses what is there.
 #
-#   bash bench/gpu_check.sh                       every step, in priority order, inside the time budget
-#   bash bench/gpu_check.sh --only STEP,STEP      just those (a second call: the list the first one printed)
-#   bash bench/gpu_check.sh --list                the steps
-#   options: --budget SECONDS (default 510: the whole script, packing included), PYTHON=... (default python3)
+#   bash bench/gpu_check.sh                       the first call's steps, in priority order, in their time boxes
+#   bash bench/gpu_check.sh --plan                print the steps with their time boxes and the totals; run nothing
+#   bash bench/gpu_check.sh --only STEP,STEP      just those (e.g. the second call the plan prints)
+#   bash bench/gpu_check.sh --list                every step's name
+#   options: --budget SECONDS (default 480: the whole call, packing included), --no-build (skip the build; every
+#            step that needs it then skips too), PYTHON=... (default python3)
 #
-# Steps, in priority order (the build comes first whenever any step needs it):
+# First call, in priority order (boxes in --plan; the build comes first whenever any step needs it):
 #   env              GPU, driver, torch, NCCL
 #   build            setup.py build_ext --inplace for sm_90 (TORCH_CUDA_ARCH_LIST=9.0, MAX_JOBS=cores), with the
 #                    ptxas report: ptxas_summary.txt, failing on any spill or stack frame; build_info()
-#   test-kernels     tests/test_cuda_kernels.py: the CUDA kernels against their CPU twins
-#   test-nccl        tests/test_allreduce_cuda.py (+ tests/test_nccl_executor.py when it exists): the NCCL
-#                    all-reduce at 2 ranks on the GPU, bitwise against torch.distributed
+#   test-kernels     tests/test_cuda_kernels.py: the CUDA kernels against their CPU twins (odd sizes, offsets)
+#   test-nccl        tests/test_allreduce_cuda.py + tests/test_nccl_executor.py, -m "not slow": NCCL correctness
+#                    at 1-2 ranks, stream semantics (async leaves the stream free), destruction, capture
+#   overlap          python -m paracomm.bench overlap: a matmul chain alone / beside paracomm.all_reduce(64 MiB,
+#                    async) / beside dist.all_reduce(async): the overlap ratio of each
+#   ddp              python -m paracomm.bench ddp at 2 ranks: torch's allreduce hook, paracomm's, ring_hook + bf16
+#   hosttime         python -m paracomm.bench hosttime: host us per call and last_enqueue_us at 4 KiB and 64 MiB
+#   bench-ar2        python -m paracomm.bench allreduce, 2 ranks, --algorithm all, fp32, against NCCL
+# Second call (--only, as --plan prints it):
+#   test-slow        the slow cuda fault tests (killed / stalled / absent peers, destruction at the deadline,
+#                    4 ranks), every_algorithm excepted
 #   bench-kernels    python -m paracomm.bench kernels (with the device-to-device copy ceiling)
-#   bench-ar2        python -m paracomm.bench allreduce, 2 ranks on the GPU, every algorithm, fp32, against NCCL
-#   bench-ar2-bf16   the same with --wire-dtype bf16
+# Third call:
+#   test-algos       test_every_algorithm_matches_cpu_executor_and_reference (1-4 ranks)
+#   bench-ar2-bf16   the all-reduce benchmark with --wire-dtype bf16
 #   bench-ar4        4 ranks on the GPU, fp32
-#   bench-ar4-bf16   4 ranks, --wire-dtype bf16
 #   test-rest        the remaining cuda-marked tests
 #
-# Each step runs under `timeout` (its own limit, cut to what is left of the budget); a failing step does not
-# stop the next ones (a failed build does: nothing else can run). A step that no longer fits is not started.
+# Each step runs under `timeout` (its box, cut to what is left of the budget); a failing step does not stop the
+# next ones (a failed build does: nothing else can run). A step that no longer fits is not started. NCCL_DEBUG=WARN.
 # At the end: a table of every step (ok / FAILED / skipped / not run) and the --only line for what did not run.
-# Without a GPU (a dry run) the build still runs when torch has CUDA and nvcc is found, and every step that
-# needs the GPU prints why it skips.
+# Without a GPU (a dry run) the build still runs when torch has CUDA and nvcc is found, and every step that needs
+# the GPU prints why it skips.
 #
 # Results: everything in .tmp/gpu_check/ (kept in the work tree while the machine stays warm); copied to $OUT
 # (at most 8 files, the device tool's limit): summary.txt, gpu_check.json (every step's status, time, and the
-# build_info), ptxas_summary.txt, kernels.json, allreduce.json (the four all-reduce runs, by step name),
-# logs.tgz (every log, junit XML and JSON).
+# build_info), ptxas_summary.txt, kernels.json, allreduce.json (the all-reduce runs, by step name),
+# probes.json (overlap, ddp, hosttime), logs.tgz (every log, junit XML and JSON).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 T0=$(date +%s)
 
-ALL_STEPS=(env build test-kernels test-nccl bench-kernels bench-ar2 bench-ar2-bf16 bench-ar4 bench-ar4-bf16 test-rest)
-declare -A LIMIT=([env]=30 [build]=300 [test-kernels]=150 [test-nccl]=150 [bench-kernels]=100 [bench-ar2]=80
-                  [bench-ar2-bf16]=60 [bench-ar4]=90 [bench-ar4-bf16]=70 [test-rest]=240)
-MIN_START=25   # seconds: a step is not started with less than this left
-RESERVE=15     # seconds kept for the summary, the tarball and the copy to $OUT
+FIRST_STEPS=(env build test-kernels test-nccl overlap ddp hosttime bench-ar2)
+SECOND_STEPS=(test-slow bench-kernels)
+THIRD_STEPS=(test-algos bench-ar2-bf16 bench-ar4 test-rest)
+ALL_STEPS=("${FIRST_STEPS[@]}" "${SECOND_STEPS[@]}" "${THIRD_STEPS[@]}")
+# Time boxes (seconds). Each call's boxes plus RESERVE fit the default budget (8 minutes), a cold build included.
+declare -A LIMIT=([env]=15 [build]=160 [test-kernels]=45 [test-nccl]=95 [overlap]=40 [ddp]=45 [hosttime]=25
+                  [bench-ar2]=45 [test-slow]=250 [bench-kernels]=40 [test-algos]=200 [bench-ar2-bf16]=30
+                  [bench-ar4]=40 [test-rest]=30)
+declare -A WHAT=([env]="GPU, driver, torch, NCCL" [build]="sm_90 build + ptxas check"
+                 [test-kernels]="CUDA kernels vs CPU twins" [test-nccl]="NCCL correctness, not slow"
+                 [overlap]="overlap probe, 64 MiB async" [ddp]="DDP step, 3 hooks, 2 ranks"
+                 [hosttime]="host us per call, 4 KiB / 64 MiB" [bench-ar2]="all-reduce bench, --algorithm all"
+                 [test-slow]="slow fault tests" [bench-kernels]="kernel bench"
+                 [test-algos]="every algorithm x dtype, 1-4 ranks" [bench-ar2-bf16]="all-reduce, bf16 wire"
+                 [bench-ar4]="all-reduce, 4 ranks" [test-rest]="other cuda tests")
+MIN_START=10   # seconds: a step is not started with less than this left
+RESERVE=10     # seconds kept for the summary, the tarball and the copy to $OUT
 
-BUDGET=510
+BUDGET=480
 ONLY=""
+PLAN=0
+NO_BUILD=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --only) ONLY=$2; shift 2 ;;
     --only=*) ONLY=${1#--only=}; shift ;;
     --budget) BUDGET=$2; shift 2 ;;
     --budget=*) BUDGET=${1#--budget=}; shift ;;
+    --plan) PLAN=1; shift ;;
+    --no-build) NO_BUILD=1; shift ;;
     --list) printf '%s\n' "${ALL_STEPS[@]}"; exit 0 ;;
-    -h|--help) sed -n '2,34p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,42p' "$0"; exit 0 ;;
     *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
   esac
 done
-STEPS=("${ALL_STEPS[@]}")
+STEPS=("${FIRST_STEPS[@]}")
 if [ -n "$ONLY" ]; then
   IFS=',' read -r -a WANT <<<"$ONLY"
   for s in "${WANT[@]}"; do
@@ -69,6 +96,31 @@ if [ -n "$ONLY" ]; then
   done
 fi
 
+# --plan: the steps of this call and of the second one, each with its box, and the totals (RESERVE included).
+print_plan() {  # print_plan TITLE STEP...
+  local title=$1 total=$RESERVE
+  shift
+  echo "$title"
+  for s in "$@"; do
+    printf '  %-16s %4d s  %s\n' "$s" "${LIMIT[$s]}" "${WHAT[$s]}"
+    total=$((total + LIMIT[$s]))
+  done
+  printf '  %-16s %4d s  %s\n' "(reserve)" "$RESERVE" "summary, tarball, copy to \$OUT"
+  printf '  %-16s %4d s  (%d min %02d s; budget %d s)\n' "total" "$total" $((total / 60)) $((total % 60)) "$BUDGET"
+}
+if [ "$PLAN" = 1 ]; then
+  if [ -n "$ONLY" ]; then
+    print_plan "plan: bash bench/gpu_check.sh --only $ONLY" "${STEPS[@]}"
+  else
+    print_plan "plan: first call: bash bench/gpu_check.sh" "${FIRST_STEPS[@]}"
+    second=$(IFS=','; echo "${SECOND_STEPS[*]}")
+    print_plan "plan: second call: bash bench/gpu_check.sh --only $second" build "${SECOND_STEPS[@]}"
+    third=$(IFS=','; echo "${THIRD_STEPS[*]}")
+    print_plan "plan: third call: bash bench/gpu_check.sh --only $third" build "${THIRD_STEPS[@]}"
+  fi
+  exit 0
+fi
+
 LOGS=$ROOT/.tmp/gpu_check
 rm -rf "$LOGS"
 mkdir -p "$LOGS" "$ROOT/.tmp"
@@ -77,7 +129,7 @@ PY=${PYTHON:-python3}
 export TMPDIR="$ROOT/.tmp" TORCHINDUCTOR_CACHE_DIR="$ROOT/.tmp/inductor"
 export TORCH_CUDA_ARCH_LIST=9.0 PARACOMM_PTXAS_VERBOSE=1 MAX_JOBS=${MAX_JOBS:-$(nproc)}
 export PYTHONPATH="$ROOT/src${PYTHONPATH:+:$PYTHONPATH}"  # the in-place build
-export PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1 NCCL_DEBUG=${NCCL_DEBUG:-WARN}
 STATUS=$LOGS/steps.tsv
 : >"$STATUS"
 
@@ -89,7 +141,9 @@ print(int(torch.cuda.is_available()), torch.__version__, torch.version.cuda or '
 [ "$TORCH_CUDA" = "-" ] && TORCH_CUDA=""
 BUILD_OK=0
 PYTEST_TIMEOUT=()
-[ "$HAVE_PT_TIMEOUT" = 1 ] && PYTEST_TIMEOUT=(-p pytest_timeout --timeout=120)  # one hung test cannot eat the step
+SLOW_TIMEOUT=()
+[ "$HAVE_PT_TIMEOUT" = 1 ] && PYTEST_TIMEOUT=(-p pytest_timeout --timeout=90)  # one hung test cannot eat the step
+[ "$HAVE_PT_TIMEOUT" = 1 ] && SLOW_TIMEOUT=(-p pytest_timeout --timeout=200)
 
 elapsed() { echo $(($(date +%s) - T0)); }
 record() { printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" >>"$STATUS"; }  # step status seconds note
@@ -175,7 +229,7 @@ bench_ar() {
     fi
   fi
   run_step "$name" "$PY" -m paracomm.bench allreduce --device cuda --ranks-per-gpu "$ranks" "${ALGO_FLAG[@]}" \
-    -b 1K -e 128M -f 4 -n 10 -w 3 --timeout 60 --json "$LOGS/$name.json" "$@"
+    -b 4K -e 64M -f 16 -n 5 -w 2 --timeout 60 --json "$LOGS/$name.json" "$@"
 }
 
 echo "paracomm gpu_check: steps ${STEPS[*]}; budget ${BUDGET}s; GPU: $([ $HAVE_GPU = 1 ] && echo yes || echo NO)"
@@ -187,7 +241,9 @@ for s in "${STEPS[@]}"; do
       run_step env bash -c step_env
       ;;
     build)
-      if [ -z "$TORCH_CUDA" ]; then
+      if [ "$NO_BUILD" = 1 ]; then
+        skip build "--no-build"
+      elif [ -z "$TORCH_CUDA" ]; then
         skip build "torch ($TORCH_VERSION) has no CUDA: no CUDA build here"
       elif ! command -v nvcc >/dev/null; then
         skip build "no nvcc on PATH or in /usr/local/cuda/bin"
@@ -232,15 +288,33 @@ for s in "${STEPS[@]}"; do
             --junitxml="$LOGS/test-kernels.xml"
           ;;
         test-nccl)
-          files=(tests/test_allreduce_cuda.py)
-          [ -f tests/test_nccl_executor.py ] && files+=(tests/test_nccl_executor.py)
-          run_step test-nccl "$PY" -m pytest -q -rs "${PYTEST_TIMEOUT[@]}" "${files[@]}" --junitxml="$LOGS/test-nccl.xml"
+          run_step test-nccl "$PY" -m pytest -q -rs -m "cuda and not slow" "${PYTEST_TIMEOUT[@]}" \
+            tests/test_allreduce_cuda.py tests/test_nccl_executor.py --junitxml="$LOGS/test-nccl.xml"
+          ;;
+        overlap)
+          run_step overlap "$PY" -m paracomm.bench overlap --device cuda --ranks-per-gpu 2 --size 64M -n 5 -w 2 \
+            --timeout 60 --json "$LOGS/overlap.json"
+          ;;
+        ddp)
+          run_step ddp "$PY" -m paracomm.bench ddp --device cuda --ranks-per-gpu 2 -n 5 -w 2 --timeout 60 \
+            --variants torch-allreduce,paracomm-allreduce,ring-bf16+scaler --json "$LOGS/ddp.json"
+          ;;
+        hosttime)
+          run_step hosttime "$PY" -m paracomm.bench hosttime --device cuda --ranks-per-gpu 2 --sizes 4K,64M -n 30 \
+            -w 5 --timeout 60 --json "$LOGS/hosttime.json"
+          ;;
+        bench-ar2) bench_ar bench-ar2 2 ;;
+        test-slow)
+          run_step test-slow "$PY" -m pytest -q -rs -m "cuda and slow" -k "not every_algorithm" "${SLOW_TIMEOUT[@]}" \
+            tests/test_allreduce_cuda.py tests/test_nccl_executor.py --junitxml="$LOGS/test-slow.xml"
+          ;;
+        test-algos)
+          run_step test-algos "$PY" -m pytest -q -rs -m "cuda and slow" -k every_algorithm "${SLOW_TIMEOUT[@]}" \
+            tests/test_nccl_executor.py --junitxml="$LOGS/test-algos.xml"
           ;;
         bench-kernels) run_step bench-kernels "$PY" -m paracomm.bench kernels --device cuda --json "$LOGS/kernels.json" ;;
-        bench-ar2) bench_ar bench-ar2 2 ;;
         bench-ar2-bf16) bench_ar bench-ar2-bf16 2 --wire-dtype bf16 ;;
         bench-ar4) bench_ar bench-ar4 4 ;;
-        bench-ar4-bf16) bench_ar bench-ar4-bf16 4 --wire-dtype bf16 ;;
         test-rest)
           run_step test-rest "$PY" -m pytest -q -rs -m cuda "${PYTEST_TIMEOUT[@]}" --ignore=tests/test_cuda_kernels.py \
             --ignore=tests/test_allreduce_cuda.py --ignore=tests/test_nccl_executor.py --junitxml="$LOGS/test-rest.xml"
@@ -275,6 +349,16 @@ for f in sorted(glob.glob(os.path.join(logs, "bench-ar*.json"))):
         ar[os.path.basename(f)[:-5]] = {"error": "unreadable JSON"}
 if ar:
     json.dump(ar, open(os.path.join(logs, "allreduce.json"), "w"))
+probes = {}
+for name in ("overlap", "ddp", "hosttime"):
+    f = os.path.join(logs, name + ".json")
+    if os.path.exists(f):
+        try:
+            probes[name] = json.load(open(f))
+        except ValueError:
+            probes[name] = {"error": "unreadable JSON"}
+if probes:
+    json.dump(probes, open(os.path.join(logs, "probes.json"), "w"))
 print(f"{'step':16} {'status':9} {'s':>5}  note")
 for s in steps:
     print(f"{s['step']:16} {s['status']:9} {s['seconds']:5}  {s['note']}")
@@ -293,7 +377,7 @@ cat "$LOGS/summary.txt"
 if [ -n "${OUT:-}" ]; then
   mkdir -p "$OUT"
   tar czf "$OUT/logs.tgz" -C "$LOGS" .
-  for f in summary.txt gpu_check.json ptxas_summary.txt kernels.json allreduce.json; do
+  for f in summary.txt gpu_check.json ptxas_summary.txt kernels.json allreduce.json probes.json; do
     [ -f "$LOGS/$f" ] && cp "$LOGS/$f" "$OUT/"
   done
 fi

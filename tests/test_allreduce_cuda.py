@@ -75,7 +75,7 @@ def _cuda_ranks(rank, world_size):
     return digests
 
 
-@pytest.mark.parametrize("world_size", [1, 2, 4])
+@pytest.mark.parametrize("world_size", [1, 2, pytest.param(4, marks=pytest.mark.slow)])
 def test_nccl_matches_torch_bitwise(world_size):
     digests = run_ranks(world_size, _cuda_ranks, backend="cpu:gloo,cuda:nccl", env=NCCL_ENV, timeout=540)
     for r in range(1, world_size):

@@ -465,7 +465,7 @@ def test_every_algorithm_matches_cpu_executor_and_reference(world_size):
     assert not problems, "\n".join(problems[:20])
 
 
-@pytest.mark.parametrize("world_size", [1, 2, 4])
+@pytest.mark.parametrize("world_size", [1, 2, pytest.param(4, marks=pytest.mark.slow)])
 def test_streams_in_flight_refusals_and_capture(world_size):
     results = run_ranks(world_size, _rank_streams_and_refusals, timeout=600, env=NCCL_ENV, pg_timeout_s=300)
     problems = [p for r in results for p in r]

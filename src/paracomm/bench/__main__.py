@@ -13,6 +13,8 @@ MODES = {
     "allreduce": "all-reduce time and bandwidth per size, paracomm vs torch.distributed (nccl-tests style)",
     "kernels": "the fused gradient kernels (unscale-and-check, flatten) vs torch's own path",
     "ddp": "DDP step time of a small transformer with each comm hook, torch's and paracomm's",
+    "overlap": "an async all-reduce beside a matmul chain on the caller's stream: overlap ratio, paracomm vs torch",
+    "hosttime": "host microseconds per CUDA all-reduce call (and last_enqueue_us), paracomm vs torch",
 }
 
 USAGE = "usage: python -m paracomm.bench [MODE] [flags]    (or: paracomm-bench [MODE] [flags])"
