@@ -5,7 +5,9 @@ Comparisons use assert_close(rtol=0, atol=0, equal_nan=True), i.e. bitwise up to
 unscale norm (a sum whose order legitimately differs between the two devices) gets a tolerance.
 Sizes straddle the kernels' boundaries: 16-byte vectors (tails of 1..7 elements), the multi-tensor chunk
 (65536 elements), more tensors than one launch's metadata holds (176 in place, 128 with two pointers), and
-views that start one element in (misaligned: the scalar path).
+views that start mid-vector: slices of a flat bucket at every element offset with odd numels (the head peeled
+to the 16-byte boundary, the body vectorised, the tail scalar), and pointers misaligned by different amounts
+(no common boundary: the scalar path).
 All tests need a GPU (``cuda`` marker: skipped without one).
 """
 import pytest
@@ -131,7 +133,7 @@ def test_unscale_out_mixed_dtypes_one_call(gen):
 
 @pytest.mark.parametrize("dtype", GRAD_DTYPES)
 @pytest.mark.parametrize("out", [False, True])
-def test_unscale_misaligned_views_take_the_scalar_path(dtype, out, gen):
+def test_unscale_misaligned_views_peel_their_head(dtype, out, gen):
     grads = [rand(n, dtype, gen, misaligned=True) for n in (1, 3, 4095, 65537, 200_001)]
     assert all(t.data_ptr() % 16 != 0 for t in grads)
     before = [t.clone() for t in grads]
@@ -553,3 +555,101 @@ def test_no_host_synchronisation(gen):
         torch.cuda.set_sync_debug_mode(previous)
     torch.cuda.synchronize()
     assert torch.isfinite(norm).item()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Misaligned slices: head peeled to the 16-byte boundary, vectorised body, scalar tail (every kernel)
+# ----------------------------------------------------------------------------------------------------------
+ODD_NUMELS = [1, 3, 5, 7, 9, 31, 4097, 65537, 131_075]
+
+
+def bucket_slices(dtype, gen, numels, *, scale=4.0):
+    """Slices of one flat buffer laid end to end, as a bucket lays out parameters: with odd numels every slice
+    after the first starts at a different offset within a 16-byte word."""
+    flat = rand(sum(numels), dtype, gen, scale=scale)
+    out, at = [], 0
+    for n in numels:
+        out.append(flat[at:at + n])
+        at += n
+    return flat, out
+
+
+@pytest.mark.parametrize("dtype", GRAD_DTYPES)
+@pytest.mark.parametrize("out", [False, True])
+def test_unscale_bucket_slices_at_every_offset(dtype, out, gen):
+    numels = ODD_NUMELS * 2
+    _, grads = bucket_slices(dtype, gen, numels)
+    offsets = {t.storage_offset() * t.element_size() % 16 for t in grads}
+    assert len(offsets) > 4, offsets  # the slices really start at many positions within a 16-byte word
+    before = [t.clone() for t in grads]
+    inv = scalar(0.25)
+    g_cuda, o_cuda, f_cuda, n_cuda = unscale_on(DEV, grads, inv, scalar(0.0), out=out, norm=True)
+    g_cpu, o_cpu, f_cpu, n_cpu = unscale_on("cpu", [t.cpu() for t in grads], inv.cpu(), scalar(0.0).cpu(), out=out,
+                                            norm=True)
+    for a, b in zip(o_cuda if out else g_cuda, o_cpu if out else g_cpu):
+        bitwise(a, b)
+    vals, ref_norm = reference_unscale(before, 0.25)
+    for r, v in zip(o_cuda if out else g_cuda, vals):
+        bitwise(r, v if out else v.to(dtype))
+    assert f_cuda.item() == 0.0 and n_cuda.item() == pytest.approx(ref_norm, rel=1e-6)
+
+
+@pytest.mark.parametrize("dtype", GRAD_DTYPES)
+@pytest.mark.parametrize("where", ["head", "body", "tail"])
+def test_unscale_finds_non_finite_in_the_peeled_head_body_and_tail(dtype, where, gen):
+    for offset in range(1, 8):
+        storage = rand(offset + 1001, dtype, gen)
+        g = storage[offset:offset + 1001]
+        index = {"head": 0, "body": 500, "tail": 1000}[where]
+        g[index] = float("inf")
+        found = scalar(0.0)
+        paracomm.unscale_and_check_([g], scalar(1.0), found)
+        assert found.item() == 1.0, (offset, where)
+
+
+@pytest.mark.parametrize("src", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("dst", [torch.float32, torch.bfloat16])
+def test_flatten_unflatten_bucket_slices_at_every_offset(src, dst, gen):
+    _, tensors = bucket_slices(src, gen, ODD_NUMELS, scale=30.0)
+    total = sum(ODD_NUMELS)
+    for out_offset in (0, 1, 3):  # the flat buffer itself mid-vector too
+        storage = torch.full((total + out_offset,), 3.0, dtype=dst, device=DEV)
+        out = storage[out_offset:]
+        paracomm.flatten(tensors, out=out, scale=scalar(0.5))
+        ref = paracomm.flatten([t.cpu() for t in tensors], dtype=dst, scale=torch.tensor([0.5]))
+        bitwise(out, ref)
+        _, back = bucket_slices(src, gen, ODD_NUMELS)
+        back_cpu = [copy_keeping_offset(b, "cpu") for b in back]
+        paracomm.unflatten_(out, back, scale=2.0)
+        paracomm.unflatten_(ref, back_cpu, scale=2.0)
+        for a, b in zip(back, back_cpu):
+            bitwise(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int32])
+@pytest.mark.parametrize("offset", list(range(8)))
+def test_reduce_inputs_and_out_at_a_common_offset(dtype, offset, gen):
+    """Every buffer starts `offset` elements into its storage: the kernel peels the head and vectorises."""
+    for n in (1, 9, 4097, 100_003):
+        inputs = [rand(n + offset, dtype, gen)[offset:] for _ in range(3)]
+        out = torch.empty(n + offset, dtype=dtype, device=DEV)[offset:]
+        reduce_both(out, inputs)
+        reduce_both(inputs[0], inputs)  # in place: out is inputs[0]
+
+
+@pytest.mark.parametrize("wire", WIRES)
+@pytest.mark.parametrize("offset", [1, 3, 6])
+def test_reduce_wire_rounding_at_a_common_offset(wire, offset, gen):
+    n = 50_001
+    inputs = [rand(n + offset, torch.float32, gen)[offset:]] + [rand(n + offset, wire, gen)[offset:] for _ in range(2)]
+    out = torch.empty(n + offset, dtype=torch.float32, device=DEV)[offset:]
+    wire_out = torch.empty(n + offset, dtype=wire, device=DEV)[offset:]
+    found = scalar(0.0)
+    reduce_both(out, inputs, divisor=3.0, scale=scalar(0.5), found_inf=found, wire_dtype=wire, wire_out=wire_out)
+
+
+def test_reduce_pointers_misaligned_differently_take_the_scalar_path(gen):
+    n = 10_007
+    inputs = [rand(n + k, torch.float32, gen)[k:] for k in (1, 2, 3)]  # no index aligns all three
+    out = torch.empty(n, dtype=torch.float32, device=DEV)
+    reduce_both(out, inputs, divisor=2.0)

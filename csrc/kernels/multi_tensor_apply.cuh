@@ -11,11 +11,14 @@
 // value as a kernel parameter (TensorListMeta, under 4 KB), so a launch needs no host-to-device copy and no
 // synchronisation. A list longer than kMaxTensors is split into several launches, at tensor boundaries.
 //
-// Inside a chunk: if all of a tensor's pointers are 16-byte aligned, each thread moves whole 16-byte
-// vectors (two in flight per iteration), then the chunk's last n % vec elements go one by one; otherwise
-// (e.g. a view starting at an odd element) the whole chunk takes the scalar path. Chunk starts are multiples
-// of chunk_elems elements, a multiple of every vector width, so an aligned tensor stays aligned in every
-// chunk. Each thread visits its elements in a fixed order, so per-thread state is deterministic.
+// Inside a chunk: the head elements up to the first index where every pointer of the tensor is 16-byte aligned
+// go one by one, then each thread moves whole 16-byte vectors (two in flight per iteration), then the tail
+// (fewer than vec elements) one by one. So a slice of a flat bucket that starts mid-vector (the parameters
+// before it had numels that are not multiples of 4 or 8) still moves 16 bytes per load. Only a tensor whose
+// pointers can never be aligned together (an input and an output misaligned by different amounts) takes the
+// scalar path throughout. Chunk starts are multiples of chunk_elems elements, a multiple of every vector
+// width, so every chunk of a tensor peels the same head. Each thread visits its elements in a fixed order
+// (which depends only on the addresses), so per-thread state is deterministic.
 //
 // An op is a struct with
 //   using In = ...; using Out = ...;         element types read and written
@@ -74,36 +77,55 @@ struct MtaTensor {
   int64_t numel;
 };
 
-// The chunk loop of one block: out[i] = op.apply(state, in[i]) for i in [0, n).
+// Elements to skip from `in` / `out` so that both in + h and out + h are 16-byte aligned, h in [0, kVec); -1 when
+// no such h exists (the two pointers are misaligned differently, or not element-aligned). The alignment of
+// T* + h repeats every 16 / sizeof(T) elements, and kVec = 16 / the smaller size is a multiple of both periods,
+// so [0, kVec) holds every candidate.
+template <int kVec, typename In, typename Out>
+__host__ __device__ __forceinline__ int peel_to_aligned16(const In* in, const Out* out) {
+  for (int h = 0; h < kVec; ++h) {
+    if (aligned16(in + h) && aligned16(out + h)) return h;
+  }
+  return -1;
+}
+
+// The chunk loop of one block: out[i] = op.apply(state, in[i]) for i in [0, n). Head elements up to the
+// 16-byte boundary one by one, the body in 16-byte vectors (two in flight per thread), the tail one by one; a
+// chunk whose in and out can never be aligned together goes element by element throughout.
 template <typename Op>
 __device__ __forceinline__ void mta_process_chunk(const typename Op::In* in, typename Op::Out* out,
                                                   int64_t n, const Op& op, typename Op::State& state) {
   using In = typename Op::In;
   using Out = typename Op::Out;
   constexpr int kVec = vec_elems_v<In, Out>;
-  int64_t scalar_begin = 0;
-  if (aligned16(in) && aligned16(out)) {
-    const int64_t num_vecs = n / kVec;
+  const int h = peel_to_aligned16<kVec>(in, out);
+  int64_t head = 0, body_end = 0;  // [0, head) and [body_end, n) scalar, [head, body_end) vectors
+  if (h >= 0 && h < n) {
+    head = h;
+    const In* vin = in + head;
+    Out* vout = out + head;
+    const int64_t num_vecs = (n - head) / kVec;
     const int64_t stride = static_cast<int64_t>(blockDim.x);
     for (int64_t v0 = threadIdx.x; v0 < num_vecs; v0 += 2 * stride) {
       // Both loads are issued before either vector is used: two 16-byte words in flight per thread.
       const int64_t v1 = v0 + stride;
       In x0[kVec], x1[kVec];
-      load_pack(x0, in + v0 * kVec);
-      if (v1 < num_vecs) load_pack(x1, in + v1 * kVec);
+      load_pack(x0, vin + v0 * kVec);
+      if (v1 < num_vecs) load_pack(x1, vin + v1 * kVec);
       Out y[kVec];
 #pragma unroll
       for (int k = 0; k < kVec; ++k) y[k] = op.apply(state, x0[k]);
-      store_pack(out + v0 * kVec, y);
+      store_pack(vout + v0 * kVec, y);
       if (v1 < num_vecs) {
 #pragma unroll
         for (int k = 0; k < kVec; ++k) y[k] = op.apply(state, x1[k]);
-        store_pack(out + v1 * kVec, y);
+        store_pack(vout + v1 * kVec, y);
       }
     }
-    scalar_begin = num_vecs * kVec;
+    body_end = head + num_vecs * kVec;
   }
-  for (int64_t i = scalar_begin + threadIdx.x; i < n; i += blockDim.x) out[i] = op.apply(state, in[i]);
+  for (int64_t i = threadIdx.x; i < head; i += blockDim.x) out[i] = op.apply(state, in[i]);
+  for (int64_t i = body_end + threadIdx.x; i < n; i += blockDim.x) out[i] = op.apply(state, in[i]);
 }
 
 template <int Depth, typename Op>

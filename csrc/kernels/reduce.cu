@@ -12,7 +12,9 @@
 // Layout: a grid-stride loop over 16-byte vectors of the narrowest type involved (8 elements when a 16-bit
 // buffer takes part), each thread loading its vector from every input before it stores anything, so an input
 // that *is* out or wire_out (same pointer, same length) is read before it is overwritten: no pointer here is
-// __restrict__. Misaligned buffers and the n % vec tail go element by element.
+// __restrict__. Buffers that start mid-vector peel their head elements up to the first index where every
+// pointer is 16-byte aligned (one by one), then vectorise; the tail goes element by element. Only buffers that
+// can never be aligned together (misaligned by different amounts) go element by element throughout.
 //
 // Kernel template: <Acc, Out, First, Rest, Wire>. Wire == Acc means "no wire rounding" (a round trip through
 // the accumulation type is the identity, so the compiler removes it). The inputs' pointers travel by value in
@@ -43,7 +45,8 @@ struct ReduceParams {
   bool divide;
   const float* scale;  // null: no scale
   float* found_inf;    // null: no check
-  bool vectorized;     // every pointer is 16-byte aligned
+  bool vectorized;     // [head, head + vectors) in 16-byte vectors
+  int64_t head;        // elements before every pointer is 16-byte aligned (done one by one)
 };
 
 template <typename Acc, typename T>
@@ -98,14 +101,15 @@ __global__ void __launch_bounds__(kReduceThreads) reduce_kernel(const __grid_con
   const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
 
-  int64_t scalar_begin = 0;
+  int64_t head = 0, body_end = 0;  // [0, head) and [body_end, n) element by element, [head, body_end) vectors
   if (p.vectorized) {
     constexpr int kVec = vec_elems_v<OutT, FirstT, RestT, WT>;
-    const int64_t num_vecs = p.n / kVec;
+    head = p.head;
+    const int64_t num_vecs = (p.n - head) / kVec;
     auto vector_loop = [&](auto with_wire_out) {
       constexpr bool kStoreWire = decltype(with_wire_out)::value;
       for (int64_t v = tid; v < num_vecs; v += stride) {
-        const int64_t base = v * kVec;
+        const int64_t base = head + v * kVec;
         Acc acc[kVec];
         {
           FirstT x[kVec];
@@ -137,9 +141,9 @@ __global__ void __launch_bounds__(kReduceThreads) reduce_kernel(const __grid_con
     } else {
       vector_loop(std::false_type{});
     }
-    scalar_begin = num_vecs * kVec;
+    body_end = head + num_vecs * kVec;
   }
-  for (int64_t i = scalar_begin + tid; i < p.n; i += stride) {
+  auto element = [&](int64_t i) {
     Acc acc = to_acc<Acc>(first[i]);
     for (int j = 1; j < num_inputs; ++j) acc = acc_add(acc, to_acc<Acc>(static_cast<const RestT*>(p.inputs[j])[i]));
     WT w;
@@ -148,7 +152,9 @@ __global__ void __launch_bounds__(kReduceThreads) reduce_kernel(const __grid_con
       if (wire != nullptr) wire[i] = w;
     }
     out[i] = y;
-  }
+  };
+  for (int64_t i = tid; i < head; i += stride) element(i);
+  for (int64_t i = body_end + tid; i < p.n; i += stride) element(i);
   if (found) *p.found_inf = 1.0f;  // every finder stores the same 1.0; never cleared
 }
 
@@ -158,9 +164,29 @@ struct TypeTag {
 };
 
 template <typename Acc, typename OutT, typename FirstT, typename RestT, typename WT>
-void launch_typed(const ReduceParams& p, cudaStream_t stream) {
+void launch_typed(const ReduceParams& params, cudaStream_t stream) {
   constexpr int kVec = vec_elems_v<OutT, FirstT, RestT, WT>;
-  const int64_t work = p.vectorized ? (p.n + kVec - 1) / kVec : p.n;
+  ReduceParams p = params;
+  // The head to peel: the first h in [0, kVec) at which every pointer is 16-byte aligned (the alignment of
+  // T* + h repeats every 16 / sizeof(T) elements; kVec is a multiple of every such period). None: scalar.
+  auto aligned_at = [&](int64_t h) {
+    auto ok = [h](const void* ptr, size_t size) {
+      return ptr == nullptr || aligned16(static_cast<const char*>(ptr) + h * static_cast<int64_t>(size));
+    };
+    bool all = ok(p.out, sizeof(OutT)) && ok(p.wire_out, sizeof(WT)) && ok(p.inputs[0], sizeof(FirstT));
+    for (int j = 1; j < p.num_inputs; ++j) all = all && ok(p.inputs[j], sizeof(RestT));
+    return all;
+  };
+  p.vectorized = false;
+  p.head = 0;
+  for (int64_t h = 0; h < kVec && h < p.n; ++h) {
+    if (aligned_at(h)) {
+      p.vectorized = true;
+      p.head = h;
+      break;
+    }
+  }
+  const int64_t work = p.vectorized ? p.head + (p.n - p.head + kVec - 1) / kVec : p.n;
   int64_t blocks = (work + kReduceThreads - 1) / kReduceThreads;
   if (blocks > kReduceMaxBlocks) blocks = kReduceMaxBlocks;
   if (blocks < 1) blocks = 1;
@@ -234,8 +260,6 @@ void launch_reduce(const ReduceArgs& args, cudaStream_t stream) {
   }
 
   const bool has_rest = args.num_inputs > 1;
-  bool vectorized = aligned16(args.out) && aligned16(args.wire_out);  // aligned16(nullptr) holds
-  for (int j = 0; j < args.num_inputs; ++j) vectorized = vectorized && aligned16(args.inputs[j]);
 
   ReduceParams p{};
   p.out = args.out;
@@ -247,7 +271,8 @@ void launch_reduce(const ReduceArgs& args, cudaStream_t stream) {
   p.divide = args.divisor != 1.0;
   p.scale = args.scale;
   p.found_inf = args.found_inf;
-  p.vectorized = vectorized;
+  p.vectorized = false;  // launch_typed decides, with the head to peel for its vector width
+  p.head = 0;
 
   auto describe = [&]() {
     return concat("out ", dtype_name(args.out_dtype), ", inputs[0] ", dtype_name(args.first_dtype), ", inputs[1:] ",
