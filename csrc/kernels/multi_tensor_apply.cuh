@@ -11,15 +11,16 @@
 // value as a kernel parameter (TensorListMeta, under 4 KB), so a launch needs no host-to-device copy and no
 // synchronisation. A list longer than kMaxTensors is split into several launches, at tensor boundaries.
 //
-// Inside a chunk: the head elements up to the first index where every pointer of the tensor is 16-byte aligned
-// go one by one, then each thread moves whole 16-byte vectors (two in flight per iteration), then the tail
-// (fewer than vec elements) one by one. So a slice of a flat bucket that starts mid-vector (the parameters
-// before it had numels that are not multiples of 4 or 8) still moves 16 bytes per load. Only a tensor whose
-// pointers can never be aligned together (an input and an output misaligned by different amounts) takes the
-// scalar path throughout. Chunk starts are multiples of chunk_elems elements, a multiple of every vector
-// width, so every chunk of a tensor peels the same head. Each thread visits its elements in a fixed order
-// (which depends only on the addresses), so per-thread state is deterministic.
-//
+// Inside a chunk: the head elements up to the first index where the tensor's pointers are all 16-byte aligned
+// go one per thread (fewer than one vector: threads 0..head-1), then each thread moves whole 16-byte vectors
+// (two in flight per iteration), then the chunk's last elements (fewer than one vector) go one by one. So a
+// slice of a flat bucket that starts mid-vector (the parameters before it had numels that are not multiples of
+// 4 or 8) still moves 16 bytes per load. Only a tensor whose pointers can never be aligned together (an input
+// and an output misaligned by different amounts) takes the scalar path throughout. Chunk starts are multiples
+// of chunk_elems elements, a multiple of every vector width, so every chunk of a tensor peels the same head.
+// Each thread visits its elements in a fixed order (which depends only on the addresses), so per-thread state
+// is deterministic. (The head is peeled in the kernel, before the chunk loop, rather than inside it: a peel
+// inside the loop cost a register spill in the float64 -> 16-bit flatten on sm_80.)
 // An op is a struct with
 //   using In = ...; using Out = ...;         element types read and written
 //   struct State {...};                       per-thread state
@@ -79,53 +80,51 @@ struct MtaTensor {
 
 // Elements to skip from `in` / `out` so that both in + h and out + h are 16-byte aligned, h in [0, kVec); -1 when
 // no such h exists (the two pointers are misaligned differently, or not element-aligned). The alignment of
-// T* + h repeats every 16 / sizeof(T) elements, and kVec = 16 / the smaller size is a multiple of both periods,
-// so [0, kVec) holds every candidate.
+// T* + h repeats every 16 / sizeof(T) elements; for the narrower type that period is kVec, so its one candidate
+// in [0, kVec) is the only possible h, and it only remains to check the wider type there. (Closed form, no
+// loop: a search loop here cost a register spill in the widest instantiations.)
 template <int kVec, typename In, typename Out>
 __host__ __device__ __forceinline__ int peel_to_aligned16(const In* in, const Out* out) {
-  for (int h = 0; h < kVec; ++h) {
-    if (aligned16(in + h) && aligned16(out + h)) return h;
-  }
-  return -1;
+  constexpr bool kInNarrower = sizeof(In) <= sizeof(Out);
+  constexpr unsigned kNarrow = kInNarrower ? sizeof(In) : sizeof(Out);
+  static_assert(16 / kNarrow == kVec, "kVec is one 16-byte vector of the narrower type");
+  const uintptr_t a = kInNarrower ? reinterpret_cast<uintptr_t>(in) : reinterpret_cast<uintptr_t>(out);
+  const unsigned mis = static_cast<unsigned>(a & 15u);
+  if (mis % kNarrow != 0) return -1;
+  const int h = static_cast<int>(((16u - mis) & 15u) / kNarrow);
+  return aligned16(in + h) && aligned16(out + h) ? h : -1;
 }
 
-// The chunk loop of one block: out[i] = op.apply(state, in[i]) for i in [0, n). Head elements up to the
-// 16-byte boundary one by one, the body in 16-byte vectors (two in flight per thread), the tail one by one; a
-// chunk whose in and out can never be aligned together goes element by element throughout.
+// The chunk loop of one block: out[i] = op.apply(state, in[i]) for i in [0, n).
 template <typename Op>
 __device__ __forceinline__ void mta_process_chunk(const typename Op::In* in, typename Op::Out* out,
                                                   int64_t n, const Op& op, typename Op::State& state) {
   using In = typename Op::In;
   using Out = typename Op::Out;
   constexpr int kVec = vec_elems_v<In, Out>;
-  const int h = peel_to_aligned16<kVec>(in, out);
-  int64_t head = 0, body_end = 0;  // [0, head) and [body_end, n) scalar, [head, body_end) vectors
-  if (h >= 0 && h < n) {
-    head = h;
-    const In* vin = in + head;
-    Out* vout = out + head;
-    const int64_t num_vecs = (n - head) / kVec;
+  int64_t scalar_begin = 0;
+  if (aligned16(in) && aligned16(out)) {
+    const int64_t num_vecs = n / kVec;
     const int64_t stride = static_cast<int64_t>(blockDim.x);
     for (int64_t v0 = threadIdx.x; v0 < num_vecs; v0 += 2 * stride) {
       // Both loads are issued before either vector is used: two 16-byte words in flight per thread.
       const int64_t v1 = v0 + stride;
       In x0[kVec], x1[kVec];
-      load_pack(x0, vin + v0 * kVec);
-      if (v1 < num_vecs) load_pack(x1, vin + v1 * kVec);
+      load_pack(x0, in + v0 * kVec);
+      if (v1 < num_vecs) load_pack(x1, in + v1 * kVec);
       Out y[kVec];
 #pragma unroll
       for (int k = 0; k < kVec; ++k) y[k] = op.apply(state, x0[k]);
-      store_pack(vout + v0 * kVec, y);
+      store_pack(out + v0 * kVec, y);
       if (v1 < num_vecs) {
 #pragma unroll
         for (int k = 0; k < kVec; ++k) y[k] = op.apply(state, x1[k]);
-        store_pack(vout + v1 * kVec, y);
+        store_pack(out + v1 * kVec, y);
       }
     }
-    body_end = head + num_vecs * kVec;
+    scalar_begin = num_vecs * kVec;
   }
-  for (int64_t i = threadIdx.x; i < head; i += blockDim.x) out[i] = op.apply(state, in[i]);
-  for (int64_t i = body_end + threadIdx.x; i < n; i += blockDim.x) out[i] = op.apply(state, in[i]);
+  for (int64_t i = scalar_begin + threadIdx.x; i < n; i += blockDim.x) out[i] = op.apply(state, in[i]);
 }
 
 template <int Depth, typename Op>
@@ -148,7 +147,13 @@ __global__ void __launch_bounds__(kMtaThreads) multi_tensor_apply_kernel(const _
   const auto* in = static_cast<const typename Op::In*>(meta.ptrs[0][lo]) + begin;
   auto* out = static_cast<typename Op::Out*>(meta.ptrs[Depth - 1][lo]) + begin;
   typename Op::State state = op.init();
-  mta_process_chunk(in, out, n, op, state);
+  // A tensor that starts mid-vector: its head (< one vector) element by element, one element per thread, then
+  // the rest from the first index where in and out are both 16-byte aligned (the vector path).
+  constexpr int kVec = vec_elems_v<typename Op::In, typename Op::Out>;
+  int64_t head = peel_to_aligned16<kVec>(in, out);
+  if (head < 0 || head > n) head = 0;  // never aligned together: the whole chunk goes element by element
+  if (threadIdx.x < head) out[threadIdx.x] = op.apply(state, in[threadIdx.x]);
+  mta_process_chunk(in + head, out + head, n - head, op, state);
   op.finish(state);
 }
 
