@@ -195,18 +195,16 @@ class _Replay:
         def overlap(x, y):
             return x[0] == y[0] and x[1] < y[2] and y[1] < x[2]
 
-        flat = [(s, i) for s in STREAMS for i in range(len(self.ops[s]))]
         bad = []
-        for ai, a in enumerate(flat):
-            ra, wa, la, _ = self.ops[a[0]][a[1]]
-            for b in flat[ai + 1:]:
-                if a[0] == b[0]:
-                    continue
-                rb, wb, lb, _ = self.ops[b[0]][b[1]]
-                if not (any(overlap(x, y) for x in wa for y in rb + wb) or any(overlap(x, y) for x in ra for y in wb)):
-                    continue
-                if not (self.precedes(a, b) or self.precedes(b, a)):
-                    bad.append((la, lb))
+        for si, sa in enumerate(STREAMS):  # pairs on different streams only (one stream orders its own ops)
+            for sb in STREAMS[si + 1:]:
+                for ia, (ra, wa, la, _) in enumerate(self.ops[sa]):
+                    for ib, (rb, wb, lb, _) in enumerate(self.ops[sb]):
+                        if not (any(overlap(x, y) for x in wa for y in rb + wb)
+                                or any(overlap(x, y) for x in ra for y in wb)):
+                            continue
+                        if not (self.precedes((sa, ia), (sb, ib)) or self.precedes((sb, ib), (sa, ia))):
+                            bad.append((la, lb))
         return bad
 
 
@@ -225,7 +223,7 @@ def _spans(plan):
     return span
 
 
-def _run_call(rp, plan, schedule, call, found, drop=None):
+def _run_call(rp, plan, schedule, call, found, drop=None, remap=None):
     """Replays one call's schedule into rp; returns (first op per stream of the call, keep-alive clock or None).
     `drop`: index of a schedule op to leave out (mutation check)."""
     span = _spans(plan)
@@ -235,6 +233,7 @@ def _run_call(rp, plan, schedule, call, found, drop=None):
     for k, (action, stream, event, step) in enumerate(schedule):
         if k == drop:
             continue
+        stream = (remap or {}).get(stream, stream)
         key = (event, step if event in (TRANSFER, REDUCE) else -1)
         if action == RECORD:
             rp.events[key] = rp.snapshot(stream)
@@ -259,7 +258,7 @@ def _run_call(rp, plan, schedule, call, found, drop=None):
     return first, alive
 
 
-def _violations(plan, sched_sync, sched_async, found, sync, drop=None, drop_work_wait=False):
+def _violations(plan, sched_sync, sched_async, found, sync, drop=None, drop_work_wait=False, remap=None):
     """Both scenarios for one plan; returns a list of what went wrong (empty when the schedule is right)."""
     schedule = sched_sync if sync else sched_async
     everything = [("d", 0, 1 << 62), ("x", 0, 8)]
@@ -269,7 +268,7 @@ def _violations(plan, sched_sync, sched_async, found, sync, drop=None, drop_work
     rp.push("S", [], everything, "caller produces the data")
     works = []
     for call in (1, 2):
-        first, _ = _run_call(rp, plan, schedule, call, found, drop)
+        first, _ = _run_call(rp, plan, schedule, call, found, drop, remap)
         probe = rp.push("S", [], [], f"caller's work after call {call}")
         if sync:
             # Ordered after every transfer and reduction of the call: the caller may use the result now.
@@ -290,7 +289,7 @@ def _violations(plan, sched_sync, sched_async, found, sync, drop=None, drop_work
     # have completed; a sync call needs none (S waited for done).
     rp = _Replay()
     rp.push("S", [], everything, "caller produces the data")
-    _, alive = _run_call(rp, plan, schedule, 1, found, drop)
+    _, alive = _run_call(rp, plan, schedule, 1, found, drop, remap)
     if alive is not None:
         rp.join("S", alive)
     rp.push("S", [], everything, "allocator reuses the freed blocks")
@@ -378,3 +377,16 @@ def test_replay_catches_any_dropped_wait_record_or_keep_alive(waits_lib, algorit
     if algorithm != "one_shot":  # one_shot ends with a reduction that already waited for the last group
         protocol |= {(RECORD, "C", END), (WAIT, "R", END)}
     assert caught >= protocol, sorted(caught)
+
+
+def test_replay_flags_reductions_on_the_caller_stream(waits_lib):
+    """The design this schedule replaced ran the reductions on the caller's stream: the replay must see that an
+    async call then blocks the caller's later work (the check is not vacuous)."""
+    for algorithm in ALGORITHMS:
+        args = (50007, 0, -1, 4, 1, algorithm, False, False, 0)
+        plan = _plan(*args)
+        sched_sync = _schedule(waits_lib, *args, True)
+        sched_async = _schedule(waits_lib, *args, False)
+        assert not _violations(plan, sched_sync, sched_async, False, False)
+        problems = _violations(plan, sched_sync, sched_async, False, False, remap={"R": "S"})
+        assert any("waits for" in p for p in problems), (algorithm, problems[:3])
