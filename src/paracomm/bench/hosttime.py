@@ -19,7 +19,7 @@ from datetime import timedelta
 import torch
 
 from . import launch as launch_mod
-from .overlap import parse_size
+from .cli import parse_size
 from .timing import barrier, median, slowest_rank
 
 
@@ -35,10 +35,10 @@ def parse_args(argv) -> argparse.Namespace:
     args = p.parse_args(argv)
     try:
         args.byte_sizes = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
-    except ValueError as e:
-        p.error(str(e).replace("--size", "--sizes"))
-    if not args.byte_sizes:
-        p.error("--sizes is empty")
+    except argparse.ArgumentTypeError as e:
+        p.error(f"--sizes: {e}")
+    if not args.byte_sizes or min(args.byte_sizes) < 4:
+        p.error(f"--sizes needs sizes of at least 4 bytes (one float32), got {args.sizes!r}")
     if args.iters < 1 or args.warmup_iters < 0:
         p.error(f"need -n >= 1 and -w >= 0, got {args.iters}, {args.warmup_iters}")
     if args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available()):

@@ -27,6 +27,7 @@ from datetime import timedelta
 import torch
 
 from . import launch as launch_mod
+from .cli import parse_size
 from .timing import barrier, median, slowest_rank
 
 
@@ -34,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="paracomm-bench overlap",
                                 description="Overlap of an async all-reduce with a matmul chain on the caller's "
                                             "stream: paracomm vs torch.distributed (CUDA only).")
-    p.add_argument("--size", default="64M", help="all-reduce bytes (fp32; K/M/G suffixes; default 64M)")
+    p.add_argument("--size", type=parse_size, default=parse_size("64M"), metavar="SIZE",
+                   help="all-reduce bytes (fp32; K/M/G suffixes; default 64M)")
     p.add_argument("--matmul", type=int, default=4096, help="square matmul size of the chain (default 4096)")
     p.add_argument("-n", "--iters", type=int, default=10, help="timed steps per setting (default 10)")
     p.add_argument("-w", "--warmup_iters", type=int, default=3, help="untimed steps per setting (default 3)")
@@ -43,26 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_size(text: str) -> int:
-    """'64M' -> 67108864; plain integers are bytes. ValueError on anything else or a size < 4."""
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    t = text.strip().upper().removesuffix("B")
-    scale = units.get(t[-1:], 1)
-    if t[-1:] in units:
-        t = t[:-1]
-    if not t.isdigit() or int(t) * scale < 4:
-        raise ValueError(f"--size must be a byte count such as 4096, 64K or 64M, at least 4, got {text!r}")
-    return int(t) * scale
-
-
 def parse_args(argv) -> argparse.Namespace:
     """Parse and cross-check the flags; errors print the usage and raise SystemExit(2)."""
     p = build_parser()
     args = p.parse_args(argv)
-    try:
-        args.bytes = parse_size(args.size)
-    except ValueError as e:
-        p.error(str(e))
+    if args.size < 4:
+        p.error(f"--size must be at least 4 bytes (one float32), got {args.size}")
+    args.bytes = args.size - args.size % 4
     for name in ("matmul", "iters"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be at least 1, got {getattr(args, name)}")
