@@ -44,6 +44,10 @@
 //   * The watchdog still breaks a stall within the timeout: a call whose completion passes its deadline or an
 //     enqueue still in progress past its deadline fails the communicator; the enqueue leaves at its next poll
 //     (microseconds), and the abort follows under nccl_mu_.
+//   * Residual (not seen, argued only): NCCL launches its kernels from inside ncclGroupEnd; if a stream's launch
+//     queue were full behind a kernel spinning on a dead peer, that launch would block while nccl_mu_ is held,
+//     and the watchdog's abort would wait for it. It takes ~1000 queued operations on one stream, far more than
+//     one call enqueues, and every pending call's deadline fails the communicator long before.
 #pragma once
 
 #ifndef PARACOMM_WITH_NCCL
