@@ -324,3 +324,16 @@ def test_allreduce_cli_one_rank_with_stats(tmp_path):
         assert p["busbw_gbps"] == 0 and q["busbw_gbps"] == 0 and p["wrong"] == 0
         assert row["busbw_ratio"] == pytest.approx(q["time_us"] / p["time_us"])
         assert row["ratio_p90_p10"] <= row["busbw_ratio"] <= row["ratio_p10_p90"]
+
+
+def test_allreduce_cli_check_cost_times_both_modes(tmp_path):
+    """--check-cost: paracomm with and without the per-call signature check, alternating in one run."""
+    out_json = tmp_path / "cost.json"
+    proc = _run(["allreduce", "--device", "cpu", "--nproc", "2", "-b", "4K", "-e", "4K", "-n", "3", "-w", "1",
+                 "--check-cost", "--json", str(out_json)])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "signature check:" in proc.stdout and "the check costs" in proc.stdout
+    (row,) = json.loads(out_json.read_text())["rows"]
+    checked, unchecked = row["paracomm"], row["paracomm_unchecked"]
+    assert checked["wrong"] == 0 and unchecked["time_us"] > 0
+    assert row["check_cost"] == pytest.approx(checked["time_us"] / unchecked["time_us"] - 1)

@@ -111,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", metavar="FILE", default=None, help="write the header and every row as JSON")
     g.add_argument("--plot", metavar="FILE.png", default=None,
                    help="plot busbw and time against size (log-log) with the busbw ratio (needs matplotlib)")
+    g.add_argument("--check-cost", action="store_true",
+                   help="also time paracomm with PARACOMM_CHECK_SHAPES=0 (no per-call signature header), "
+                        "alternating with the checked runs in the same sweep, and print what the check costs")
     g.add_argument("--stats", action="store_true",
                    help="print each row's spread: p10 / p90 of the timed runs (slowest rank) for paracomm and the "
                         "baseline, and the ratio's range; the JSON always has them")
@@ -289,6 +292,36 @@ def measure(reduce_fn, *, src, inplace: bool, args, ctx) -> dict:
             wrong = int((buf != expected).sum())
         result["wrong"] = sum_over_ranks(wrong, device)
     return result
+
+
+def _checked_and_unchecked(reduce_fn, *, src, inplace: bool, args, ctx, rounds: int = 4) -> tuple:
+    """Time ``reduce_fn`` with the signature check on and off, alternating in ``rounds`` blocks of
+    ``args.iters`` runs each (so drifting machine load hits both alike); returns (checked, unchecked), each a
+    ``measure`` result whose times are the medians over the blocks."""
+    import os
+
+    blocks = {"1": [], "0": []}
+    saved = os.environ.get("PARACOMM_CHECK_SHAPES")
+    try:
+        for _ in range(rounds):
+            for mode in ("1", "0"):
+                os.environ["PARACOMM_CHECK_SHAPES"] = mode
+                blocks[mode].append(measure(reduce_fn, src=src, inplace=inplace, args=args, ctx=ctx))
+    finally:
+        if saved is None:
+            os.environ.pop("PARACOMM_CHECK_SHAPES", None)
+        else:
+            os.environ["PARACOMM_CHECK_SHAPES"] = saved
+    out = []
+    for mode in ("1", "0"):
+        ms = blocks[mode]
+        result = dict(ms[0])
+        for key in ("time_us", "time_p10_us", "time_p90_us"):
+            result[key] = median([m[key] for m in ms])
+        result["algbw_gbps"] = src.numel() * src.element_size() / (result["time_us"] * 1e-6) / 1e9
+        result["busbw_gbps"] = bus_bandwidth(result["algbw_gbps"], ctx.world_size)
+        out.append(result)
+    return tuple(out)
 
 
 def relative_error(reduce_fn, count: int, *, args, ctx) -> float:
@@ -550,7 +583,7 @@ def run_rank(ctx, args) -> int:
                              if ctx.backend == "gloo" and args.op == "avg" else ""))
     header["settings"] = {k: getattr(args, k) for k in (
         "minbytes", "maxbytes", "stepfactor", "iters", "warmup_iters", "check", "datatype", "op",
-        "wire_dtype", "algorithm", "inplace", "stats")}
+        "wire_dtype", "algorithm", "inplace", "stats", "check_cost")}
     header["settings"]["algorithms"] = algorithms
     if lead:
         print(table_head(header), flush=True)
@@ -567,6 +600,10 @@ def run_rank(ctx, args) -> int:
             row = {"size": nbytes, "count": count, "type": args.datatype, "redop": args.op, "inplace": inplace,
                    "algorithm_requested": algo, "algorithm": plan["algorithm"], "plan": plan}
             row["paracomm"] = measure(paracomm_ops[algo], src=src, inplace=inplace, args=args, ctx=ctx)
+            if args.check_cost:
+                row["paracomm"], row["paracomm_unchecked"] = _checked_and_unchecked(
+                    paracomm_ops[algo], src=src, inplace=inplace, args=args, ctx=ctx)
+                row["check_cost"] = row["paracomm"]["time_us"] / row["paracomm_unchecked"]["time_us"] - 1
             if wire is not None:
                 row["paracomm"]["relerr"] = relative_error(paracomm_ops[algo], count, args=args, ctx=ctx)
             row["baseline"] = baseline
@@ -582,6 +619,11 @@ def run_rank(ctx, args) -> int:
                 print(format_row(row), flush=True)
                 if args.stats:
                     print(format_spread(row), flush=True)
+                if args.check_cost:
+                    u = row["paracomm_unchecked"]
+                    print(f"#   ^ signature check: {fmt_time(u['time_us'])} us without it "
+                          f"(p10/p90 {fmt_time(u['time_p10_us'])}/{fmt_time(u['time_p90_us'])}): "
+                          f"the check costs {100 * row['check_cost']:+.1f}%", flush=True)
         del src
     summary = summarize(rows)
     summary["loadavg_end"] = list(load_average())
