@@ -384,12 +384,23 @@ def _stopped_peer(rank, world_size):
     dist.all_gather_object(pids, os.getpid())
     dist.barrier()
     if rank == 1:
-        os.kill(os.getpid(), signal.SIGSTOP)  # stays stopped until rank 0 kills it
-        return None
+        os.kill(os.getpid(), signal.SIGSTOP)  # stays stopped until rank 0 has seen every timeout
+        # Resumed: rank 0 gave up on this rank and closed its groups. The next call fails through paracomm's
+        # error path (prefix, Communicator failed), not with gloo's raw "Connection closed by peer".
+        out = {}
+        for key in ("resumed", "again"):
+            start = time.monotonic()
+            try:
+                plain(x).sum().backward()
+                bucketer.wait()
+                out[key] = ("no error", 0.0)
+            except RuntimeError as e:
+                out[key] = (str(e), time.monotonic() - start)
+        return out
     try:
         return _against_stopped(models, plain, bucketer, x)
     finally:
-        os.kill(pids[1], signal.SIGKILL)
+        os.kill(pids[1], signal.SIGCONT)
 
 
 def _against_stopped(models, plain, bucketer, x):
@@ -421,7 +432,7 @@ def _against_stopped(models, plain, bucketer, x):
 
 @pytest.mark.slow
 def test_stopped_peer_reported_after_the_group_timeout_by_every_hook_and_gradbucketer():
-    results = run_ranks(2, _stopped_peer, timeout=300, pg_timeout_s=STOP_PG_TIMEOUT_S, allow_missing=(1,))
+    results = run_ranks(2, _stopped_peer, timeout=300, pg_timeout_s=STOP_PG_TIMEOUT_S)
     out = results[0]
     for name in ("allreduce_hook", "fp16_compress_hook", "bf16_compress_hook", "fused_hook", "GradBucketer"):
         message, elapsed = out[name]
@@ -431,3 +442,9 @@ def test_stopped_peer_reported_after_the_group_timeout_by_every_hook_and_gradbuc
         assert STOP_PG_TIMEOUT_S - 0.5 <= elapsed <= 2 * STOP_PG_TIMEOUT_S + 5, (name, elapsed)
     message, elapsed = out["again"]
     assert "failed earlier" in message and "no answer from rank 1" in message and elapsed < 2.0, out["again"]
+    resumed = results[1]
+    message, elapsed = resumed["resumed"]
+    assert "paracomm.all_reduce (rank 1 of 2)" in message and "rank 0 closed the connection" in message, message
+    assert elapsed < STOP_PG_TIMEOUT_S, resumed
+    message, elapsed = resumed["again"]
+    assert "failed earlier" in message and "rank 0 closed the connection" in message and elapsed < 2.0, message

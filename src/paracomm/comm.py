@@ -409,7 +409,10 @@ class Communicator:
         _check_bool(async_op, "async_op", "paracomm.all_reduce")
         call = self._validate(tensor, op, wire_dtype, scale, found_inf, algorithm)
         if call.flat.device.type == "cuda":
-            return self._all_reduce_nccl(call, async_op)
+            # Issued under the call lock, like CPU calls: one at a time, in lock order (the NCCL communicator's
+            # lazy creation, the handshake counter and the enqueue order are per Communicator).
+            with self._call_lock:
+                return self._all_reduce_nccl(call, async_op)
         return self._all_reduce_cpu(call, async_op)
 
     # ------------------------------------------------------------------------------------------------------
