@@ -43,7 +43,10 @@ def simulate(plans, inputs, *, dtype, wire, divisor=1.0, scale=None, found_inf=F
         garbage = float("nan") if travel.is_floating_point else -7
         wire_buf = torch.full((p["wire_elems"],), garbage, dtype=travel) if p["wire_elems"] else None
         recv_buf = torch.full((p["recv_elems"],), garbage, dtype=travel) if p["recv_elems"] else None
-        bufs.append((inputs[r].clone(), wire_buf, recv_buf))
+        # Buffer 4 (kStage): T-typed workspace of compressed hierarchical plans; 3 is reserved.
+        stage_garbage = float("nan") if dtype.is_floating_point else -7
+        stage = torch.full((p["stage_elems"],), stage_garbage, dtype=dtype) if p.get("stage_elems") else None
+        bufs.append((inputs[r].clone(), wire_buf, recv_buf, None, stage))
         flags.append(torch.zeros(1) if found_inf else None)
 
     def view(r, buf, off, count):

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <limits>
 
+#include "allreduce/hierarchical.h"
 #include "checks.h"
 
 namespace paracomm {
@@ -85,6 +86,7 @@ int64_t policy_chunks(const PlanSpec& s, int64_t seg_elems) {
       return std::max<int64_t>(1, chunks);
     }
     case Algorithm::kOneShot:
+    case Algorithm::kHierarchical:  // its own layout (hierarchical.cpp)
       return 1;
   }
   return 1;
@@ -327,8 +329,13 @@ int64_t Plan::recv_offset_bytes() const {
   return align_workspace(wire_elems * dtype_size(spec.travel_dtype()));
 }
 
+int64_t Plan::stage_offset_bytes() const {
+  return align_workspace(recv_offset_bytes() + recv_elems * dtype_size(spec.travel_dtype()));
+}
+
 int64_t Plan::workspace_bytes() const {
-  if (wire_elems == 0 && recv_elems == 0) return 0;
+  if (wire_elems == 0 && recv_elems == 0 && stage_elems == 0) return 0;
+  if (stage_elems > 0) return stage_offset_bytes() + stage_elems * dtype_size(spec.dtype);
   return recv_offset_bytes() + recv_elems * dtype_size(spec.travel_dtype());
 }
 
@@ -337,6 +344,7 @@ const char* algorithm_name(Algorithm a) {
     case Algorithm::kRing: return "ring";
     case Algorithm::kDirect: return "direct";
     case Algorithm::kOneShot: return "one_shot";
+    case Algorithm::kHierarchical: return "hierarchical";
   }
   return "unknown";
 }
@@ -345,7 +353,8 @@ Algorithm algorithm_from_name(const std::string& name, const char* arg) {
   if (name == "ring") return Algorithm::kRing;
   if (name == "direct") return Algorithm::kDirect;
   if (name == "one_shot") return Algorithm::kOneShot;
-  PARACOMM_THROW(arg, " must be 'ring', 'direct' or 'one_shot', got '", name, "'");
+  if (name == "hierarchical") return Algorithm::kHierarchical;
+  PARACOMM_THROW(arg, " must be 'ring', 'direct', 'one_shot' or 'hierarchical', got '", name, "'");
 }
 
 void check_plan_spec(const PlanSpec& s) {
@@ -366,8 +375,11 @@ void check_plan_spec(const PlanSpec& s) {
   }
   PARACOMM_CHECK(s.chunk_bytes >= 0, "chunk_bytes must be >= 0 (0: the default policy), got ", s.chunk_bytes);
   const int32_t a = static_cast<int32_t>(s.algorithm);
-  PARACOMM_CHECK(a >= 0 && a <= 2, "algorithm must be 0 (ring), 1 (direct) or 2 (one_shot), got ", a);
-  PARACOMM_CHECK(s.algorithm == Algorithm::kRing || s.world_size <= kMaxReduceInputs, "algorithm ",
+  PARACOMM_CHECK(a >= 0 && a <= 3, "algorithm must be 0 (ring), 1 (direct), 2 (one_shot) or 3 (hierarchical), got ",
+                 a);
+  check_node_map(s.node_of, s.world_size);
+  PARACOMM_CHECK(s.algorithm == Algorithm::kRing || s.algorithm == Algorithm::kHierarchical ||
+                     s.world_size <= kMaxReduceInputs, "algorithm ",
                  algorithm_name(s.algorithm), " serves at most ", kMaxReduceInputs, " ranks (one reduction sums all "
                  "of them), got world_size ", s.world_size, "; use 'ring'");
 }
@@ -412,6 +424,7 @@ Plan make_plan(const PlanSpec& spec) {
     case Algorithm::kRing: make_ring(plan, g); break;
     case Algorithm::kDirect: make_direct(plan, g); break;
     case Algorithm::kOneShot: make_one_shot(plan); break;
+    case Algorithm::kHierarchical: make_hierarchical(plan); break;
   }
   return plan;
 }
@@ -424,7 +437,8 @@ PlanSummary summarize_plan(const Plan& plan) {
     if (!step.transfers.empty()) ++s.transfer_groups;
     s.reductions += static_cast<int64_t>(step.reductions.size());
     for (const PlanTransfer& x : step.transfers) {
-      const int64_t bytes = x.count * (x.span.buffer == PlanBuffer::kData ? t : w);
+      const bool t_typed = x.span.buffer == PlanBuffer::kData || x.span.buffer == PlanBuffer::kStage;
+      const int64_t bytes = x.count * (t_typed ? t : w);
       (x.send ? s.bytes_sent : s.bytes_received) += bytes;
     }
   }

@@ -24,7 +24,8 @@
 // Buffers, in elements of their own dtype:
 //   kData  the user's tensor, numel elements of T, reduced in place;
 //   kWire  staging for a compressed call, numel elements of W (the wire dtype); absent when uncompressed;
-//   kRecv  receive workspace, recv_elems elements of W (W == T when uncompressed).
+//   kRecv  receive workspace, recv_elems elements of W (W == T when uncompressed);
+//   kStage T-typed receive workspace, stage_elems elements of T (only compressed hierarchical plans use it).
 //
 // Invariants every generator keeps (tests/test_plans.py checks them for every algorithm, world size and size):
 //   * every rank's plan has the same number of steps, and whenever rank r sends (peer p, count c) in step i,
@@ -49,11 +50,14 @@ enum class Algorithm : int32_t {
   kRing = 0,     // reduce-scatter + all-gather around a ring; the compressed wire re-rounds at every hop
   kDirect = 1,   // two-shot: reduce-scatter by direct exchange, owner sums in rank order, direct all-gather
   kOneShot = 2,  // every rank sends its whole buffer to every peer and sums all N in rank order
+  kHierarchical = 3,  // topology-aware: intra-node RS, inter-node AR per shard, intra-node AG (hierarchical.h)
 };
 
 enum class Backend : int32_t { kNccl = 0, kGloo = 1 };
 
-enum class PlanBuffer : int32_t { kData = 0, kWire = 1, kRecv = 2 };
+// kStage (4; 3 is kept for branch rs's kInput): T-typed workspace, stage_elems elements after kRecv, for receives
+// that must stay exact in a compressed plan (hierarchical's intra-node reduce-scatter); 0 elements otherwise.
+enum class PlanBuffer : int32_t { kData = 0, kWire = 1, kRecv = 2, kStage = 4 };
 
 // wire_dtype value meaning "no compression": data travels in its own dtype.
 constexpr int32_t kNoWire = -1;
@@ -105,6 +109,7 @@ struct PlanSpec {
   bool has_found_inf = false;
   bool has_final_op = false;      // avg, scale or found_inf: world size 1 must still run one reduction
   int64_t chunk_bytes = 0;        // 0: the chunk policy's choice; else bytes of W per piece (see plan.cpp)
+  std::vector<int32_t> node_of;   // rank -> node (hierarchical.h: numbered by first appearance); empty: one node
 
   bool compressed() const { return wire_dtype != kNoWire; }
   DType travel_dtype() const { return compressed() ? static_cast<DType>(wire_dtype) : dtype; }
@@ -117,17 +122,19 @@ struct Plan {
   int64_t num_chunks = 0;      // pieces per segment
   int64_t wire_elems = 0;      // kWire size (numel when compressed, else 0)
   int64_t recv_elems = 0;      // kRecv size
+  int64_t stage_elems = 0;     // kStage size (elements of T)
   std::vector<PlanStep> steps;
 
-  // Device/host workspace in bytes: kWire then kRecv, each starting on a 256-byte boundary.
+  // Device/host workspace in bytes: kWire, kRecv, then kStage, each starting on a 256-byte boundary.
   int64_t wire_offset_bytes() const { return 0; }
   int64_t recv_offset_bytes() const;
+  int64_t stage_offset_bytes() const;
   int64_t workspace_bytes() const;
 };
 
 // Throws paracomm::Error naming the argument unless: numel >= 0; world_size >= 1; 0 <= rank < world_size;
 // dtype valid; wire_dtype kNoWire or float16/bfloat16 with float32 data; chunk_bytes >= 0; direct and
-// one_shot with world_size <= kMaxReduceInputs.
+// one_shot with world_size <= kMaxReduceInputs; node_of empty or a canonical map of world_size ranks.
 void check_plan_spec(const PlanSpec& spec);
 
 // The algorithm "auto" picks (pure; thresholds documented in plan.cpp and docs/ARCHITECTURE.md).
@@ -149,7 +156,7 @@ struct PlanSummary {
 PlanSummary summarize_plan(const Plan& plan);
 
 const char* algorithm_name(Algorithm a);
-// "ring" | "direct" | "one_shot"; throws paracomm::Error naming `arg` otherwise.
+// "ring" | "direct" | "one_shot" | "hierarchical"; throws paracomm::Error naming `arg` otherwise.
 Algorithm algorithm_from_name(const std::string& name, const char* arg);
 
 }  // namespace paracomm

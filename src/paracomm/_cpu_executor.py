@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 from ._ops import ops
 
-_DATA, _WIRE, _RECV = 0, 1, 2
+_DATA, _WIRE, _RECV, _STAGE = 0, 1, 2, 4  # _STAGE: T-typed workspace (compressed hierarchical plans)
 _ELEMENT_SIZE = {dt: torch.empty((), dtype=dt).element_size()
                  for dt in (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int32, torch.int64)}
 
@@ -39,8 +39,8 @@ _ELEMENT_SIZE = {dt: torch.empty((), dtype=dt).element_size()
 class PreparedPlan:
     """A plan from ``paracomm._C.all_reduce_plan`` in the shape the executor's loop reads fastest."""
 
-    __slots__ = ("algorithm", "steps", "wire_elems", "recv_elems", "recv_offset_bytes", "workspace_bytes", "raw",
-                 "bound")
+    __slots__ = ("algorithm", "steps", "wire_elems", "recv_elems", "recv_offset_bytes", "stage_elems",
+                 "stage_offset_bytes", "workspace_bytes", "raw", "bound")
 
     def __init__(self, raw: dict):
         self.raw = raw
@@ -49,6 +49,8 @@ class PreparedPlan:
         self.wire_elems = raw["wire_elems"]
         self.recv_elems = raw["recv_elems"]
         self.recv_offset_bytes = raw["recv_offset_bytes"]
+        self.stage_elems = raw.get("stage_elems", 0)
+        self.stage_offset_bytes = raw.get("stage_offset_bytes", 0)
         self.workspace_bytes = raw["workspace_bytes"]
         steps = []
         for after, transfers, reductions in raw["steps"]:
@@ -96,7 +98,7 @@ class CpuExecutor:
         self.reduction_threads = max(1, cores // _local_ranks(store, prefix, rank, world_size, timeout))
         self._workspace = torch.empty(0, dtype=torch.uint8)
 
-    def _bind(self, plan: PreparedPlan, travel: torch.dtype) -> tuple:
+    def _bind(self, plan: PreparedPlan, travel: torch.dtype, dtype: torch.dtype) -> tuple:
         """The plan's steps with every workspace span already a tensor view; data spans stay (begin, end).
 
         Views are made once per (plan, workspace): a call then slices only the user's tensor (a Python-level
@@ -106,13 +108,15 @@ class CpuExecutor:
             self._workspace = torch.empty(plan.workspace_bytes, dtype=torch.uint8)
         ws = self._workspace
         bound = plan.bound
-        if bound is not None and bound[0] is ws and bound[1] == travel:
+        if bound is not None and bound[0] is ws and bound[1] == (travel, dtype):
             return bound[2]
         esize = _ELEMENT_SIZE[travel]
         views = {
             _WIRE: ws[: plan.wire_elems * esize].view(travel) if plan.wire_elems else None,
             _RECV: (ws[plan.recv_offset_bytes: plan.recv_offset_bytes + plan.recv_elems * esize].view(travel)
                     if plan.recv_elems else None),
+            _STAGE: (ws[plan.stage_offset_bytes: plan.stage_offset_bytes + plan.stage_elems * _ELEMENT_SIZE[dtype]]
+                     .view(dtype) if plan.stage_elems else None),
         }
 
         def span(buf, begin, end):
@@ -125,7 +129,7 @@ class CpuExecutor:
                         None if wire_out is None else span(*wire_out), check_inf)
                        for inputs, out, final, round_to_wire, wire_out, check_inf in reductions)
             steps.append((after, ts, rs))
-        plan.bound = (ws, travel, tuple(steps))
+        plan.bound = (ws, (travel, dtype), tuple(steps))
         return plan.bound[2]
 
     def run(self, plan: PreparedPlan, x: torch.Tensor, *, travel: torch.dtype, divisor: float,
@@ -139,7 +143,7 @@ class CpuExecutor:
         n = len(plan.steps)
         if n == 0:
             return
-        steps = self._bind(plan, travel)
+        steps = self._bind(plan, travel, x.dtype)
         numel = x.numel()
 
         def t(sp):  # a bound span: a workspace view, or (begin, end) in the user's tensor

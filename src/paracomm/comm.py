@@ -30,6 +30,7 @@ from . import _C
 from ._cpu_executor import CpuExecutor, PreparedPlan, deadline_wait
 from ._ops import reduce_
 from ._validate import check_wire_dtype
+from . import _topology
 
 __all__ = ["Communicator", "Work", "all_reduce", "explain_all_reduce"]
 
@@ -43,7 +44,7 @@ _DTYPE_CODES = {
     torch.int64: 5,
 }
 _OPS = ("sum", "avg")
-ALGORITHMS = ("auto", "ring", "direct", "one_shot")
+ALGORITHMS = ("auto", "ring", "direct", "one_shot", "hierarchical")
 _ALGORITHM_CODES = {"ring": 0, "direct": 1, "one_shot": 2}
 _MAX_REDUCE_RANKS = 32  # kMaxReduceInputs in csrc/allreduce/plan.h
 _PLAN_CACHE_SIZE = 64  # plans kept per Communicator (one per signature in use; DDP uses a handful)
@@ -181,9 +182,10 @@ class Work:
 class _Call:
     """One validated all-reduce: a flat view of the data plus everything the executors need."""
 
-    __slots__ = ("flat", "result", "tensor", "op", "divisor", "wire_dtype", "scale", "found_inf", "algorithm")
+    __slots__ = ("flat", "result", "tensor", "op", "divisor", "wire_dtype", "scale", "found_inf", "algorithm",
+                 "node_map")
 
-    def __init__(self, flat, result, tensor, op, divisor, wire_dtype, scale, found_inf, algorithm):
+    def __init__(self, flat, result, tensor, op, divisor, wire_dtype, scale, found_inf, algorithm, node_map=()):
         self.flat = flat
         self.result = result
         self.tensor = tensor
@@ -193,6 +195,7 @@ class _Call:
         self.scale = scale
         self.found_inf = found_inf
         self.algorithm = algorithm
+        self.node_map = node_map  # rank -> node the plan is made for (() before it is known, and on CUDA)
 
     @property
     def has_final_op(self) -> bool:
@@ -200,14 +203,15 @@ class _Call:
 
 
 # The signature ranks must agree on, as the handshake sends it: (name, encode, decode) per field.
-_SIGNATURE_FIELDS = ("numel", "dtype", "op", "wire_dtype", "scale", "found_inf", "algorithm")
+_SIGNATURE_FIELDS = ("numel", "dtype", "op", "wire_dtype", "scale", "found_inf", "algorithm", "node_map")
 _CODE_DTYPES = {v: k for k, v in _DTYPE_CODES.items()}
 
 
 def _signature(call: _Call) -> tuple:
     wire = -1 if call.wire_dtype is None else _DTYPE_CODES[call.wire_dtype]
     return (call.flat.numel(), _DTYPE_CODES[call.flat.dtype], _OPS.index(call.op), wire,
-            int(call.scale is not None), int(call.found_inf is not None), ALGORITHMS.index(call.algorithm))
+            int(call.scale is not None), int(call.found_inf is not None), ALGORITHMS.index(call.algorithm),
+            _topology.node_map_code(list(call.node_map)) if call.node_map else 0)
 
 
 def _describe_field(field: str, value: int) -> str:
@@ -217,6 +221,8 @@ def _describe_field(field: str, value: int) -> str:
         return _OPS[value] if 0 <= value < len(_OPS) else str(value)
     if field in ("scale", "found_inf"):
         return "given" if value else "none"
+    if field == "node_map":
+        return f"node map code {value}" if value else "one node"
     if field == "algorithm":
         return ALGORITHMS[value] if 0 <= value < len(ALGORITHMS) else str(value)
     return str(value)
@@ -238,7 +244,7 @@ def _mismatch_error(signatures: list) -> Optional[RuntimeError]:
 
 
 class _PlanCache:
-    """Plans by (signature, world size, rank, backend, chunk bytes): plans are pure data, built once."""
+    """Plans by (signature incl. the node map, world size, rank, backend, chunk bytes): pure data, built once."""
 
     def __init__(self):
         self._plans: dict = {}
@@ -252,7 +258,7 @@ class _PlanCache:
             wire = -1 if call.wire_dtype is None else _DTYPE_CODES[call.wire_dtype]
             plan = PreparedPlan(_C.all_reduce_plan(
                 call.flat.numel(), _DTYPE_CODES[call.flat.dtype], wire, world_size, rank, call.algorithm, backend,
-                call.found_inf is not None, call.has_final_op, chunk_bytes))
+                call.found_inf is not None, call.has_final_op, chunk_bytes, list(call.node_map)))
             with self._lock:
                 if len(self._plans) >= _PLAN_CACHE_SIZE:
                     self._plans.pop(next(iter(self._plans)))  # oldest first (dicts keep insertion order)
@@ -269,9 +275,13 @@ class Communicator:
             (paracomm's own NCCL communicator, created on first use), "cpu:gloo,cuda:nccl" -> both.
         timeout: bound on every call: a peer that stops answering (a dead rank) makes the call raise
             RuntimeError within about this time instead of hanging.
-        algorithm: the default for calls that pass none: "auto" (a size-based choice, see
-            :func:`explain_all_reduce`), "ring", "direct" or "one_shot". ``PARACOMM_ALGORITHM`` sets the default
-            of communicators created without one.
+        algorithm: the default for calls that pass none: "auto" (a size- and topology-based choice, see
+            :func:`explain_all_reduce`), "ring", "direct", "one_shot" or "hierarchical". ``PARACOMM_ALGORITHM``
+            sets the default of communicators created without one.
+        node_size: ranks per node (ranks [0, K) are node 0, ...), overriding ``PARACOMM_NODE_SIZE`` and the
+            host identity paracomm otherwise finds through the group's store on the first CPU call
+            (src/paracomm/_topology.py). More than one node makes "auto" pick the hierarchical plan for large
+            messages. CUDA tensors run flat plans for now (the NCCL executor takes no node map yet).
 
     Every rank of the group must create its Communicators in the same order (like a collective) and issue
     the same sequence of ``all_reduce`` calls.
@@ -280,7 +290,8 @@ class Communicator:
     that has both), ``group``, ``timeout``, ``algorithm``.
     """
 
-    def __init__(self, group=None, *, timeout: timedelta = timedelta(seconds=300), algorithm: Optional[str] = None):
+    def __init__(self, group=None, *, timeout: timedelta = timedelta(seconds=300), algorithm: Optional[str] = None,
+                 node_size: Optional[int] = None):
         name = "paracomm.Communicator"
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError(f"{name}: torch.distributed is not initialised "
@@ -296,6 +307,8 @@ class Communicator:
         self.world_size = dist.get_world_size(self.group)
         if self.rank < 0:
             raise ValueError(f"{name}: this process is not a member of group")
+        self._node_size = None if node_size is None else _topology.check_node_size(node_size, self.world_size, name)
+        self._node_map: Optional[tuple] = None  # found on the first CPU call (_cpu_node_map)
         self._serves_cpu, self._serves_cuda = _group_backends(self.group)
         if not (self._serves_cpu or self._serves_cuda):
             raise ValueError(f"{name}: group backend {dist.get_backend(self.group)!r} is not "
@@ -435,6 +448,9 @@ class Communicator:
                 raise ValueError(f"{name}: {arg} is on {t.device} but tensor is on {device}")
         if scale is not None and not floating:
             raise ValueError(f"{name}: scale needs a floating tensor, got {tensor.dtype}")
+        if algorithm == "hierarchical" and device.type == "cuda":
+            raise ValueError(f"{name}: algorithm='hierarchical' runs on CPU tensors (gloo) only for now; the NCCL "
+                             "executor takes no node map yet")
         if self._failed is not None:
             raise RuntimeError(f"{name}: this Communicator failed earlier and cannot be used: {self._failed}")
         divisor = float(self.world_size) if op == "avg" else 1.0
@@ -523,6 +539,22 @@ class Communicator:
         self._failed = reason
         return RuntimeError(f"paracomm.all_reduce (rank {self.rank} of {self.world_size}): {reason}")
 
+    @property
+    def node_map(self) -> Optional[list]:
+        """rank -> node as this Communicator's CPU plans see it (None until the first CPU call has found it)."""
+        return None if self._node_map is None else list(self._node_map)
+
+    def _cpu_node_map(self) -> tuple:
+        """The node map, found once (src/paracomm/_topology.py); () for one node, so flat plans stay as they were."""
+        if self._node_map is None:
+            try:
+                found = _topology.discover_node_map(self._group_store(), self._prefix, self.rank, self.world_size,
+                                                    self.timeout, self._node_size)
+            except RuntimeError as e:
+                raise self._fail(str(e)) from e
+            self._node_map = tuple(found)
+        return self._node_map if max(self._node_map) > 0 else ()
+
     def _cpu_executor(self) -> CpuExecutor:
         if self._cpu is None:
             try:
@@ -549,6 +581,7 @@ class Communicator:
             return
         wait = deadline_wait(deadline, on_error)
         executor = self._cpu_executor()
+        call.node_map = self._cpu_node_map()
         if self._needs_handshake(call):
             self._handshake_cpu(call, wait)
         plan = self._plans.get(call, self.world_size, self.rank, "gloo", _chunk_bytes())
@@ -653,7 +686,7 @@ def all_reduce(tensor, op="sum", *, group=None, wire_dtype=None, async_op: bool 
 
 
 def explain_all_reduce(numel: int, dtype: torch.dtype, world_size: int, *, wire_dtype=None,
-                       algorithm: str = "auto", backend: str = "nccl") -> dict:
+                       algorithm: str = "auto", backend: str = "nccl", node_size: Optional[int] = None) -> dict:
     """What an all-reduce of ``numel`` elements of ``dtype`` over ``world_size`` ranks would do (no communication).
 
     Args:
@@ -661,6 +694,10 @@ def explain_all_reduce(numel: int, dtype: torch.dtype, world_size: int, *, wire_
         world_size: ranks (>= 1). wire_dtype: None, torch.float16 or torch.bfloat16 (float32 data only).
         algorithm: "auto" (resolved as a call would resolve it), "ring", "direct" or "one_shot".
         backend: "nccl" (CUDA tensors) or "gloo" (CPU tensors): the chunk policy and the "auto" thresholds differ.
+        node_size: None (one node, as before) or ranks per node (ranks [0, K) on node 0, ...; the last node may
+            be smaller): "auto" is then topology-aware and the result also has ``nodes``, ``inter_node_bytes`` and
+            ``intra_node_bytes`` (bytes one rank sends to other nodes / its own node; the busiest rank's),
+            ``inter_node_steps`` (its steps with a transfer to another node) and ``choice_reason``.
 
     Returns:
         dict: ``algorithm`` (the resolved name), ``chunk_bytes`` (bytes of the travelling dtype per pipelined
@@ -689,6 +726,8 @@ def explain_all_reduce(numel: int, dtype: torch.dtype, world_size: int, *, wire_
     if backend not in ("nccl", "gloo"):
         raise ValueError(f"{name}: backend must be 'nccl' or 'gloo', got {backend!r}")
     _check_rank_limit(algorithm, world_size, name)
+    node_map = [] if node_size is None else _topology.node_map_from_size(
+        world_size, _topology.check_node_size(node_size, world_size, name))
     wire = -1 if wire_dtype is None else _DTYPE_CODES[wire_dtype]
     return dict(_C.plan_summary(numel, _DTYPE_CODES[dtype], wire, world_size, 0, algorithm, backend, False, False,
-                                _chunk_bytes()))
+                                _chunk_bytes(), node_map))
