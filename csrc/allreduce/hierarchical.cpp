@@ -22,6 +22,10 @@ constexpr int64_t kMiB = 1024 * 1024;
 constexpr int64_t kInterDirectMaxNodes = 8;
 // The double-buffered receive slots of all four phases stay within this budget (pieces get smaller instead).
 constexpr int64_t kHierWorkspaceBudget = 64 * kMiB;
+// Pieces per column: enough to overlap the intra-node phases of one piece with the inter-node phases of the next
+// (pieces of at least kHierMinPieceBytes of W, at most kHierMaxPieces of them).
+constexpr int64_t kHierMinPieceBytes = 2 * kMiB;
+constexpr int64_t kHierMaxPieces = 16;
 // auto keeps one_shot for messages this small (one transfer group beats four when latency dominates), as the
 // flat choice does, whatever the topology.
 constexpr int64_t kOneShotMaxMessageBytes[2] = {256 * 1024, 512 * 1024};  // [nccl, gloo]
@@ -176,7 +180,8 @@ Layout make_layout(const PlanSpec& s, const Topology& t, Slots& sl) {
   g.numel = s.numel;
   const int64_t align = kPlanAlignBytes / std::min(dtype_size(s.dtype), dtype_size(s.travel_dtype()));
   g.col = round_up(ceil_div(s.numel, t.columns), align);
-  int64_t chunks = 1;
+  int64_t chunks = std::clamp<int64_t>(ceil_div(g.col * dtype_size(s.travel_dtype()), kHierMinPieceBytes), 1,
+                                       kHierMaxPieces);
   if (s.chunk_bytes > 0) chunks = std::max<int64_t>(1, ceil_div(g.col * dtype_size(s.travel_dtype()), s.chunk_bytes));
   sl.g = &g;
   for (;;) {
@@ -275,11 +280,12 @@ void make_hierarchical(Plan& plan) {
   // What the inter-node and the final intra-node hops send: the wire copy when compressed, else the data.
   const PlanBuffer src = z ? PlanBuffer::kWire : PlanBuffer::kData;
   Emitter e(&plan, s.rank);
-  std::vector<int64_t> phase_a(static_cast<size_t>(g.chunks), -1);
+  const int64_t C = g.chunks;
+  std::vector<int64_t> phase_a(static_cast<size_t>(C), -1), finished(static_cast<size_t>(C), -1);
 
-  for (int64_t k = 0; k < g.chunks; ++k) {
-    // ---- A: intra-node reduce-scatter of piece k of every column. Sends read the untouched input; receive
-    // slots of parity k % 2 were last read by piece k - 2's phase-A reductions.
+  // ---- A: intra-node reduce-scatter of piece k of every column. Sends read the untouched input; receive slots
+  // of parity k % 2 were last read by piece k - 2's phase-A reductions.
+  auto phase_A = [&](int64_t k) {
     phase_a[static_cast<size_t>(k)] = e.step(k >= 2 ? phase_a[static_cast<size_t>(k - 2)] : -1);
     for (int64_t c = 0; c < Q; ++c) {
       const int64_t count = g.piece_size(c, k), at = g.piece_begin(c, k);
@@ -300,11 +306,16 @@ void make_hierarchical(Plan& plan) {
         }  // a node of one rank, uncompressed: its data is its node-partial
       }
     }
+    if (M == 1) finished[static_cast<size_t>(k)] = phase_a[static_cast<size_t>(k)];
+  };
+  auto mod = [&](int64_t x) { return ((x % M) + M) % M; };
+  // ---- B: inter-node reduce-scatter of piece k among the M owners of each column; returns its last step.
+  auto phase_B = [&](int64_t k) {
     const int64_t a = phase_a[static_cast<size_t>(k)];
-    int64_t last = a;
-    if (M > 1 && !ring) {
-      // ---- B (direct): node m's owner of column c owns sub-piece m and sums the M node-partials in node order.
-      last = e.step(a);  // sends read phase A's node-partials; slots of parity k % 2: piece k - 2's B is done by A
+    if (!ring) {
+      // Direct: node m's owner of column c owns sub-piece m and sums the M node-partials in node order. Sends
+      // read phase A's node-partials; the slots of parity k % 2 were last read by piece k - 2's B, before A_k.
+      const int64_t last = e.step(a);
       for (int64_t c = 0; c < Q; ++c) {
         for (int64_t m = 0; m < M; ++m) {
           const int64_t o = t.owner(m, c), count = g.sub_size(c, k, m), at = g.sub_begin(c, k, m);
@@ -317,52 +328,59 @@ void make_hierarchical(Plan& plan) {
           e.reduce(o, final_reduction(s, count, std::move(inputs), at));
         }
       }
-      // ---- C (direct): every owner sends its finished sub-piece to the other nodes' owners of the column.
+      return last;
+    }
+    // Ring over the nodes in node order: at hop h node position m sends its partial of sub-piece (m - h) mod M to
+    // position m + 1 and adds its own node-partial to sub-piece (m - h - 1) mod M; after M - 1 hops position m
+    // holds the full sum of sub-piece (m + 1) mod M, summed once in ring order ending there.
+    int64_t last = a;
+    for (int64_t h = 0; h < M - 1; ++h) {
+      // Data sent was produced one hop earlier (hop 0: by phase A); slot h % 2 was read two hops earlier.
       last = e.step(last);
+      for (int64_t c = 0; c < Q; ++c) {
+        for (int64_t m = 0; m < M; ++m) {
+          const int64_t from = t.owner(m, c), to = t.owner(mod(m + 1), c), j = mod(m - h);
+          const int64_t at = g.sub_begin(c, k, j), count = g.sub_size(c, k, j);
+          e.move(from, span(src, at), to, sl.inter(to, c, k, h), count);
+          std::vector<PlanSpan> inputs{span(src, at), sl.inter(to, c, k, h)};
+          if (h < M - 2) {
+            e.reduce(to, reduction(count, std::move(inputs), span(src, at)));
+          } else {
+            e.reduce(to, final_reduction(s, count, std::move(inputs), at));
+          }
+        }
+      }
+    }
+    return last;
+  };
+  // ---- C: inter-node all-gather of piece k's finished sub-pieces; returns its last step.
+  auto phase_C = [&](int64_t k, int64_t after) {
+    int64_t last = after;
+    if (!ring) {
+      last = e.step(last);  // every owner sends its finished sub-piece to the other nodes' owners of the column
       for (int64_t c = 0; c < Q; ++c) {
         for (int64_t m = 0; m < M; ++m) {
           const int64_t from = t.owner(m, c), count = g.sub_size(c, k, m), at = g.sub_begin(c, k, m);
           for (int64_t q = 0; q < M; ++q) e.move(from, span(src, at), t.owner(q, c), span(src, at), count);
         }
       }
-    } else if (M > 1) {
-      // ---- B (ring over the nodes in node order): at hop h node position m sends its partial of sub-piece
-      // (m - h) mod M to position m + 1 and adds its own node-partial to sub-piece (m - h - 1) mod M; after M - 1
-      // hops position m holds the full sum of sub-piece (m + 1) mod M, summed once in ring order ending there.
-      auto mod = [&](int64_t x) { return ((x % M) + M) % M; };
-      for (int64_t h = 0; h < M - 1; ++h) {
-        // Data sent was produced one hop earlier (hop 0: by phase A); slot h % 2 was read two hops earlier.
-        last = e.step(last);
-        for (int64_t c = 0; c < Q; ++c) {
-          for (int64_t m = 0; m < M; ++m) {
-            const int64_t from = t.owner(m, c), to = t.owner(mod(m + 1), c);
-            const int64_t j = mod(m - h);
-            e.move(from, span(src, g.sub_begin(c, k, j)), to, sl.inter(to, c, k, h), g.sub_size(c, k, j));
-            const int64_t at = g.sub_begin(c, k, j), count = g.sub_size(c, k, j);
-            std::vector<PlanSpan> inputs{span(src, at), sl.inter(to, c, k, h)};
-            if (h < M - 2) {
-              e.reduce(to, reduction(count, std::move(inputs), span(src, at)));
-            } else {
-              e.reduce(to, final_reduction(s, count, std::move(inputs), at));
-            }
-          }
-        }
-      }
-      // ---- C (ring): position m forwards sub-piece (m + 1 - h) mod M, the one it finished or just received.
-      for (int64_t h = 0; h < M - 1; ++h) {
-        last = e.step(last);
-        for (int64_t c = 0; c < Q; ++c) {
-          for (int64_t m = 0; m < M; ++m) {
-            const int64_t j = mod(m + 1 - h);
-            e.move(t.owner(m, c), span(src, g.sub_begin(c, k, j)), t.owner(mod(m + 1), c), span(src, g.sub_begin(c, k, j)),
-                   g.sub_size(c, k, j));
-          }
+      return last;
+    }
+    for (int64_t h = 0; h < M - 1; ++h) {  // ring: forward sub-piece (m + 1 - h) mod M, finished or just received
+      last = e.step(last);
+      for (int64_t c = 0; c < Q; ++c) {
+        for (int64_t m = 0; m < M; ++m) {
+          const int64_t at = g.sub_begin(c, k, mod(m + 1 - h));
+          e.move(t.owner(m, c), span(src, at), t.owner(mod(m + 1), c), span(src, at), g.sub_size(c, k, mod(m + 1 - h)));
         }
       }
     }
-    // ---- D: intra-node all-gather: the owner's finished piece to every other rank of its node (in W when
-    // compressed, which is exact: the result is representable in W).
-    e.step(last);
+    return last;
+  };
+  // ---- D: intra-node all-gather: the owner's finished piece to every other rank of its node (in W when
+  // compressed, which is exact: the result is representable in W).
+  auto phase_D = [&](int64_t k) {
+    e.step(finished[static_cast<size_t>(k)]);
     for (int64_t c = 0; c < Q; ++c) {
       const int64_t count = g.piece_size(c, k), at = g.piece_begin(c, k);
       for (int64_t m = 0; m < M; ++m) {
@@ -370,7 +388,19 @@ void make_hierarchical(Plan& plan) {
         for (int64_t p : t.members[static_cast<size_t>(m)]) e.move(o, span(src, at), p, span(src, at), count);
       }
     }
+  };
+  // The software pipeline: A_0, then per piece k: B_k, D_{k-1}, A_{k+1}, C_k; then D_{C-1}. Adjacent steps pair a
+  // slow inter-node phase with a fast intra-node one of another piece, so an executor that posts step i+1 before
+  // reducing step i keeps the node's link and its loopback busy at once. (Each step's transfers_after names only
+  // what it reads or overwrites; the order is free otherwise.)
+  phase_A(0);
+  for (int64_t k = 0; k < C; ++k) {
+    const int64_t b = M > 1 ? phase_B(k) : -1;
+    if (k >= 1) phase_D(k - 1);
+    if (k + 1 < C) phase_A(k + 1);
+    if (M > 1) finished[static_cast<size_t>(k)] = phase_C(k, b);
   }
+  if (C > 0) phase_D(C - 1);
   if (z || s.has_found_inf) {
     // After the last transfer, one pass over the whole tensor on every rank: widen what arrived compressed (what
     // this rank finished itself is rewritten with the same bits) and check it, so found_inf is set on every rank.

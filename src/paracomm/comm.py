@@ -239,7 +239,7 @@ def _mismatch_error(signatures: list) -> Optional[RuntimeError]:
             per_rank = ", ".join(f"rank {r}: {_describe_field(field, v)}" for r, v in enumerate(values))
             parts.append(f"{field} differs ({per_rank})")
     return RuntimeError("paracomm.all_reduce: ranks called all_reduce with different arguments (numel, dtype, op, "
-                        "wire_dtype, scale/found_inf given or not, and algorithm must match on every rank): "
+                        "wire_dtype, scale/found_inf given or not, algorithm and the node map must match on every rank): "
                         + "; ".join(parts))
 
 
