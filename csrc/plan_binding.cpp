@@ -1,17 +1,21 @@
-// paracomm._C's view of the all-reduce plans (csrc/allreduce/plan.h), for the CPU executor, explain_all_reduce
-// and the tests. Plans cross into Python as plain tuples and dicts: the CPU executor walks them in a tight loop
+// paracomm._C's view of the collective plans (csrc/allreduce/plan.h), for the CPU executor, explain_* and the
+// tests. Plans cross into Python as plain tuples and dicts: the CPU executor walks them in a tight loop
 // and caches them, so they must be cheap to read.
 //
 //   all_reduce_plan(numel, dtype, wire_dtype, world_size, rank, algorithm, backend, has_found_inf,
 //                   has_final_op, chunk_bytes) -> dict
 //     dtype / wire_dtype: DType codes (csrc/dtype.h; wire -1: none); algorithm "auto" | "ring" | "direct" |
 //     "one_shot"; backend "nccl" | "gloo"; chunk_bytes 0: the chunk policy's choice.
-//     keys: algorithm (the resolved name), segment_elems, chunk_elems, num_chunks, wire_elems, recv_elems,
-//     recv_offset_bytes, workspace_bytes, steps: [(transfers_after, transfers, reductions)] with
-//       transfer  = (is_send, peer, buffer, offset, count)                  buffer: 0 data, 1 wire, 2 recv
+//     keys: collective, algorithm (the resolved name), data_elems, input_elems, segment_elems, chunk_elems,
+//     num_chunks, wire_elems, recv_elems, recv_offset_bytes, workspace_bytes,
+//     steps: [(transfers_after, transfers, reductions)] with
+//       transfer  = (is_send, peer, buffer, offset, count)       buffer: 0 data, 1 wire, 2 recv, 3 input
 //       reduction = (count, [(buffer, offset), ...], (buffer, offset), final, round_to_wire,
 //                    wire_out (buffer, offset) or None, check_inf)
-//   plan_summary(<same arguments>) -> dict: algorithm, chunk_bytes, num_chunks, steps, transfer_groups,
+//   collective_plan(collective, <the same arguments>) -> dict: the same for "all_reduce" | "reduce_scatter" |
+//     "all_gather" (numel: the all-reduce's tensor, the reduce-scatter's output per rank, the all-gather's input
+//     per rank);
+//   plan_summary(<same arguments>, collective="all_reduce") -> dict: algorithm, chunk_bytes, num_chunks, steps, transfer_groups,
 //     reductions, bytes_sent, bytes_received, workspace_bytes
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -33,7 +37,7 @@ Backend backend_from_name(const std::string& name) {
   PARACOMM_THROW("backend must be 'nccl' or 'gloo', got '", name, "'");
 }
 
-PlanSpec spec_from_args(int64_t numel, int64_t dtype, int64_t wire_dtype, int64_t world_size, int64_t rank,
+PlanSpec spec_from_args(const std::string& collective, int64_t numel, int64_t dtype, int64_t wire_dtype, int64_t world_size, int64_t rank,
                         const std::string& algorithm, const std::string& backend, bool has_found_inf,
                         bool has_final_op, int64_t chunk_bytes) {
   PlanSpec s;
@@ -41,6 +45,7 @@ PlanSpec spec_from_args(int64_t numel, int64_t dtype, int64_t wire_dtype, int64_
                  dtype);
   PARACOMM_CHECK(wire_dtype == kNoWire || wire_dtype == 1 || wire_dtype == 2,
                  "wire_dtype must be -1 (none), 1 (float16) or 2 (bfloat16), got ", wire_dtype);
+  s.collective = collective_from_name(collective, "collective");
   s.numel = numel;
   s.dtype = static_cast<DType>(dtype);
   s.wire_dtype = static_cast<int32_t>(wire_dtype);
@@ -48,7 +53,7 @@ PlanSpec spec_from_args(int64_t numel, int64_t dtype, int64_t wire_dtype, int64_
   s.rank = rank;
   s.backend = backend_from_name(backend);
   s.algorithm = algorithm == "auto"
-                    ? choose_algorithm(numel, s.dtype, s.wire_dtype, world_size, s.backend)
+                    ? choose_algorithm(s.collective, numel, s.dtype, s.wire_dtype, world_size, s.backend)
                     : algorithm_from_name(algorithm, "algorithm");
   s.has_found_inf = has_found_inf;
   s.has_final_op = has_final_op;
@@ -75,7 +80,10 @@ py::dict plan_dict(const Plan& plan) {
     steps.append(py::make_tuple(step.transfers_after, transfers, reductions));
   }
   py::dict d;
+  d["collective"] = collective_name(plan.spec.collective);
   d["algorithm"] = algorithm_name(plan.spec.algorithm);
+  d["data_elems"] = plan.data_elems;
+  d["input_elems"] = plan.input_elems;
   d["segment_elems"] = plan.segment_elems;
   d["chunk_elems"] = plan.chunk_elems;
   d["num_chunks"] = plan.num_chunks;
@@ -95,18 +103,30 @@ void bind_plans(py::module_& m) {
       [](int64_t numel, int64_t dtype, int64_t wire_dtype, int64_t world_size, int64_t rank,
          const std::string& algorithm, const std::string& backend, bool has_found_inf, bool has_final_op,
          int64_t chunk_bytes) {
-        return plan_dict(make_plan(spec_from_args(numel, dtype, wire_dtype, world_size, rank, algorithm, backend,
+        return plan_dict(make_plan(spec_from_args("all_reduce", numel, dtype, wire_dtype, world_size, rank, algorithm, backend,
                                                   has_found_inf, has_final_op, chunk_bytes)));
       },
       py::arg("numel"), py::arg("dtype"), py::arg("wire_dtype"), py::arg("world_size"), py::arg("rank"),
       py::arg("algorithm"), py::arg("backend"), py::arg("has_found_inf"), py::arg("has_final_op"),
-      py::arg("chunk_bytes") = 0, "The plan `rank` runs (csrc/plan_binding.cpp documents the format).");
+      py::arg("chunk_bytes") = 0, "The all-reduce plan `rank` runs (csrc/plan_binding.cpp documents the format).");
+  m.def(
+      "collective_plan",
+      [](const std::string& collective, int64_t numel, int64_t dtype, int64_t wire_dtype, int64_t world_size,
+         int64_t rank, const std::string& algorithm, const std::string& backend, bool has_found_inf,
+         bool has_final_op, int64_t chunk_bytes) {
+        return plan_dict(make_plan(spec_from_args(collective, numel, dtype, wire_dtype, world_size, rank, algorithm,
+                                                  backend, has_found_inf, has_final_op, chunk_bytes)));
+      },
+      py::arg("collective"), py::arg("numel"), py::arg("dtype"), py::arg("wire_dtype"), py::arg("world_size"),
+      py::arg("rank"), py::arg("algorithm"), py::arg("backend"), py::arg("has_found_inf"), py::arg("has_final_op"),
+      py::arg("chunk_bytes") = 0,
+      "The plan `rank` runs for `collective` (csrc/plan_binding.cpp documents the format).");
   m.def(
       "plan_summary",
       [](int64_t numel, int64_t dtype, int64_t wire_dtype, int64_t world_size, int64_t rank,
          const std::string& algorithm, const std::string& backend, bool has_found_inf, bool has_final_op,
-         int64_t chunk_bytes) {
-        const Plan plan = make_plan(spec_from_args(numel, dtype, wire_dtype, world_size, rank, algorithm, backend,
+         int64_t chunk_bytes, const std::string& collective) {
+        const Plan plan = make_plan(spec_from_args(collective, numel, dtype, wire_dtype, world_size, rank, algorithm, backend,
                                                    has_found_inf, has_final_op, chunk_bytes));
         const PlanSummary s = summarize_plan(plan);
         py::dict d;
@@ -123,7 +143,8 @@ void bind_plans(py::module_& m) {
       },
       py::arg("numel"), py::arg("dtype"), py::arg("wire_dtype"), py::arg("world_size"), py::arg("rank"),
       py::arg("algorithm"), py::arg("backend"), py::arg("has_found_inf"), py::arg("has_final_op"),
-      py::arg("chunk_bytes") = 0, "Counts over the plan `rank` runs (transfer groups, reductions, bytes).");
+      py::arg("chunk_bytes") = 0, py::arg("collective") = "all_reduce",
+      "Counts over the plan `rank` runs (transfer groups, reductions, bytes).");
 }
 
 }  // namespace paracomm
