@@ -1,6 +1,7 @@
-"""The CPU executor: runs any all-reduce plan (csrc/allreduce/plan.h) over gloo point-to-point.
+"""The CPU executor: runs any collective plan (csrc/allreduce/plan.h) over gloo point-to-point.
 
-It knows no algorithm. For each step of the plan it posts the step's transfers (``send``/``recv`` on
+It knows no algorithm and no collective: it maps the plan's buffers (the output ``x``, an out-of-place
+``input`` when the plan has one, and its workspace) and follows the steps. For each step of the plan it posts the step's transfers (``send``/``recv`` on
 paracomm's *private* gloo process group, one tag per step) and, once they and every earlier step's transfers
 have completed, runs the step's reductions with the CPU op ``paracomm::reduce_``. It posts step i+1's transfers
 before running step i's reductions whenever the plan allows it (``transfers_after(i+1) < i``): that is the whole
@@ -31,16 +32,17 @@ import torch.distributed as dist
 
 from ._ops import ops
 
-_DATA, _WIRE, _RECV = 0, 1, 2
+_DATA, _WIRE, _RECV, _INPUT = 0, 1, 2, 3
 _ELEMENT_SIZE = {dt: torch.empty((), dtype=dt).element_size()
                  for dt in (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int32, torch.int64)}
 
 
 class PreparedPlan:
-    """A plan from ``paracomm._C.all_reduce_plan`` in the shape the executor's loop reads fastest."""
+    """A plan from ``paracomm._C.all_reduce_plan`` / ``collective_plan`` in the shape the executor's loop reads
+    fastest."""
 
     __slots__ = ("algorithm", "steps", "wire_elems", "recv_elems", "recv_offset_bytes", "workspace_bytes", "raw",
-                 "bound")
+                 "bound", "data_elems", "input_elems")
 
     def __init__(self, raw: dict):
         self.raw = raw
@@ -50,6 +52,8 @@ class PreparedPlan:
         self.recv_elems = raw["recv_elems"]
         self.recv_offset_bytes = raw["recv_offset_bytes"]
         self.workspace_bytes = raw["workspace_bytes"]
+        self.data_elems = raw.get("data_elems")
+        self.input_elems = raw.get("input_elems", 0)
         steps = []
         for after, transfers, reductions in raw["steps"]:
             ts = tuple((is_send, peer, buf, off, off + count) for is_send, peer, buf, off, count in transfers)
@@ -97,7 +101,8 @@ class CpuExecutor:
         self._workspace = torch.empty(0, dtype=torch.uint8)
 
     def _bind(self, plan: PreparedPlan, travel: torch.dtype) -> tuple:
-        """The plan's steps with every workspace span already a tensor view; data spans stay (begin, end).
+        """The plan's steps with every workspace span already a tensor view; spans of the caller's tensors stay
+        (which, begin, end), which 0: the output/data, 1: the input.
 
         Views are made once per (plan, workspace): a call then slices only the user's tensor (a Python-level
         tensor op costs microseconds, and a small all-reduce has dozens of spans).
@@ -116,7 +121,11 @@ class CpuExecutor:
         }
 
         def span(buf, begin, end):
-            return (begin, end) if buf == _DATA else views[buf][begin:end]
+            if buf == _DATA:
+                return (0, begin, end)
+            if buf == _INPUT:
+                return (1, begin, end)
+            return views[buf][begin:end]
 
         steps = []
         for after, transfers, reductions in plan.steps:
@@ -130,8 +139,9 @@ class CpuExecutor:
 
     def run(self, plan: PreparedPlan, x: torch.Tensor, *, travel: torch.dtype, divisor: float,
             scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor], wire_dtype: Optional[torch.dtype],
-            wait: Callable[[object, str, int, int], None]) -> None:
-        """Execute ``plan`` on the flat tensor ``x`` in place.
+            wait: Callable[[object, str, int, int], None], input: Optional[torch.Tensor] = None) -> None:
+        """Execute ``plan``: ``x`` (flat) is its kData buffer, written in place; ``input`` (flat) its kInput
+        buffer, only read (plans without one: None).
 
         ``wait(work, what, step, steps)`` waits for one gloo work within the caller's deadline and raises the
         caller's error (``what`` is the plan's algorithm here).
@@ -139,12 +149,16 @@ class CpuExecutor:
         n = len(plan.steps)
         if n == 0:
             return
+        if plan.input_elems and (input is None or input.numel() != plan.input_elems):
+            raise ValueError(f"CpuExecutor.run: the plan reads an input of {plan.input_elems} elements")
         steps = self._bind(plan, travel)
-        numel = x.numel()
+        users = (x, input)
+        sizes = (x.numel(), 0 if input is None else input.numel())
 
-        def t(sp):  # a bound span: a workspace view, or (begin, end) in the user's tensor
+        def t(sp):  # a bound span: a workspace view, or (which, begin, end) in the caller's tensors
             if type(sp) is tuple:
-                return x if sp[0] == 0 and sp[1] == numel else x[sp[0]:sp[1]]
+                w, b, e = sp
+                return users[w] if b == 0 and e == sizes[w] else users[w][b:e]
             return sp
 
         pg = self.pg
