@@ -408,7 +408,7 @@ void make_direct_reduce_scatter(Plan& plan, const Geometry& g) {
   const int64_t n = s.world_size, r = s.rank, C = g.chunks;
   const PlanBuffer src = s.compressed() ? PlanBuffer::kWire : PlanBuffer::kInput;
   Builder b(&plan);
-  plan.recv_elems = 2 * (n - 1) * g.chunk;
+  plan.recv_elems = std::min<int64_t>(C, 2) * (n - 1) * g.chunk;  // one slot when there is one piece
   plan.wire_elems = s.compressed() ? g.numel : 0;
   const int64_t base = rs_cast_step(s, b, g.numel);
   auto peer_slot = [&](int64_t c, int64_t p) {

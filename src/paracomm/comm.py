@@ -213,10 +213,10 @@ class _Call:
     """
 
     __slots__ = ("flat", "result", "tensor", "op", "divisor", "wire_dtype", "scale", "found_inf", "algorithm",
-                 "collective", "chunk_bytes")
+                 "collective", "chunk_bytes", "input")
 
     def __init__(self, flat, result, tensor, op, divisor, wire_dtype, scale, found_inf, algorithm,
-                 collective: str = "all_reduce", chunk_bytes: int = 0):
+                 collective: str = "all_reduce", chunk_bytes: int = 0, input=None):
         self.flat = flat
         self.result = result
         self.tensor = tensor
@@ -228,6 +228,12 @@ class _Call:
         self.algorithm = algorithm
         self.collective = collective
         self.chunk_bytes = chunk_bytes
+        self.input = input  # out-of-place collectives (paracomm.collectives): the flat input; flat is the output
+
+    @property
+    def plan_numel(self) -> int:
+        """The plan's numel (plan.h): all-reduce / reduce-scatter the output's, all-gather the input's."""
+        return self.input.numel() if self.collective == "all_gather" else self.flat.numel()
 
     @property
     def has_final_op(self) -> bool:
@@ -237,7 +243,7 @@ class _Call:
 def _signature(call: _Call) -> tuple:
     """The call's signature: one int per field of paracomm._signature.FIELDS, in that order."""
     wire = -1 if call.wire_dtype is None else _DTYPE_CODES[call.wire_dtype]
-    return (_sig.COLLECTIVES.index(call.collective), call.flat.numel(), _DTYPE_CODES[call.flat.dtype],
+    return (_sig.COLLECTIVES.index(call.collective), call.plan_numel, _DTYPE_CODES[call.flat.dtype],
             _OPS.index(call.op), wire, int(call.scale is not None), int(call.found_inf is not None),
             ALGORITHMS.index(call.algorithm), call.chunk_bytes)
 
@@ -265,9 +271,9 @@ class _PlanCache:
             plan = self._plans.get(key)
         if plan is None:
             wire = -1 if call.wire_dtype is None else _DTYPE_CODES[call.wire_dtype]
-            plan = PreparedPlan(_C.all_reduce_plan(
-                call.flat.numel(), _DTYPE_CODES[call.flat.dtype], wire, world_size, rank, call.algorithm, backend,
-                call.found_inf is not None, call.has_final_op, chunk_bytes))
+            plan = PreparedPlan(_C.collective_plan(
+                call.collective, call.plan_numel, _DTYPE_CODES[call.flat.dtype], wire, world_size, rank,
+                call.algorithm, backend, call.found_inf is not None, call.has_final_op, chunk_bytes))
             plan.header = _sig.header(signature)
             plan.tag_base = _sig.tag_base(signature)
             with self._lock:
@@ -411,6 +417,22 @@ class Communicator:
         if call.flat.device.type == "cuda":
             return self._all_reduce_nccl(call, async_op)
         return self._all_reduce_cpu(call, async_op)
+
+    def reduce_scatter(self, output, input, op: Union[str, "dist.ReduceOp"] = "sum", *, wire_dtype=None,
+                       async_op: bool = False, scale=None, found_inf=None, algorithm: Optional[str] = None):
+        """Reduce ``input`` over the group's ranks; rank r's ``output`` gets segment r of the result (as
+        ``torch.distributed.reduce_scatter_tensor``). Arguments, returns and errors: see
+        :func:`paracomm.reduce_scatter` (paracomm/collectives.py)."""
+        from .collectives import run_reduce_scatter
+        return run_reduce_scatter(self, output, input, op, wire_dtype=wire_dtype, async_op=async_op, scale=scale,
+                                  found_inf=found_inf, algorithm=algorithm)
+
+    def all_gather(self, output, input, *, async_op: bool = False, algorithm: Optional[str] = None):
+        """Gather every rank's ``input`` into ``output`` on every rank (as
+        ``torch.distributed.all_gather_into_tensor``). Arguments, returns and errors: see
+        :func:`paracomm.all_gather` (paracomm/collectives.py)."""
+        from .collectives import run_all_gather
+        return run_all_gather(self, output, input, async_op=async_op, algorithm=algorithm)
 
     # ------------------------------------------------------------------------------------------------------
     # Validation (everything checked before anything is written)
@@ -626,8 +648,12 @@ class Communicator:
         self._raise_if_failed()
         x = call.flat
         if self.world_size == 1:
-            # Nothing travels (so the wire dtype rounds nothing); only avg/scale/found_inf touch the data.
-            if call.has_final_op and x.numel() > 0:
+            # Nothing travels (so the wire dtype rounds nothing); only avg/scale/found_inf touch the data. The
+            # out-of-place collectives copy their input (the one reduction their one-rank plan holds).
+            if call.input is not None:
+                if x.numel() > 0:
+                    reduce_(x, [call.input], divisor=call.divisor, scale=call.scale, found_inf=call.found_inf)
+            elif call.has_final_op and x.numel() > 0:
                 reduce_(x, [x], divisor=call.divisor, scale=call.scale, found_inf=call.found_inf)
             return
         deadline = time.monotonic() + self.timeout.total_seconds()
@@ -640,7 +666,8 @@ class Communicator:
         travel = call.wire_dtype if call.wire_dtype is not None else x.dtype
         try:
             executor.run(plan, x, travel=travel, divisor=call.divisor, scale=call.scale, found_inf=call.found_inf,
-                         wire_dtype=call.wire_dtype, wait=wait, tag_base=plan.tag_base, before_wait=check)
+                         wire_dtype=call.wire_dtype, wait=wait, tag_base=plan.tag_base, before_wait=check,
+                         input=call.input)
         except _HeaderMismatch as e:
             self._replace_cpu_group()
             error = _mismatch_error([_sig.decode_header(h) for h in e.headers], self._where())
