@@ -1,6 +1,7 @@
-"""The CPU executor: runs any all-reduce plan (csrc/allreduce/plan.h) over gloo point-to-point.
+"""The CPU executor: runs any collective plan (csrc/allreduce/plan.h) over gloo point-to-point.
 
-It knows no algorithm. For each step of the plan it posts the step's transfers (``send``/``recv`` on
+It knows no algorithm and no collective: it maps the plan's buffers (the output ``x``, an out-of-place
+``input`` when the plan has one, and its workspace) and follows the steps. For each step of the plan it posts the step's transfers (``send``/``recv`` on
 paracomm's *private* gloo process group, one tag per step) and, once they and every earlier step's transfers
 have completed, runs the step's reductions with the CPU op ``paracomm::reduce_``. It posts step i+1's transfers
 before running step i's reductions whenever the plan allows it (``transfers_after(i+1) < i``): that is the whole
@@ -30,20 +31,25 @@ import torch
 import torch.distributed as dist
 
 from ._ops import ops
+from ._signature import HEADER_TAG, STEP_MASK
 
-_DATA, _WIRE, _RECV, _STAGE = 0, 1, 2, 4  # _STAGE: T-typed workspace (compressed hierarchical plans)
+_DATA, _WIRE, _RECV, _INPUT, _STAGE = 0, 1, 2, 3, 4  # _STAGE: T-typed workspace (compressed hierarchical plans)
 _ELEMENT_SIZE = {dt: torch.empty((), dtype=dt).element_size()
                  for dt in (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int32, torch.int64)}
 
 
 class PreparedPlan:
-    """A plan from ``paracomm._C.all_reduce_plan`` in the shape the executor's loop reads fastest."""
+    """A plan from ``paracomm._C.all_reduce_plan`` / ``collective_plan`` in the shape the executor's loop reads
+    fastest."""
 
     __slots__ = ("algorithm", "steps", "wire_elems", "recv_elems", "recv_offset_bytes", "stage_elems",
-                 "stage_offset_bytes", "workspace_bytes", "raw", "bound")
+                 "stage_offset_bytes", "workspace_bytes", "raw", "bound", "header", "tag_base", "data_elems",
+                 "input_elems")
 
     def __init__(self, raw: dict):
         self.raw = raw
+        self.header = None  # the call's signature header (int64 tensor), set by the plan cache
+        self.tag_base = 0  # high bits of the data tags (paracomm._signature.tag_base)
         self.bound = None  # (workspace, travel dtype, steps with workspace spans as tensors): CpuExecutor._bind
         self.algorithm = raw["algorithm"]
         self.wire_elems = raw["wire_elems"]
@@ -52,6 +58,8 @@ class PreparedPlan:
         self.stage_elems = raw.get("stage_elems", 0)
         self.stage_offset_bytes = raw.get("stage_offset_bytes", 0)
         self.workspace_bytes = raw["workspace_bytes"]
+        self.data_elems = raw.get("data_elems")
+        self.input_elems = raw.get("input_elems", 0)
         steps = []
         for after, transfers, reductions in raw["steps"]:
             ts = tuple((is_send, peer, buf, off, off + count) for is_send, peer, buf, off, count in transfers)
@@ -80,6 +88,15 @@ def _local_ranks(store, prefix: str, rank: int, world_size: int, timeout: timede
     return max(1, sum(1 for k in keys if bytes(store.get(k)).decode() == host))
 
 
+class HeaderMismatch(Exception):
+    """The per-call headers differ: ``headers[r]`` is rank r's header (a list of ints; this rank's own included).
+    Raised before any data of the call has been waited for or written; the caller reports it."""
+
+    def __init__(self, headers: list):
+        super().__init__("signature headers differ")
+        self.headers = headers
+
+
 class CpuExecutor:
     """Runs plans on CPU tensors over a private gloo group of the communicator's ranks.
 
@@ -97,9 +114,44 @@ class CpuExecutor:
         cores = os.cpu_count() or 1
         self.reduction_threads = max(1, cores // _local_ranks(store, prefix, rank, world_size, timeout))
         self._workspace = torch.empty(0, dtype=torch.uint8)
+        self._header_in: dict = {}  # header length -> receive buffers, one per peer (reused: one call at a time)
+
+    def abort(self) -> None:
+        """Close the private group's connections (peers blocked on this rank fail at once). Idempotent."""
+        try:
+            self.pg.abort()
+        except Exception:  # noqa: BLE001  (already closed or failed: nothing left to close)
+            pass
+
+    def post_header(self, header: torch.Tensor, wait: Callable) -> Callable[[], None]:
+        """Send this call's signature header to every other rank and post the receives of theirs.
+
+        Returns the check to run before the call's first wait on data: it waits for every header (within the
+        caller's deadline, through ``wait``) and raises :class:`HeaderMismatch` when any differs from ours.
+        Headers have a fixed size and their own tag, so they can never be mistaken for data. Every rank sends
+        to every rank, so every rank sees the same set of headers and raises the same mismatch.
+        """
+        rank, n, pg = self.rank, self.world_size, self.pg
+        length = header.numel()
+        buffers = self._header_in.get(length)
+        if buffers is None:
+            buffers = self._header_in[length] = [torch.empty(length, dtype=torch.int64) for _ in range(n)]
+        recvs = [(pg.recv([buffers[p]], p, HEADER_TAG), p) for p in range(n) if p != rank]
+        sends = [(pg.send([header], p, HEADER_TAG), p) for p in range(n) if p != rank]
+
+        def check() -> None:
+            for work, peer in recvs:
+                wait(work, "the signature header", peer=peer)
+            for work, peer in sends:
+                wait(work, "the signature header", peer=peer)
+            if not all(torch.equal(buffers[p], header) for p in range(n) if p != rank):
+                raise HeaderMismatch([header.tolist() if p == rank else buffers[p].tolist() for p in range(n)])
+
+        return check
 
     def _bind(self, plan: PreparedPlan, travel: torch.dtype, dtype: torch.dtype) -> tuple:
-        """The plan's steps with every workspace span already a tensor view; data spans stay (begin, end).
+        """The plan's steps with every workspace span already a tensor view; spans of the caller's tensors stay
+        (which, begin, end), which 0: the output/data, 1: the input. ``dtype``: the data's (kStage's) dtype.
 
         Views are made once per (plan, workspace): a call then slices only the user's tensor (a Python-level
         tensor op costs microseconds, and a small all-reduce has dozens of spans).
@@ -120,7 +172,11 @@ class CpuExecutor:
         }
 
         def span(buf, begin, end):
-            return (begin, end) if buf == _DATA else views[buf][begin:end]
+            if buf == _DATA:
+                return (0, begin, end)
+            if buf == _INPUT:
+                return (1, begin, end)
+            return views[buf][begin:end]
 
         steps = []
         for after, transfers, reductions in plan.steps:
@@ -134,33 +190,50 @@ class CpuExecutor:
 
     def run(self, plan: PreparedPlan, x: torch.Tensor, *, travel: torch.dtype, divisor: float,
             scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor], wire_dtype: Optional[torch.dtype],
-            wait: Callable[[object, str, int, int], None]) -> None:
-        """Execute ``plan`` on the flat tensor ``x`` in place.
+            wait: Callable, tag_base: int = 0, before_wait: Optional[Callable[[], None]] = None,
+            input: Optional[torch.Tensor] = None) -> None:
+        """Execute ``plan``: ``x`` (flat) is its kData buffer, written in place; ``input`` (flat) its kInput
+        buffer, only read (plans without one: None).
 
-        ``wait(work, what, step, steps)`` waits for one gloo work within the caller's deadline and raises the
-        caller's error (``what`` is the plan's algorithm here).
+        ``wait(work, what, step, steps, peer)`` waits for one gloo work within the caller's deadline and raises
+        the caller's error (``what`` is the plan's algorithm here). Step i's transfers carry the tag
+        ``tag_base | (i & STEP_MASK)`` (the call's signature in the high bits: see paracomm._signature).
+        ``before_wait`` (the header check) runs once, after step 0's transfers are posted and before the
+        first wait for any transfer or the first reduction, so a mismatch raises before anything is written.
         """
         n = len(plan.steps)
         if n == 0:
+            if before_wait is not None:
+                before_wait()
             return
+        if plan.input_elems and (input is None or input.numel() != plan.input_elems):
+            raise ValueError(f"CpuExecutor.run: the plan reads an input of {plan.input_elems} elements")
         steps = self._bind(plan, travel, x.dtype)
-        numel = x.numel()
+        users = (x, input)
+        sizes = (x.numel(), 0 if input is None else input.numel())
 
-        def t(sp):  # a bound span: a workspace view, or (begin, end) in the user's tensor
+        def t(sp):  # a bound span: a workspace view, or (which, begin, end) in the caller's tensors
             if type(sp) is tuple:
-                return x if sp[0] == 0 and sp[1] == numel else x[sp[0]:sp[1]]
+                w, b, e = sp
+                return users[w] if b == 0 and e == sizes[w] else users[w][b:e]
             return sp
 
         pg = self.pg
         posted: list = [None] * n
         waited = -1  # steps whose transfers have all completed
+        pending_check = [before_wait]
 
         def wait_through(k: int) -> None:
-            """Wait for the transfers of every step <= k."""
+            """Wait for the transfers of every step <= k (the header check first, once)."""
             nonlocal waited
+            if k < 0:
+                return
+            if pending_check[0] is not None:
+                check, pending_check[0] = pending_check[0], None
+                check()
             for j in range(waited + 1, k + 1):
-                for work in posted[j] or ():
-                    wait(work, plan.algorithm, j, n)
+                for work, peer in posted[j] or ():
+                    wait(work, plan.algorithm, j, n, peer)
                 posted[j] = ()
             waited = max(waited, k)
 
@@ -168,7 +241,8 @@ class CpuExecutor:
             # What step i sends may have arrived by a receive of a step <= transfers_after (the all-gather
             # forwards what it received): those transfers must be complete, not just posted.
             wait_through(steps[i][0])
-            return [pg.send([t(sp)], peer, i) if is_send else pg.recv([t(sp)], peer, i)
+            tag = tag_base | (i & STEP_MASK)
+            return [(pg.send([t(sp)], peer, tag) if is_send else pg.recv([t(sp)], peer, tag), peer)
                     for is_send, peer, sp in steps[i][1]]
 
         reduce = ops.reduce_
@@ -204,17 +278,18 @@ class CpuExecutor:
                 torch.set_num_threads(saved_threads)
 
 
-def deadline_wait(deadline: float, on_error: Callable[[str, BaseException], BaseException]):
-    """A ``wait(work, what, step=-1, steps=0)`` bounded by ``deadline`` (time.monotonic()); ``what`` (and, for a
-    plan's transfers, ``step`` of ``steps``) names the wait in the error."""
+def deadline_wait(deadline: float, on_error: Callable[[str, BaseException, Optional[int]], BaseException]):
+    """A ``wait(work, what, step=-1, steps=0, peer=None)`` bounded by ``deadline`` (time.monotonic()); ``what``
+    (and, for a plan's transfers, ``step`` of ``steps``) names the wait in the error, ``peer`` the rank the
+    transfer is with (None: a collective or unknown). ``on_error(what, exception, peer)`` makes the error."""
 
-    def wait(work, what: str, step: int = -1, steps: int = 0) -> None:
+    def wait(work, what: str, step: int = -1, steps: int = 0, peer: Optional[int] = None) -> None:
         remaining = deadline - time.monotonic()
         try:
             if remaining <= 0:
-                raise TimeoutError("no time left")
+                raise TimeoutError("timed out: no time left before the call's deadline")
             work.wait(timedelta(seconds=remaining))
         except Exception as e:  # noqa: BLE001
-            raise on_error(f"step {step} of {steps} ({what})" if step >= 0 else what, e) from e
+            raise on_error(f"step {step} of {steps} ({what})" if step >= 0 else what, e, peer) from e
 
     return wait
