@@ -15,7 +15,7 @@
 //                    wire_out (buffer, offset) or None, check_inf)
 //   collective_plan(collective, <the same arguments>) -> dict: the same for "all_reduce" | "reduce_scatter" |
 //     "all_gather" (numel: the all-reduce's tensor, the reduce-scatter's output per rank, the all-gather's input
-//     per rank; hierarchical: all_reduce only so far);
+//     per rank; hierarchical reduce_scatter / all_gather: nodes of equal size);
 //   plan_summary(<same arguments>, collective="all_reduce", node_map=[]) -> dict: algorithm, chunk_bytes,
 //     num_chunks, steps, transfer_groups, reductions, bytes_sent, bytes_received, workspace_bytes; with a node map
 //     also nodes, inter_node_bytes, intra_node_bytes, inter_node_steps (hierarchical.h: TopologySummary) and
@@ -61,11 +61,12 @@ PlanSpec spec_from_args(const std::string& collective, int64_t numel, int64_t dt
   s.node_of = node_map;
   if (algorithm != "auto") {
     s.algorithm = algorithm_from_name(algorithm, "algorithm");
-  } else if (node_map.empty() || s.collective != Collective::kAllReduce) {
+  } else if (node_map.empty()) {
     s.algorithm = choose_algorithm(s.collective, numel, s.dtype, s.wire_dtype, world_size, s.backend);
-    if (why != nullptr) *why = node_map.empty() ? "one node: the flat choice" : "hierarchical serves all_reduce only";
+    if (why != nullptr) *why = "one node: the flat choice";
   } else {
-    s.algorithm = choose_algorithm_topology(numel, s.dtype, s.wire_dtype, world_size, s.backend, node_map, why);
+    s.algorithm = choose_algorithm_topology(s.collective, numel, s.dtype, s.wire_dtype, world_size, s.backend,
+                                            node_map, why);
   }
   s.has_found_inf = has_found_inf;
   s.has_final_op = has_final_op;

@@ -223,3 +223,93 @@ def test_bad_node_maps_raise():
     # A node of 33 ranks cannot be reduced in one phase-A reduction.
     with pytest.raises(RuntimeError, match="33 ranks"):
         _C.all_reduce_plan(10, 0, -1, 34, 0, "hierarchical", "gloo", False, False, 0, [0] * 33 + [1])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# reduce_scatter / all_gather (nodes of equal size)
+# ---------------------------------------------------------------------------------------------------------------
+
+EQUAL = [[2, 2], [3, 3], [2, 2, 2], [4, 4], [2] * 4, [1, 1, 1], [3] * 2 + [3]]
+
+
+def coll_plans(collective, layout, numel, dtype, wire, *, found_inf=False, final=False, chunk_bytes=0,
+               algo="hierarchical"):
+    nm, world = node_map(layout), sum(layout)
+    wire_code = -1 if wire is None else CODES[wire]
+    return [_C.collective_plan(collective, numel, CODES[dtype], wire_code, world, r, algo, "gloo", found_inf, final,
+                               chunk_bytes, nm) for r in range(world)]
+
+
+@pytest.mark.parametrize("layout", EQUAL, ids=_id)
+def test_hierarchical_reduce_scatter_and_all_gather_exact(layout):
+    world = sum(layout)
+    for numel, dtype, timing, chunk in itertools.product((0, 1, 5, 37, 1000, 4099), CODES, ("early", "late"),
+                                                         (0, 256)):
+        if (dtype != torch.float32 and numel not in (0, 5, 4099)) or (chunk and numel < 1000):
+            continue
+        for op in ("sum", "avg") if dtype.is_floating_point else ("sum",):
+            xs = _data(world, world * numel, dtype, integer=True, seed=numel)
+            ps = coll_plans("reduce_scatter", layout, numel, dtype, None, final=op == "avg", chunk_bytes=chunk)
+            outs, _ = simulate(ps, xs, dtype=dtype, wire=None, divisor=float(world) if op == "avg" else 1.0,
+                               timing=timing)
+            for r, y in enumerate(outs):
+                exact = sum(x[r * numel:(r + 1) * numel].double() for x in xs)
+                want = exact if op == "sum" else (exact / world).to(dtype).double()
+                assert torch.equal(y.double(), want), (layout, numel, dtype, op, timing, chunk, r)
+        xs = _data(world, numel, dtype, integer=False, seed=numel + 1)
+        outs, _ = simulate(coll_plans("all_gather", layout, numel, dtype, None), xs, dtype=dtype, wire=None,
+                           timing=timing)
+        want = torch.cat(xs) if world * numel else torch.empty(0, dtype=dtype)
+        assert all(torch.equal(y, want) for y in outs), (layout, numel, dtype, timing)
+
+
+@pytest.mark.parametrize("layout", [[2, 2], [4, 4], [2] * 4, [4] * 4, [2] * 8], ids=_id)
+def test_hierarchical_reduce_scatter_compressed(layout):
+    """bf16/fp16 on the inter-node hop only: exact node-partials rounded once, summed in fp32 in node order (never
+    rounded after: nothing travels), so the shard is bit for bit that formula; the error is within the bounds."""
+    world, numel = sum(layout), 3001
+    nm = node_map(layout)
+    xs = _data(world, world * numel, torch.float32, integer=False, seed=7)
+    scale = torch.tensor([0.5])
+    for wire, bound in ((torch.bfloat16, 2.5e-3), (torch.float16, 3.1e-4)):
+        ps = coll_plans("reduce_scatter", layout, numel, torch.float32, wire, found_inf=True, final=True)
+        outs, flags = simulate(ps, xs, dtype=torch.float32, wire=wire, divisor=world, scale=scale, found_inf=True)
+        assert all(f.item() == 0.0 for f in flags)
+        for r, y in enumerate(outs):
+            seg = [x[r * numel:(r + 1) * numel] for x in xs]
+            total = None
+            for m in range(len(layout)):
+                part = None
+                for p in (p for p in range(world) if nm[p] == m):
+                    part = seg[p].clone() if part is None else part + seg[p]
+                part = part.to(wire).float()
+                total = part if total is None else total + part
+            assert torch.equal(y, total / world * 0.5), (layout, wire, r)
+            ref = sum(s.double() for s in seg) / world * 0.5
+            assert ((y.double() - ref).norm() / ref.norm()).item() <= bound
+        for p in ps:  # only the wire dtype crosses nodes; intra-node hops send the input (T)
+            me = ps.index(p)
+            for _, transfers, _ in p["steps"]:
+                for is_send, peer, buf, _, _ in transfers:
+                    if is_send:
+                        assert (buf == WIRE) == (nm[peer] != nm[me]), (layout, me, peer, buf)
+
+
+def test_hierarchical_collectives_choice_and_refusals():
+    nm = node_map([4, 4])
+    big = 1 << 20
+    for coll in ("reduce_scatter", "all_gather"):
+        p = _C.collective_plan(coll, big, 0, -1, 8, 0, "auto", "gloo", False, False, 0, nm)
+        assert p["algorithm"] == "hierarchical", coll
+        assert _C.collective_plan(coll, big, 0, -1, 8, 0, "auto", "gloo", False, False, 0, [])["algorithm"] != \
+            "hierarchical"
+        uneven = node_map([3, 2])
+        assert _C.collective_plan(coll, big, 0, -1, 5, 0, "auto", "gloo", False, False, 0, uneven)["algorithm"] != \
+            "hierarchical"
+        with pytest.raises(RuntimeError, match="equal size"):
+            _C.collective_plan(coll, big, 0, -1, 5, 0, "hierarchical", "gloo", False, False, 0, uneven)
+    # Bytes across nodes: the hierarchical all-gather sends (M - 1) n per rank, the flat direct (N - K) n.
+    def inter(algo):
+        s = _C.plan_summary(big, 0, -1, 8, 0, algo, "gloo", False, False, 0, "all_gather", node_map=nm)
+        return s["inter_node_bytes"]
+    assert inter("hierarchical") == big * 4 and inter("direct") == 4 * big * 4

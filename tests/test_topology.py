@@ -47,9 +47,11 @@ def _exact(rank, world_size, node_size, via_env):
                 assert torch.equal(x.double(), want), (dtype, numel, op, algorithm)
                 out[(str(dtype), numel, op, algorithm)] = _digest(x)
     # The large float32 call resolved to the hierarchical plan (auto is topology-aware).
-    auto = paracomm.comm.ALGORITHMS.index("auto")
+    from paracomm import _signature
+    f = {name: i for i, name in enumerate(_signature.FIELD_NAMES)}
+    auto = _signature.ALGORITHMS.index("auto")
     out["algorithms"] = sorted({plan.algorithm for (sig, *_), plan in comm._plans._plans.items()
-                                if sig[0] == NUMEL and sig[1] == 0 and sig[6] == auto})
+                                if sig[f["numel"]] == NUMEL and sig[f["dtype"]] == 0 and sig[f["algorithm"]] == auto})
     out["node_map"] = comm.node_map
     # async calls keep their order through the worker thread.
     ys = [_ints(rank, NUMEL, torch.float32, salt=s) for s in range(3)]
@@ -152,3 +154,33 @@ def test_pure_helpers():
         _topology.check_node_size(0, 4, "x")
     with pytest.raises(TypeError, match="node_size"):
         _topology.check_node_size(2.0, 4, "x")
+
+
+def _collectives(rank, world_size):
+    import paracomm
+
+    comm = paracomm.Communicator(timeout=timedelta(seconds=60), node_size=2)
+    n = 70_001  # 280 KB per segment: above the one-shot sizes, so auto picks hierarchical
+    out = {}
+    for algorithm in ("auto", "hierarchical"):
+        x = _ints(rank, world_size * n, torch.float32)
+        y = torch.empty(n)
+        comm.reduce_scatter(y, x, algorithm=algorithm)
+        want = sum(_ints(r, world_size * n, torch.float32)[rank * n:(rank + 1) * n] for r in range(world_size))
+        assert torch.equal(y, want), algorithm
+        g = torch.empty(world_size * n)
+        comm.all_gather(g, _ints(rank, n, torch.float32, salt=1), algorithm=algorithm)
+        assert torch.equal(g, torch.cat([_ints(r, n, torch.float32, salt=1) for r in range(world_size)])), algorithm
+        out[algorithm] = _digest(g)
+    from paracomm import _signature
+    f = {name: i for i, name in enumerate(_signature.FIELD_NAMES)}
+    auto = _signature.ALGORITHMS.index("auto")
+    out["algorithms"] = sorted({plan.algorithm for (sig, *_), plan in comm._plans._plans.items()
+                                if sig[f["algorithm"]] == auto})
+    return out
+
+
+def test_hierarchical_reduce_scatter_and_all_gather_on_real_processes():
+    results = run_ranks(4, _collectives, timeout=300)
+    assert results[0]["algorithms"] == ["hierarchical"], results[0]
+    assert all(r == results[0] for r in results)

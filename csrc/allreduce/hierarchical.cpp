@@ -197,6 +197,9 @@ Layout make_layout(const PlanSpec& s, const Topology& t, Slots& sl) {
 
 }  // namespace
 
+void make_hierarchical_reduce_scatter(Plan& plan);
+void make_hierarchical_all_gather(Plan& plan);
+
 int64_t count_nodes(const std::vector<int32_t>& node_of) {
   int64_t most = 0;
   for (int32_t m : node_of) most = std::max<int64_t>(most, m);
@@ -256,8 +259,41 @@ Algorithm choose_algorithm_topology(int64_t numel, DType dtype, int32_t wire_dty
   return Algorithm::kHierarchical;
 }
 
+Algorithm choose_algorithm_topology(Collective collective, int64_t numel, DType dtype, int32_t wire_dtype,
+                                    int64_t world_size, Backend backend, const std::vector<int32_t>& node_of,
+                                    std::string* why) {
+  if (collective == Collective::kAllReduce) {
+    return choose_algorithm_topology(numel, dtype, wire_dtype, world_size, backend, node_of, why);
+  }
+  auto say = [&](const char* reason) {
+    if (why != nullptr) *why = reason;
+  };
+  const Algorithm flat = choose_algorithm(collective, numel, dtype, wire_dtype, world_size, backend);
+  PlanSpec probe;
+  probe.world_size = world_size;
+  probe.node_of = node_of;
+  const Topology t(probe);
+  bool even = true;
+  for (int64_t m = 0; m < t.nodes; ++m) even = even && t.size(m) == t.columns;
+  if (t.nodes <= 1 || t.nodes == world_size || !even || t.columns > kMaxReduceInputs ||
+      (collective == Collective::kReduceScatter && inter_node_ring(t.nodes))) {
+    say(t.nodes <= 1 ? "one node: the flat choice"
+        : !even      ? "nodes of different sizes: the flat choice (hierarchical reduce_scatter / all_gather need equal nodes)"
+                     : "the flat choice (one rank per node, more than 32 ranks per node, or more than 8 nodes)");
+    return flat;
+  }
+  if (flat == Algorithm::kOneShot) {
+    say("a small message: one_shot (one transfer group) beats two phases when latency dominates");
+    return flat;
+  }
+  say("more than one node: hierarchical");
+  return Algorithm::kHierarchical;
+}
+
 void make_hierarchical(Plan& plan) {
   const PlanSpec& s = plan.spec;
+  if (s.collective == Collective::kReduceScatter) return make_hierarchical_reduce_scatter(plan);
+  if (s.collective == Collective::kAllGather) return make_hierarchical_all_gather(plan);
   const Topology t(s);
   const int64_t M = t.nodes, Q = t.columns;
   PARACOMM_CHECK(Q <= kMaxReduceInputs, "algorithm hierarchical: a node has ", Q, " ranks; at most ",
@@ -411,6 +447,163 @@ void make_hierarchical(Plan& plan) {
       e.reduce(r, std::move(w));
     }
   }
+}
+
+// ---- reduce-scatter and all-gather (nodes of equal size K; rank r = (m, j): local index j on node m) ----
+// S_j = the M segments of the ranks with local index j, one per node (members[m'][j], m' in node order).
+
+// Reduce-scatter (kInput: N x n, kData: n; rank r ends with segment r summed over all ranks):
+//   A_k. intra-node reduce-scatter by direct exchange: for every segment d in S_j, every other rank of node m
+//        sends its piece k of input segment d to (m, j), which sums the K contributions in local order (the
+//        node-partial of d; exact, stored in W when compressed: rounded once).
+//   B_k. inter-node reduce-scatter by direct exchange among the ranks with local index j: (m, j) sends its
+//        node-partial of segment members[m'][j] to that rank and sums the M node-partials of its own segment in
+//        node order with the final fusions (never rounded to the wire: nothing travels after it).
+// Steps: A_0, A_1, B_0, A_2, B_1, ...: B_k's inter-node exchange is on the wire while A_{k+1}'s intra-node one is.
+// Workspace per piece parity (h = k % 2): intra slots M (K - 1) pieces (T: kRecv, compressed kStage);
+// node-partials M pieces (kRecv, compressed kWire in W); inter slots (M - 1) pieces (kRecv, W).
+void make_hierarchical_reduce_scatter(Plan& plan) {
+  const PlanSpec& s = plan.spec;
+  const Topology t(s);
+  const int64_t M = t.nodes, K = t.columns, n = s.numel;
+  const bool z = s.compressed();
+  const int64_t align = kPlanAlignBytes / std::min(dtype_size(s.dtype), dtype_size(s.travel_dtype()));
+  const int64_t tb = dtype_size(s.dtype), wb = dtype_size(s.travel_dtype());
+  int64_t chunks = std::clamp<int64_t>(ceil_div(n * wb, kHierMinPieceBytes), 1, kHierMaxPieces);
+  if (s.chunk_bytes > 0) chunks = std::max<int64_t>(1, ceil_div(n * wb, s.chunk_bytes));
+  int64_t chunk = 0;
+  for (;;) {
+    chunk = std::max(align, round_up(ceil_div(n, chunks), align));
+    const int64_t ws = 2 * chunk * (M * (K - 1) * tb + M * (z ? wb : tb) + (M - 1) * wb);
+    if (s.chunk_bytes > 0 || chunk == align || ws <= kHierWorkspaceBudget) break;
+    ++chunks;
+  }
+  const int64_t C = ceil_div(n, chunk);
+  plan.segment_elems = n;
+  plan.chunk_elems = chunk;
+  plan.num_chunks = C;
+  const int64_t intra_elems = 2 * M * (K - 1) * chunk, part_elems = 2 * M * chunk, inter_elems = 2 * (M - 1) * chunk;
+  if (z) {
+    plan.stage_elems = intra_elems;
+    plan.wire_elems = part_elems;
+    plan.recv_elems = inter_elems;
+  } else {
+    plan.recv_elems = intra_elems + part_elems + inter_elems;
+  }
+  auto piece_size = [&](int64_t k) { return std::min(chunk, n - std::min(k * chunk, n)); };
+  // Slots of the receiving rank `to` (their layout is the same on every rank: K and M are).
+  auto intra_slot = [&](int64_t to, int64_t k, int64_t node, int64_t from) {
+    const int64_t lf = t.local_of(from), lt = t.local_of(to);
+    const int64_t index = ((k % 2) * M + node) * (K - 1) + (lf < lt ? lf : lf - 1);
+    return span(z ? PlanBuffer::kStage : PlanBuffer::kRecv, index * chunk);
+  };
+  auto partial = [&](int64_t owner, int64_t k, int64_t node) {
+    if (K == 1 && !z) return span(PlanBuffer::kInput, t.members[static_cast<size_t>(node)][0] * n + k * chunk);
+    (void)owner;
+    const int64_t index = (k % 2) * M + node;
+    return z ? span(PlanBuffer::kWire, index * chunk) : span(PlanBuffer::kRecv, intra_elems + index * chunk);
+  };
+  auto inter_slot = [&](int64_t to, int64_t k, int64_t from_node) {
+    const int64_t m = t.node_of(to);
+    const int64_t index = (k % 2) * (M - 1) + (from_node < m ? from_node : from_node - 1);
+    return span(PlanBuffer::kRecv, (z ? 0 : intra_elems + part_elems) + index * chunk);
+  };
+  Emitter e(&plan, s.rank);
+  std::vector<int64_t> a_step(static_cast<size_t>(C), -1), b_step(static_cast<size_t>(C), -1);
+  auto phase_A = [&](int64_t k) {
+    a_step[static_cast<size_t>(k)] = e.step(k >= 2 ? b_step[static_cast<size_t>(k - 2)] : -1);
+    const int64_t count = piece_size(k);
+    for (int64_t m = 0; m < M; ++m) {
+      for (int64_t j = 0; j < K; ++j) {
+        const int64_t o = t.members[static_cast<size_t>(m)][static_cast<size_t>(j)];
+        for (int64_t q = 0; q < M; ++q) {
+          const int64_t d = t.members[static_cast<size_t>(q)][static_cast<size_t>(j)];
+          const PlanSpan in = span(PlanBuffer::kInput, d * n + k * chunk);
+          std::vector<PlanSpan> inputs;
+          for (int64_t p : t.members[static_cast<size_t>(m)]) {
+            e.move(p, in, o, intra_slot(o, k, q, p), count);
+            inputs.push_back(p == o ? in : intra_slot(o, k, q, p));
+          }
+          if (z || K > 1) e.reduce(o, reduction(count, std::move(inputs), partial(o, k, q)));
+        }
+      }
+    }
+  };
+  auto phase_B = [&](int64_t k) {
+    b_step[static_cast<size_t>(k)] = e.step(a_step[static_cast<size_t>(k)]);
+    const int64_t count = piece_size(k);
+    for (int64_t m = 0; m < M; ++m) {
+      for (int64_t j = 0; j < K; ++j) {
+        const int64_t o = t.members[static_cast<size_t>(m)][static_cast<size_t>(j)];
+        std::vector<PlanSpan> inputs;
+        for (int64_t q = 0; q < M; ++q) {
+          const int64_t from = t.members[static_cast<size_t>(q)][static_cast<size_t>(j)];
+          e.move(from, partial(from, k, m), o, inter_slot(o, k, q), count);
+          inputs.push_back(q == m ? partial(o, k, m) : inter_slot(o, k, q));
+        }
+        PlanReduction r = reduction(count, std::move(inputs), span(PlanBuffer::kData, k * chunk));
+        r.final = true;
+        r.check_inf = true;
+        e.reduce(o, std::move(r));
+      }
+    }
+  };
+  phase_A(0);
+  for (int64_t k = 0; k < C; ++k) {
+    if (k + 1 < C) phase_A(k + 1);
+    phase_B(k);
+  }
+}
+
+// All-gather (kInput: n, kData: N x n): copy the input into output segment r; C. inter-node all-gather among
+// the ranks with local index j (each sends its input to the others: segments S_j); D. intra-node all-gather:
+// (m, j) sends the M segments of S_j to every other rank of its node. Inter-node bytes per rank (M - 1) n, where
+// the flat direct all-gather sends (N - K) n across nodes.
+void make_hierarchical_all_gather(Plan& plan) {
+  const PlanSpec& s = plan.spec;
+  const Topology t(s);
+  const int64_t M = t.nodes, K = t.columns, n = s.numel;
+  plan.segment_elems = plan.chunk_elems = n;
+  plan.num_chunks = 1;
+  Emitter e(&plan, s.rank);
+  e.step(-1);
+  e.reduce(s.rank, reduction(n, {span(PlanBuffer::kInput, 0)}, span(PlanBuffer::kData, s.rank * n)));
+  const int64_t inter = e.step(-1);  // never touches segment r: overlaps the copy
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t j = 0; j < K; ++j) {
+      const int64_t r = t.members[static_cast<size_t>(m)][static_cast<size_t>(j)];
+      for (int64_t q = 0; q < M; ++q) {
+        e.move(r, span(PlanBuffer::kInput, 0), t.members[static_cast<size_t>(q)][static_cast<size_t>(j)],
+               span(PlanBuffer::kData, r * n), n);
+      }
+    }
+  }
+  e.step(inter);  // forwards what the copy wrote and what arrived in step `inter`
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t j = 0; j < K; ++j) {
+      const int64_t src = t.members[static_cast<size_t>(m)][static_cast<size_t>(j)];
+      for (int64_t dst : t.members[static_cast<size_t>(m)]) {
+        for (int64_t q = 0; q < M; ++q) {
+          const int64_t d = t.members[static_cast<size_t>(q)][static_cast<size_t>(j)];
+          e.move(src, span(PlanBuffer::kData, d * n), dst, span(PlanBuffer::kData, d * n), n);
+        }
+      }
+    }
+  }
+}
+
+void check_hierarchical(const PlanSpec& s) {
+  const Topology t(s);
+  PARACOMM_CHECK(t.columns <= kMaxReduceInputs, "algorithm hierarchical: a node has ", t.columns, " ranks; at most ",
+                 kMaxReduceInputs, " (phase A sums all of them in one reduction)");
+  if (s.collective == Collective::kAllReduce) return;
+  for (int64_t m = 0; m < t.nodes; ++m) {
+    PARACOMM_CHECK(t.size(m) == t.columns, "algorithm hierarchical for ", collective_name(s.collective),
+                   " needs nodes of equal size; node ", m, " has ", t.size(m), " ranks, node 0 ", t.size(0));
+  }
+  PARACOMM_CHECK(s.collective == Collective::kAllGather || t.nodes <= kMaxReduceInputs,
+                 "algorithm hierarchical for reduce_scatter serves at most ", kMaxReduceInputs, " nodes, got ",
+                 t.nodes);
 }
 
 TopologySummary summarize_topology(const PlanSpec& spec) {

@@ -46,10 +46,23 @@ void check_node_map(const std::vector<int32_t>& node_of, int64_t world_size);
 bool inter_node_ring(int64_t nodes);
 Algorithm choose_algorithm_topology(int64_t numel, DType dtype, int32_t wire_dtype, int64_t world_size, Backend backend,
                                     const std::vector<int32_t>& node_of, std::string* why);
+// reduce_scatter / all_gather: hierarchical for nodes of equal size (1 < M < N, at most 8 nodes for
+// reduce_scatter) above the flat choice's one-shot sizes, else the flat choice.
+Algorithm choose_algorithm_topology(Collective collective, int64_t numel, DType dtype, int32_t wire_dtype,
+                                    int64_t world_size, Backend backend, const std::vector<int32_t>& node_of,
+                                    std::string* why);
 
 // Fills plan.steps and the buffer sizes for spec.algorithm == kHierarchical (called by make_plan, which has
-// validated the spec and handled numel 0 and world size 1).
+// validated the spec and handled numel 0 and world size 1): the all-reduce above, or (nodes of equal size)
+// reduce_scatter / all_gather (hierarchical.cpp: intra-node then inter-node reduce-scatter; inter-node then
+// intra-node all-gather).
 void make_hierarchical(Plan& plan);
+void make_hierarchical_reduce_scatter(Plan& plan);
+void make_hierarchical_all_gather(Plan& plan);
+
+// Throws paracomm::Error unless spec can have a hierarchical plan: at most kMaxReduceInputs ranks per node; for
+// reduce_scatter / all_gather nodes of equal size (and reduce_scatter at most kMaxReduceInputs nodes).
+void check_hierarchical(const PlanSpec& spec);
 
 // Bytes over each kind of link, for explain_all_reduce(node_size=): for each sampled rank the bytes it sends to
 // ranks on other nodes (inter) and on its own node (intra), and the steps in which it sends across nodes. The

@@ -587,8 +587,7 @@ void check_plan_spec(const PlanSpec& s) {
   PARACOMM_CHECK(a >= 0 && a <= 3, "algorithm must be 0 (ring), 1 (direct), 2 (one_shot) or 3 (hierarchical), got ",
                  a);
   check_node_map(s.node_of, s.world_size);
-  PARACOMM_CHECK(s.algorithm != Algorithm::kHierarchical || s.collective == Collective::kAllReduce,
-                 "algorithm hierarchical serves all_reduce only so far, got collective ", collective_name(s.collective));
+  if (s.algorithm == Algorithm::kHierarchical) check_hierarchical(s);
   if (s.collective == Collective::kAllGather) {
     PARACOMM_CHECK(s.algorithm != Algorithm::kOneShot, "algorithm for all_gather must be 'ring' or 'direct' "
                    "(its direct exchange is already one shot), got 'one_shot'");
@@ -649,6 +648,10 @@ Plan make_plan(const PlanSpec& spec) {
     return plan;
   }
   if (!is_all_reduce(spec)) {
+    if (spec.algorithm == Algorithm::kHierarchical) {
+      make_hierarchical(plan);  // hierarchical.cpp: node map in the spec
+      return plan;
+    }
     if (spec.collective == Collective::kReduceScatter && spec.algorithm == Algorithm::kOneShot) {
       plan.segment_elems = plan.chunk_elems = spec.numel;
       plan.num_chunks = 1;

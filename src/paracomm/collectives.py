@@ -37,9 +37,8 @@ from ._validate import check_wire_dtype
 __all__ = ["reduce_scatter", "all_gather", "explain_reduce_scatter", "explain_all_gather"]
 
 _DTYPES_TEXT = "torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int32, torch.int64"
-_AG_ALGORITHMS = ("auto", "ring", "direct")
-# hierarchical serves all_reduce only so far (csrc/allreduce/hierarchical.h): not a reduce-scatter algorithm yet.
-_RS_ALGORITHMS = tuple(a for a in ALGORITHMS if a != "hierarchical")
+_AG_ALGORITHMS = ("auto", "ring", "direct", "hierarchical")
+_RS_ALGORITHMS = ALGORITHMS  # hierarchical: nodes of equal size (csrc/allreduce/hierarchical.h), CPU tensors
 
 
 def _op_and_factor(op, name: str):
@@ -111,8 +110,7 @@ def _resolve_algorithm(comm, algorithm, name: str, allowed: tuple) -> str:
         algorithm = comm.algorithm
         # A communicator-wide "one_shot" default means "no pipelining": all-gather's direct exchange is that.
         if algorithm not in allowed:
-            # (a "hierarchical" default: the topology-blind choice, until these collectives have one)
-            algorithm = "auto" if algorithm == "hierarchical" else "direct"
+            algorithm = "direct"
         return algorithm
     if not isinstance(algorithm, str):
         raise TypeError(f"{name}: algorithm must be one of {', '.join(map(repr, allowed))}, got {algorithm!r}")

@@ -691,8 +691,7 @@ class Communicator:
         deadline = time.monotonic() + self.timeout.total_seconds()
         wait = deadline_wait(deadline, self._transport_error)
         executor = self._cpu_executor()
-        if call.collective == "all_reduce":
-            call.node_map = self._cpu_node_map()  # part of the signature, so of the header every rank checks
+        call.node_map = self._cpu_node_map()  # part of the signature, so of the header every rank checks
         plan = self._plans.get(call, self.world_size, self.rank, "gloo", call.chunk_bytes)
         check = None
         if _check_shapes_mode() != 0:
