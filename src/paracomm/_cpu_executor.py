@@ -136,8 +136,15 @@ class CpuExecutor:
         buffers = self._header_in.get(length)
         if buffers is None:
             buffers = self._header_in[length] = [torch.empty(length, dtype=torch.int64) for _ in range(n)]
-        recvs = [(pg.recv([buffers[p]], p, HEADER_TAG), p) for p in range(n) if p != rank]
-        sends = [(pg.send([header], p, HEADER_TAG), p) for p in range(n) if p != rank]
+        recvs, sends = [], []
+        for p in range(n):
+            if p == rank:
+                continue
+            try:
+                recvs.append((pg.recv([buffers[p]], p, HEADER_TAG), p))
+                sends.append((pg.send([header], p, HEADER_TAG), p))
+            except Exception as e:  # noqa: BLE001  (gloo refuses to post on a closed pair)
+                raise _post_error(wait, "posting the signature header", e, p)
 
         def check() -> None:
             for work, peer in recvs:
@@ -242,8 +249,13 @@ class CpuExecutor:
             # forwards what it received): those transfers must be complete, not just posted.
             wait_through(steps[i][0])
             tag = tag_base | (i & STEP_MASK)
-            return [(pg.send([t(sp)], peer, tag) if is_send else pg.recv([t(sp)], peer, tag), peer)
-                    for is_send, peer, sp in steps[i][1]]
+            works = []
+            for is_send, peer, sp in steps[i][1]:
+                try:
+                    works.append((pg.send([t(sp)], peer, tag) if is_send else pg.recv([t(sp)], peer, tag), peer))
+                except Exception as e:  # noqa: BLE001  (gloo refuses to post on a closed pair)
+                    raise _post_error(wait, f"step {i} of {n} ({plan.algorithm}): posting a transfer", e, peer)
+            return works
 
         reduce = ops.reduce_
         saved_threads = torch.get_num_threads()
@@ -278,6 +290,12 @@ class CpuExecutor:
                 torch.set_num_threads(saved_threads)
 
 
+def _post_error(wait, what: str, e: BaseException, peer: int) -> BaseException:
+    """The caller's error for a transfer gloo refused to post (``wait.on_error``), or ``e`` itself."""
+    on_error = getattr(wait, "on_error", None)
+    return e if on_error is None else on_error(what, e, peer)
+
+
 def deadline_wait(deadline: float, on_error: Callable[[str, BaseException, Optional[int]], BaseException]):
     """A ``wait(work, what, step=-1, steps=0, peer=None)`` bounded by ``deadline`` (time.monotonic()); ``what``
     (and, for a plan's transfers, ``step`` of ``steps``) names the wait in the error, ``peer`` the rank the
@@ -292,4 +310,5 @@ def deadline_wait(deadline: float, on_error: Callable[[str, BaseException, Optio
         except Exception as e:  # noqa: BLE001
             raise on_error(f"step {step} of {steps} ({what})" if step >= 0 else what, e, peer) from e
 
+    wait.on_error = on_error  # posting errors take the same path (CpuExecutor: _post_error)
     return wait
