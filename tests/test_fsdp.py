@@ -109,3 +109,43 @@ def test_fsdp2_with_paracomm(world):
         assert e_para <= e_torch, (e_para, e_torch)
     else:
         assert e_para < e_torch, (e_para, e_torch)
+
+
+def _scaler_ranks(rank, world):
+    import math
+
+    from paracomm.amp import GradScaler
+    from paracomm.bench.fsdp import train
+
+    out = {}
+    plain = train(steps=6, comms="paracomm-rs")
+    # A power-of-two scale is exact: scaling the loss and unscaling inside the reduce-scatter changes no bit.
+    fused = train(steps=6, comms="paracomm-rs", scaler=GradScaler("cpu", init_scale=2.0 ** 10), fuse_scaler=True)
+    out["fused_vs_plain"] = _rel(fused["params"], plain["params"])
+    out["scales"] = fused["scales"]
+    out["fused_calls"] = fused["fused_calls"]
+
+    def poison(r, data):  # a nan in rank 1's batch of step 2: every shard of that step's gradients is nan
+        if r == 1:
+            data[2][0][0, 0, 0] = float("nan")
+
+    skipped = train(steps=6, comms="paracomm-rs", scaler=GradScaler("cpu", init_scale=2.0 ** 10),
+                    fuse_scaler=True, data_hook=poison)
+    out["skip_scales"] = skipped["scales"]
+    out["finite"] = all(bool(p.isfinite().all()) for p in skipped["params"])
+    out["nan_loss"] = math.isnan(skipped["losses"][2])
+    return out
+
+
+def test_fsdp2_scaler_fusion():
+    """use_paracomm(model, scaler=...): unscale and check inside the reduce-scatter. With a power-of-two scale the
+    parameters are those of the unscaled run; a nan on one rank makes every rank skip the step (the scale halves
+    on every rank, the parameters stay finite)."""
+    results = run_ranks(2, _scaler_ranks, timeout=600)
+    for r in results:
+        assert r["fused_vs_plain"] <= 1e-6, r
+        assert r["scales"] == [1024.0] * 6, r
+        assert r["fused_calls"] == 3 * 6, r  # every unit's reduce-scatter of every step unscaled
+        assert r["skip_scales"] == [1024.0] * 3 + [512.0] * 3, r
+        assert r["finite"], r
+    assert results[1]["nan_loss"] and not results[0]["nan_loss"]

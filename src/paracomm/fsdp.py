@@ -19,6 +19,9 @@ so the error does not grow with the number of ranks (a bf16 ring re-rounds at ev
 ``reduce_dtype=torch.bfloat16`` the tensors are bf16 already and paracomm still accumulates in fp32 and rounds
 once. Which combinations are checked: tests/test_fsdp.py and docs/ARCHITECTURE.md ("FSDP2").
 
+AMP: ``use_paracomm(model, scaler=paracomm.amp.GradScaler("cpu"))`` unscales and checks every shard inside its
+reduce-scatter; ``scaler.step`` skips on inf/nan on every rank alike, as with DDP's ``ring_hook``.
+
 CPU (gloo) tensors only for now, like :func:`paracomm.reduce_scatter`.
 """
 from __future__ import annotations
@@ -60,7 +63,13 @@ class ReduceScatter(_TorchReduceScatter):
             mixed precision) travel in it, each input rounded once, summed in fp32, the fp32 shard unrounded.
             Gradients of another dtype (``reduce_dtype=torch.bfloat16``) travel in their own dtype.
         algorithm: "auto", "ring", "direct" or "one_shot" (see :func:`paracomm.explain_reduce_scatter`).
-        scaler: reserved for the AMP fusion (unscale and check in the reduction); must be None for now.
+        scaler: None or a :class:`paracomm.amp.GradScaler`: the AMP fusion. Each call then multiplies the shard
+            by the scaler's inverse scale and checks it for inf/nan inside the reduction
+            (``scaler.comm_hook_unscale``, the protocol ``ring_hook`` uses for DDP); the per-shard flags are
+            summed over the group (one 1-element all-reduce per call) so every rank's ``scaler.step`` skips
+            alike. The scaler's ``unscale_`` / ``step`` then leave the gradients as they are. Every gradient
+            the optimizer steps must come from an FSDP unit with this ReduceScatter (``use_paracomm(...,
+            scaler=...)`` installs it on all of them): gradients outside would stay scaled.
 
     Raises:
         TypeError / ValueError naming the argument.
@@ -72,9 +81,14 @@ class ReduceScatter(_TorchReduceScatter):
         self.wire_dtype = wire_dtype
         self.algorithm = _check_algorithm(algorithm, ("auto", "ring", "direct", "one_shot"), name)
         if scaler is not None:
-            raise ValueError(f"{name}: scaler is not supported yet (the AMP fusion for FSDP is not built); "
-                             "pass None and use the scaler as usual")
-        self.calls = 0  # reduce-scatters run so far (FSDP2 calls one per unit per backward)
+            from .amp import GradScaler
+
+            if not isinstance(scaler, GradScaler):
+                raise TypeError(f"{name}: scaler must be None or a paracomm.amp.GradScaler, got "
+                                f"{type(scaler).__module__}.{type(scaler).__qualname__}")
+        self.scaler = scaler
+        self.calls = 0
+        self.fused_calls = 0  # calls that unscaled and checked for the scaler  # reduce-scatters run so far (FSDP2 calls one per unit per backward)
 
     def allocate(self, size: Sequence[int], *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """An uninitialised tensor of ``size`` from the allocator of ``device``."""
@@ -89,8 +103,23 @@ class ReduceScatter(_TorchReduceScatter):
         """
         wire = self.wire_dtype if output_tensor.dtype == torch.float32 else None
         self.calls += 1
+        if self.scaler is None or not self.scaler.is_enabled():
+            _coll.reduce_scatter(output_tensor, input_tensor, op, group=group, wire_dtype=wire,
+                                 algorithm=self.algorithm)
+            return None
+        # AMP fusion: the shard comes out unscaled and checked; PREMUL_SUM's factor joins the inverse scale.
+        self.fused_calls += 1
+        inv_scale, found_inf = self.scaler.comm_hook_unscale(output_tensor.device)
+        scale = inv_scale.reshape(1)
+        if isinstance(op, dist.ReduceOp) and op == dist.ReduceOp.PREMUL_SUM:
+            scale = scale * float(op.factor)
+            op = "sum"
+        flag = torch.zeros(1, dtype=torch.float32, device=output_tensor.device)
         _coll.reduce_scatter(output_tensor, input_tensor, op, group=group, wire_dtype=wire,
-                             algorithm=self.algorithm)
+                             algorithm=self.algorithm, scale=scale, found_inf=flag)
+        # Each rank checked its own shard: sum the flags so every rank skips the step alike.
+        _comm.all_reduce(flag, "sum", group)
+        found_inf.add_(flag.reshape(found_inf.shape))
         return None
 
 
@@ -127,7 +156,7 @@ class AllGather(_TorchAllGather):
 
 
 def use_paracomm(module: torch.nn.Module, *, reduce_scatter: bool = True, all_gather: bool = False,
-                 wire_dtype: Optional[torch.dtype] = None) -> int:
+                 wire_dtype: Optional[torch.dtype] = None, scaler=None) -> int:
     """Install paracomm's collectives on every FSDPModule in ``module`` (itself included).
 
     Args:
@@ -135,6 +164,7 @@ def use_paracomm(module: torch.nn.Module, *, reduce_scatter: bool = True, all_ga
         reduce_scatter: install :class:`ReduceScatter` (``set_custom_reduce_scatter``).
         all_gather: install :class:`AllGather` (``set_custom_all_gather``).
         wire_dtype: the ReduceScatter's wire dtype (None, torch.float16, torch.bfloat16).
+        scaler: None or a paracomm.amp.GradScaler: the ReduceScatter's AMP fusion (see :class:`ReduceScatter`).
 
     Returns:
         int: the number of FSDP units configured.
@@ -152,13 +182,16 @@ def use_paracomm(module: torch.nn.Module, *, reduce_scatter: bool = True, all_ga
     if not (reduce_scatter or all_gather):
         raise ValueError(f"{name}: reduce_scatter and all_gather are both False: nothing to install")
     check_wire_dtype(wire_dtype, name)
+    if scaler is not None and not reduce_scatter:
+        raise ValueError(f"{name}: scaler needs reduce_scatter=True (the fusion happens in the reduce-scatter)")
+    ReduceScatter(wire_dtype=wire_dtype, scaler=scaler)  # argument checks before anything is installed
     units = [m for m in module.modules() if isinstance(m, FSDPModule)]
     if not units:
         raise ValueError(f"{name}: module contains no FSDPModule (call torch.distributed.fsdp.fully_shard on it "
                          "first)")
     for unit in units:
         if reduce_scatter:
-            unit.set_custom_reduce_scatter(ReduceScatter(wire_dtype=wire_dtype))
+            unit.set_custom_reduce_scatter(ReduceScatter(wire_dtype=wire_dtype, scaler=scaler))
         if all_gather:
             unit.set_custom_all_gather(AllGather())
     return len(units)

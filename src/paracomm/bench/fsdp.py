@@ -58,7 +58,8 @@ def batches_for(rank: int, count: int, batch: int, seq: int, d_in: int = 16, dev
 def train(*, steps: int, layers: int = 2, d_model: int = 32, heads: int = 4, ff: int = 64, seq: int = 8,
           batch: int = 4, lr: float = 0.05, comms: str = "torch", wire_dtype=None, mp_policy=None,
           reshard_after_forward: bool = True, divide_factor: Optional[float] = None, force_sum: bool = False,
-          accumulate: int = 1, reduce_scatter_comm=None, device="cpu",
+          accumulate: int = 1, reduce_scatter_comm=None, device="cpu", scaler=None, fuse_scaler: bool = False,
+          data_hook: Optional[Callable[[int, list], None]] = None,
           step_hook: Optional[Callable[[], None]] = None, time_steps: Optional[tuple] = None) -> dict:
     """Train :class:`Net` under FSDP2 on this rank (the process group must be up) and report.
 
@@ -69,6 +70,10 @@ def train(*, steps: int, layers: int = 2, d_model: int = 32, heads: int = 4, ff:
         divide_factor / force_sum: ``set_gradient_divide_factor`` / ``set_force_sum_reduction_for_comms``.
         accumulate: micro-batches per step; all but the last with ``set_requires_gradient_sync(False)``.
         reduce_scatter_comm: a custom ReduceScatter to install instead (tests use a recording one).
+        scaler: a GradScaler to step through (loss scaled, ``scaler.step`` / ``update``); ``fuse_scaler``:
+            hand it to use_paracomm (the unscale and check happen in the reduce-scatter).
+        data_hook: ``data_hook(step, batches)`` may alter this rank's batches before the run (tests: inject
+            a nan).
         time_steps: (warmup, iters): time the steps instead (the result then has ``step_ms``).
 
     Returns:
@@ -89,7 +94,8 @@ def train(*, steps: int, layers: int = 2, d_model: int = 32, heads: int = 4, ff:
     fully_shard(model, **kwargs)
     units = 0
     if comms in ("paracomm", "paracomm-rs"):
-        units = use_paracomm(model, all_gather=comms == "paracomm", wire_dtype=wire_dtype)
+        units = use_paracomm(model, all_gather=comms == "paracomm", wire_dtype=wire_dtype,
+                             scaler=scaler if fuse_scaler else None)
     elif comms != "torch":
         raise ValueError(f"train: comms must be 'torch', 'paracomm' or 'paracomm-rs', got {comms!r}")
     if reduce_scatter_comm is not None:
@@ -105,7 +111,9 @@ def train(*, steps: int, layers: int = 2, d_model: int = 32, heads: int = 4, ff:
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     rank = torch.distributed.get_rank()
     data = batches_for(rank, max(steps, 1) * accumulate, batch, seq, device=device)
-    losses = []
+    if data_hook is not None:
+        data_hook(rank, data)
+    losses, scales = [], []
 
     def step(i):
         opt.zero_grad(set_to_none=True)
@@ -114,9 +122,14 @@ def train(*, steps: int, layers: int = 2, d_model: int = 32, heads: int = 4, ff:
             x, y = data[(i * accumulate + k) % len(data)]
             model.set_requires_gradient_sync(k == accumulate - 1)
             loss = torch.nn.functional.mse_loss(model(x).float(), y) / accumulate
-            loss.backward()
+            (loss if scaler is None else scaler.scale(loss)).backward()
             total += float(loss.detach())
-        opt.step()
+        if scaler is None:
+            opt.step()
+        else:
+            scales.append(float(scaler.get_scale()))
+            scaler.step(opt)
+            scaler.update()
         losses.append(total)
         if step_hook is not None:
             step_hook()
@@ -131,6 +144,11 @@ def train(*, steps: int, layers: int = 2, d_model: int = 32, heads: int = 4, ff:
                                 before_each=lambda: barrier(dev))
         result["step_ms"] = slowest_rank(median(times), dev) * 1e3
     result["losses"] = losses
+    result["scales"] = scales
+    # Calls paracomm's ReduceScatter made with the AMP fusion (FSDP2 keeps the comm on its param groups).
+    result["fused_calls"] = sum(getattr(g._reduce_scatter_comm, "fused_calls", 0)
+                                for m in model.modules() if hasattr(m, "_get_fsdp_state")
+                                for g in m._get_fsdp_state()._fsdp_param_groups)
     result["params"] = [p.full_tensor().detach().double().cpu() for p in model.parameters()]
     return result
 
