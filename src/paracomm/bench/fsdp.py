@@ -164,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ff", type=int, default=None, help="feed-forward width (default 4 x d-model)")
     g.add_argument("--seq", type=int, default=32, help="sequence length (default 32)")
     g.add_argument("--batch", type=int, default=8, help="per-rank batch size (default 8)")
+    g.add_argument("--lr", type=float, default=0.01, help="SGD learning rate (default 0.01)")
     g = p.add_argument_group("runs")
     g.add_argument("-n", "--iters", type=int, default=10, help="timed steps per variant (default 10)")
     g.add_argument("-w", "--warmup_iters", type=int, default=3, help="untimed steps per variant (default 3)")
@@ -187,6 +188,8 @@ def parse_args(argv) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.warmup_iters < 0:
         p.error("--warmup_iters must be >= 0")
+    if not args.lr > 0:
+        p.error("--lr must be > 0")
     if args.d_model % args.heads:
         p.error("--d-model must be a multiple of --heads")
     if args.variants == "all":
@@ -209,7 +212,7 @@ def run_rank(ctx, args) -> int:
     n_params = sum(p.numel() for p in Net(args.layers, args.d_model, args.heads, args.ff).parameters())
     header["model"] = {"layers": args.layers, "d_model": args.d_model, "heads": args.heads, "ff": args.ff,
                        "seq": args.seq, "batch_per_rank": args.batch, "params": n_params}
-    header["settings"] = {"iters": args.iters, "warmup_iters": args.warmup_iters, "optimizer": "SGD(lr=0.05)"}
+    header["settings"] = {"iters": args.iters, "warmup_iters": args.warmup_iters, "optimizer": f"SGD(lr={args.lr})"}
     fmt = "{:>16} {:>11} {:>9} {:>14}"
     if lead:
         m = header["model"]
@@ -231,7 +234,8 @@ def run_rank(ctx, args) -> int:
         comms = "torch" if variant == "torch" else "paracomm"
         wire = torch.bfloat16 if variant == "paracomm-bf16" else None
         r = train(steps=args.warmup_iters + args.iters, layers=args.layers, d_model=args.d_model,
-                  heads=args.heads, ff=args.ff, seq=args.seq, batch=args.batch, comms=comms, wire_dtype=wire,
+                  heads=args.heads, ff=args.ff, seq=args.seq, batch=args.batch, lr=args.lr, comms=comms,
+                  wire_dtype=wire,
                   device=ctx.device, time_steps=(args.warmup_iters, args.iters))
         row = {"variant": variant, "step_ms": r["step_ms"], "loss": r["losses"][-1]}
         ref = next((x for x in rows if x["variant"] == "torch"), None)
