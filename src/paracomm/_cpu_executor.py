@@ -1,9 +1,10 @@
 """The CPU executor: runs any collective plan (csrc/allreduce/plan.h) over gloo point-to-point.
 
 It knows no algorithm and no collective: it maps the plan's buffers (the output ``x``, an out-of-place
-``input`` when the plan has one, and its workspace) and follows the steps. For each step of the plan it posts the step's transfers (``send``/``recv`` on
-paracomm's *private* gloo process group, one tag per step) and, once they and every earlier step's transfers
-have completed, runs the step's reductions with the CPU op ``paracomm::reduce_``. It posts step i+1's transfers
+``input`` when the plan has one, and its workspace) and follows the steps. For each step of the plan it posts
+the step's transfers (``send``/``recv`` on paracomm's *private* gloo process group, one tag per step) and, once
+they and every earlier step's transfers have completed, runs the step's reductions with the CPU op
+``paracomm::reduce_``. It posts step i+1's transfers
 before running step i's reductions whenever the plan allows it (``transfers_after(i+1) < i``): that is the whole
 pipelining mechanism, and the plan's dependencies are what make it safe. Before posting a step it waits for the
 transfers of every step up to ``transfers_after`` (an all-gather forwards what it has just received); the NCCL
@@ -133,8 +134,15 @@ class CpuExecutor:
         buffers = self._header_in.get(length)
         if buffers is None:
             buffers = self._header_in[length] = [torch.empty(length, dtype=torch.int64) for _ in range(n)]
-        recvs = [(pg.recv([buffers[p]], p, HEADER_TAG), p) for p in range(n) if p != rank]
-        sends = [(pg.send([header], p, HEADER_TAG), p) for p in range(n) if p != rank]
+        recvs, sends = [], []
+        for p in range(n):
+            if p == rank:
+                continue
+            try:
+                recvs.append((pg.recv([buffers[p]], p, HEADER_TAG), p))
+                sends.append((pg.send([header], p, HEADER_TAG), p))
+            except Exception as e:  # noqa: BLE001  (gloo refuses to post on a closed pair)
+                raise _post_error(wait, "posting the signature header", e, p)
 
         def check() -> None:
             for work, peer in recvs:
@@ -237,8 +245,13 @@ class CpuExecutor:
             # forwards what it received): those transfers must be complete, not just posted.
             wait_through(steps[i][0])
             tag = tag_base | (i & STEP_MASK)
-            return [(pg.send([t(sp)], peer, tag) if is_send else pg.recv([t(sp)], peer, tag), peer)
-                    for is_send, peer, sp in steps[i][1]]
+            works = []
+            for is_send, peer, sp in steps[i][1]:
+                try:
+                    works.append((pg.send([t(sp)], peer, tag) if is_send else pg.recv([t(sp)], peer, tag), peer))
+                except Exception as e:  # noqa: BLE001  (gloo refuses to post on a closed pair)
+                    raise _post_error(wait, f"step {i} of {n} ({plan.algorithm}): posting a transfer", e, peer)
+            return works
 
         reduce = ops.reduce_
         saved_threads = torch.get_num_threads()
@@ -273,6 +286,12 @@ class CpuExecutor:
                 torch.set_num_threads(saved_threads)
 
 
+def _post_error(wait, what: str, e: BaseException, peer: int) -> BaseException:
+    """The caller's error for a transfer gloo refused to post (``wait.on_error``), or ``e`` itself."""
+    on_error = getattr(wait, "on_error", None)
+    return e if on_error is None else on_error(what, e, peer)
+
+
 def deadline_wait(deadline: float, on_error: Callable[[str, BaseException, Optional[int]], BaseException]):
     """A ``wait(work, what, step=-1, steps=0, peer=None)`` bounded by ``deadline`` (time.monotonic()); ``what``
     (and, for a plan's transfers, ``step`` of ``steps``) names the wait in the error, ``peer`` the rank the
@@ -287,4 +306,5 @@ def deadline_wait(deadline: float, on_error: Callable[[str, BaseException, Optio
         except Exception as e:  # noqa: BLE001
             raise on_error(f"step {step} of {steps} ({what})" if step >= 0 else what, e, peer) from e
 
+    wait.on_error = on_error  # posting errors take the same path (CpuExecutor: _post_error)
     return wait

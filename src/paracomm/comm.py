@@ -415,7 +415,10 @@ class Communicator:
         _check_bool(async_op, "async_op", "paracomm.all_reduce")
         call = self._validate(tensor, op, wire_dtype, scale, found_inf, algorithm)
         if call.flat.device.type == "cuda":
-            return self._all_reduce_nccl(call, async_op)
+            # Issued under the call lock, like CPU calls: one at a time, in lock order (the NCCL communicator's
+            # lazy creation, the handshake counter and the enqueue order are per Communicator).
+            with self._call_lock:
+                return self._all_reduce_nccl(call, async_op)
         return self._all_reduce_cpu(call, async_op)
 
     def reduce_scatter(self, output, input, op: Union[str, "dist.ReduceOp"] = "sum", *, wire_dtype=None,
@@ -515,8 +518,9 @@ class Communicator:
             return False
         return mode == 2 or _signature(call) not in self._seen
 
-    def _where(self) -> str:
-        return f"paracomm.all_reduce (rank {self.rank} of {self.world_size})"
+    def _where(self, collective: str = "all_reduce") -> str:
+        """The prefix of every error this Communicator raises: ``paracomm.<collective> (rank r of n)``."""
+        return f"paracomm.{collective} (rank {self.rank} of {self.world_size})"
 
     def _handshake_store(self, call: _Call, deadline: float) -> None:
         """Handshake through the group's store (no GPU synchronisation).
@@ -556,7 +560,7 @@ class Communicator:
             raise RuntimeError(f"{self._where()}: this Communicator failed earlier and cannot be used: "
                                f"{self._failed}")
 
-    def _fail(self, reason: str) -> RuntimeError:
+    def _fail(self, reason: str, collective: str = "all_reduce") -> RuntimeError:
         """Mark the Communicator failed (the first reason is kept) and return the error to raise.
 
         Every transport failure of every path goes through here. The private gloo group is aborted, which
@@ -569,9 +573,10 @@ class Communicator:
             cpu = self._cpu
         if cpu is not None:
             cpu.abort()
-        return RuntimeError(f"{self._where()}: {reason}")
+        return RuntimeError(f"{self._where(collective)}: {reason}")
 
-    def _transport_error(self, what: str, e: BaseException, peer: Optional[int]) -> RuntimeError:
+    def _transport_error(self, what: str, e: BaseException, peer: Optional[int],
+                         collective: str = "all_reduce") -> RuntimeError:
         """A failed or timed-out wait, said the way it happened: the peer closed, or no answer in time."""
         text = str(e)
         who = f"rank {peer}" if peer is not None and peer >= 0 else "a peer"
@@ -585,7 +590,7 @@ class Communicator:
                       f"it is stalled or dead, or its calls differ from this rank's; {_ORDER_HINT}")
         else:
             reason = f"{what}: the transfer with {who} failed"
-        return self._fail(f"{reason}. ({text.splitlines()[0] if text else type(e).__name__})")
+        return self._fail(f"{reason}. ({text.splitlines()[0] if text else type(e).__name__})", collective)
 
     # ------------------------------------------------------------------------------------------------------
     # CPU executor
@@ -657,7 +662,7 @@ class Communicator:
                 reduce_(x, [x], divisor=call.divisor, scale=call.scale, found_inf=call.found_inf)
             return
         deadline = time.monotonic() + self.timeout.total_seconds()
-        wait = deadline_wait(deadline, self._transport_error)
+        wait = deadline_wait(deadline, lambda what, e, peer: self._transport_error(what, e, peer, call.collective))
         executor = self._cpu_executor()
         plan = self._plans.get(call, self.world_size, self.rank, "gloo", call.chunk_bytes)
         check = None
@@ -670,7 +675,7 @@ class Communicator:
                          input=call.input)
         except _HeaderMismatch as e:
             self._replace_cpu_group()
-            error = _mismatch_error([_sig.decode_header(h) for h in e.headers], self._where())
+            error = _mismatch_error([_sig.decode_header(h) for h in e.headers], self._where(call.collective))
             raise error from None
 
     # ------------------------------------------------------------------------------------------------------
