@@ -1,9 +1,10 @@
 """The CPU executor: runs any collective plan (csrc/allreduce/plan.h) over gloo point-to-point.
 
 It knows no algorithm and no collective: it maps the plan's buffers (the output ``x``, an out-of-place
-``input`` when the plan has one, and its workspace) and follows the steps. For each step of the plan it posts the step's transfers (``send``/``recv`` on
-paracomm's *private* gloo process group, one tag per step) and, once they and every earlier step's transfers
-have completed, runs the step's reductions with the CPU op ``paracomm::reduce_``. It posts step i+1's transfers
+``input`` when the plan has one, and its workspace) and follows the steps. For each step of the plan it posts
+the step's transfers (``send``/``recv`` on paracomm's *private* gloo process group, one tag per step) and, once
+they and every earlier step's transfers have completed, runs the step's reductions with the CPU op
+``paracomm::reduce_``. It posts step i+1's transfers
 before running step i's reductions whenever the plan allows it (``transfers_after(i+1) < i``): that is the whole
 pipelining mechanism, and the plan's dependencies are what make it safe. Before posting a step it waits for the
 transfers of every step up to ``transfers_after`` (an all-gather forwards what it has just received); the NCCL
