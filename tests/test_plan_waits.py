@@ -118,7 +118,7 @@ def waits_lib(tmp_path_factory):
     # No CUDA include path and no PARACOMM_WITH_CUDA: plans and their waits must stay plain C++.
     subprocess.run(
         [cxx, "-std=c++17", "-O1", "-shared", "-fPIC", f"-I{CSRC}", str(shim), str(CSRC / "allreduce" / "plan.cpp"),
-         str(CSRC / "allreduce" / "plan_waits.cpp"), "-o", str(lib)],
+         str(CSRC / "allreduce" / "hierarchical.cpp"), str(CSRC / "allreduce" / "plan_waits.cpp"), "-o", str(lib)],
         check=True, capture_output=True, text=True,
     )
     so = ctypes.CDLL(str(lib))

@@ -23,13 +23,12 @@ ncclDataType_t to_nccl_dtype(DType t) {
 
 namespace {
 
-DType buffer_dtype(const PlanSpec& spec, PlanBuffer b) {
-  return b == PlanBuffer::kData ? spec.dtype : spec.travel_dtype();
-}
+DType buffer_dtype(const PlanSpec& spec, PlanBuffer b) { return plan_buffer_dtype(spec, b); }
 
 int64_t buffer_elems(const Plan& plan, PlanBuffer b) {
   switch (b) {
-    case PlanBuffer::kData: return plan.spec.numel;
+    case PlanBuffer::kData: return plan.data_elems;
+    case PlanBuffer::kInput: return plan.input_elems;
     case PlanBuffer::kWire: return plan.spec.compressed() ? plan.wire_elems : 0;
     case PlanBuffer::kRecv: return plan.recv_elems;
   }
@@ -41,6 +40,7 @@ const char* buffer_name(PlanBuffer b) {
     case PlanBuffer::kData: return "data";
     case PlanBuffer::kWire: return "wire";
     case PlanBuffer::kRecv: return "recv";
+    case PlanBuffer::kInput: return "input";
   }
   return "unknown";
 }
@@ -50,7 +50,7 @@ bool is_integer(DType t) { return t == DType::kInt32 || t == DType::kInt64; }
 // [offset, offset + count) inside its buffer.
 void check_span(const Plan& plan, const PlanSpan& s, int64_t count, size_t step, const char* what) {
   const int b = static_cast<int>(s.buffer);
-  PARACOMM_CHECK(b >= 0 && b <= 2, "plan step ", step, ": ", what, " names unknown buffer ", b);
+  PARACOMM_CHECK(b >= 0 && b < kNumPlanBuffers, "plan step ", step, ": ", what, " names unknown buffer ", b);
   const int64_t elems = buffer_elems(plan, s.buffer);
   PARACOMM_CHECK(s.offset >= 0 && count >= 0 && s.offset <= elems && count <= elems - s.offset, "plan step ", step,
                  ": ", what, " [", s.offset, ", ", s.offset, " + ", count, ") is outside the ", buffer_name(s.buffer),
@@ -123,7 +123,9 @@ void check_plan_buffers(const Plan& plan, const PlanBuffers& buf, double divisor
   PARACOMM_CHECK(spec.has_found_inf == (buf.found_inf != nullptr), "plan and call disagree on found_inf");
   PARACOMM_CHECK(spec.has_final_op == (divisor != 1.0 || buf.scale != nullptr || buf.found_inf != nullptr),
                  "plan and call disagree on the final op");
-  PARACOMM_CHECK(spec.numel == 0 || buf.data != nullptr, "ptr is null but numel is ", spec.numel);
+  PARACOMM_CHECK(plan.data_elems == 0 || buf.data != nullptr, "ptr is null but numel is ", spec.numel);
+  PARACOMM_CHECK(plan.input_elems == 0 || buf.input != nullptr, "input_ptr is null but the plan reads ",
+                 plan.input_elems, " input elements");
   const int64_t required = plan.workspace_bytes();
   PARACOMM_CHECK(buf.workspace_bytes >= required, "workspace_bytes must be >= ", required,
                  " (the plan's workspace_bytes), got ", buf.workspace_bytes);
@@ -186,9 +188,12 @@ void enqueue_plan(const NcclExecContext& ctx, const Plan& plan, const std::vecto
   const DType T = spec.dtype, W = spec.travel_dtype();
   char* const ws = static_cast<char*>(buf.workspace);
   char* const data = static_cast<char*>(buf.data);
+  // kInput is only ever read (plan.h); NCCL and the kernel take it through non-const pointers.
+  char* const input = const_cast<char*>(static_cast<const char*>(buf.input));
   auto address = [&](const PlanSpan& s) -> char* {
     switch (s.buffer) {
       case PlanBuffer::kData: return data + s.offset * dtype_size(T);
+      case PlanBuffer::kInput: return input + s.offset * dtype_size(T);
       case PlanBuffer::kWire: return ws + plan.wire_offset_bytes() + s.offset * dtype_size(W);
       case PlanBuffer::kRecv: return ws + plan.recv_offset_bytes() + s.offset * dtype_size(W);
     }

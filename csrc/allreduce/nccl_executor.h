@@ -69,7 +69,8 @@ ncclDataType_t to_nccl_dtype(DType t);
 
 // Device memory of one call.
 struct PlanBuffers {
-  void* data = nullptr;            // spec.numel elements of spec.dtype, reduced in place
+  void* data = nullptr;            // kData: plan.data_elems elements of spec.dtype (the output; in place for all-reduce)
+  const void* input = nullptr;     // kInput: plan.input_elems elements of spec.dtype, only read (null for all-reduce)
   const float* scale = nullptr;    // 1 float32 or null (applied by final reductions)
   float* found_inf = nullptr;      // 1 float32 or null (set by check_inf reductions)
   void* workspace = nullptr;       // kWire then kRecv, plan.workspace_bytes() or more
@@ -129,7 +130,7 @@ struct NcclExecContext {
 };
 
 // Checks a plan's structure once (plans are cached): step count, transfers_after < index, peers in range and
-// never this rank, counts > 0, every span inside its buffer (kData: numel, kWire: wire_elems and only when
+// never this rank, counts > 0, every span inside its buffer (kData: data_elems, kInput: input_elems, kWire: wire_elems and only when
 // compressed, kRecv: recv_elems), reductions of 1..kMaxReduceInputs inputs with inputs[1:] in one buffer
 // dtype and a dtype combination the kernel supports, wire_out only with round_to_wire. Throws
 // paracomm::Error naming the step on the first violation.

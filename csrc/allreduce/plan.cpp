@@ -1,10 +1,12 @@
-// Plan generators for the three all-reduce algorithms, the chunk policy and the algorithm choice.
+// Plan generators for the three all-reduce algorithms and their reduce-scatter / all-gather halves, the chunk
+// policy and the algorithm choice.
 // Format, invariants and executor semantics: plan.h. Everything here is a pure function of a PlanSpec.
 #include "allreduce/plan.h"
 
 #include <algorithm>
 #include <limits>
 
+#include "allreduce/hierarchical.h"
 #include "checks.h"
 
 namespace paracomm {
@@ -26,6 +28,8 @@ constexpr int64_t kDirectMaxRanks = 8;
 // Ring: at most this many transfer groups in one call; chunks are at least kRingMinChunkBytes.
 constexpr int64_t kRingMaxGroups = 64;
 constexpr int64_t kRingMinChunkBytes[2] = {1 * kMiB, 4 * kMiB};
+// Reduce-scatter: auto picks one_shot while every rank receives at most this many bytes ((N-1) x its output).
+constexpr int64_t kRsOneShotMaxReceivedBytes[2] = {1 * kMiB, 1 * kMiB};  // [nccl, gloo]
 // Direct: the double-buffered receive workspace stays within this budget; on NCCL a large segment is also
 // cut into up to kDirectPipelineChunks pieces of at least kDirectMinChunkBytes so that chunk c+1's exchange
 // overlaps chunk c's reduction.
@@ -38,6 +42,8 @@ int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 int64_t mod(int64_t a, int64_t n) { return ((a % n) + n) % n; }
 
 int backend_index(Backend b) { return b == Backend::kGloo ? 1 : 0; }
+
+bool is_all_reduce(const PlanSpec& s) { return s.collective == Collective::kAllReduce; }
 
 // Elements per alignment unit: kPlanAlignBytes in the narrower of T and W, hence in both.
 int64_t align_elems(const PlanSpec& s) {
@@ -72,11 +78,15 @@ int64_t policy_chunks(const PlanSpec& s, int64_t seg_elems) {
   if (s.chunk_bytes > 0) return std::max<int64_t>(1, ceil_div(seg_bytes, s.chunk_bytes));
   switch (s.algorithm) {
     case Algorithm::kRing: {
-      // 2(N-1) groups per chunk round: the chunk count is a pipelining depth bounded by kRingMaxGroups.
-      const int64_t max_chunks = std::max<int64_t>(1, kRingMaxGroups / (2 * (n - 1)));
+      // 2(N-1) groups per chunk round (N-1 for a reduce-scatter or an all-gather alone): the chunk count is a
+      // pipelining depth bounded by kRingMaxGroups.
+      const int64_t hops = is_all_reduce(s) ? 2 * (n - 1) : n - 1;
+      const int64_t max_chunks = std::max<int64_t>(1, kRingMaxGroups / hops);
       return std::clamp<int64_t>(ceil_div(seg_bytes, kRingMinChunkBytes[b]), 1, max_chunks);
     }
     case Algorithm::kDirect: {
+      // All-gather: one exchange straight into the output; nothing to stage, nothing to pipeline.
+      if (s.collective == Collective::kAllGather) return 1;
       // Receive workspace: 2 slots x (N-1) peers x one piece.
       int64_t chunks = ceil_div(2 * (n - 1) * seg_bytes, kDirectWorkspaceBudget);
       if (s.backend == Backend::kNccl) {
@@ -85,14 +95,17 @@ int64_t policy_chunks(const PlanSpec& s, int64_t seg_elems) {
       return std::max<int64_t>(1, chunks);
     }
     case Algorithm::kOneShot:
+    case Algorithm::kHierarchical:  // its own layout (hierarchical.cpp)
       return 1;
   }
   return 1;
 }
 
+// All-reduce: numel is cut into N aligned segments. Reduce-scatter / all-gather: the caller's layout fixes the
+// segments (segment p = [p n, (p + 1) n) of the N x n buffer), only the pieces inside one are aligned.
 Geometry make_geometry(const PlanSpec& s) {
   Geometry g;
-  g.numel = s.numel;
+  g.numel = is_all_reduce(s) ? s.numel : s.world_size * s.numel;
   const int64_t align = align_elems(s);
   if (s.algorithm == Algorithm::kOneShot) {
     g.seg = s.numel;
@@ -100,13 +113,14 @@ Geometry make_geometry(const PlanSpec& s) {
     g.chunks = s.numel > 0 ? 1 : 0;
     return g;
   }
-  g.seg = round_up(ceil_div(s.numel, s.world_size), align);
+  g.seg = is_all_reduce(s) ? round_up(ceil_div(s.numel, s.world_size), align) : s.numel;
   int64_t chunks = policy_chunks(s, g.seg);
   for (;;) {
     g.chunk = std::max(align, round_up(ceil_div(g.seg, chunks), align));
     g.chunks = ceil_div(g.seg, g.chunk);
     // Rounding pieces up to the alignment can push direct's receive workspace past its budget: cut finer.
-    const bool over_budget = s.algorithm == Algorithm::kDirect && s.chunk_bytes == 0 && g.chunk > align &&
+    const bool over_budget = s.algorithm == Algorithm::kDirect && s.collective != Collective::kAllGather &&
+                             s.chunk_bytes == 0 && g.chunk > align &&
                              2 * (s.world_size - 1) * g.chunk * dtype_size(s.travel_dtype()) > kDirectWorkspaceBudget;
     if (!over_budget) return g;
     ++chunks;
@@ -319,6 +333,181 @@ void make_one_shot(Plan& plan) {
   b.reduce(final_reduction(s, numel, std::move(inputs), span(PlanBuffer::kData, 0), false, PlanSpan{}));
 }
 
+
+// ---- reduce-scatter halves ----
+// Common to the three: rank r owns output segment r; kInput is only read; the owner's final reduction writes
+// kData (fp32 accumulation of a compressed call, *no* rounding of the result: the shard stays local, so the
+// error of direct/one_shot is one rounding per input whatever N). found_inf, when given, reflects this rank's
+// shard only (ranks may differ: reduce it across ranks for a global decision).
+
+// Compressed direct/one_shot start by rounding the whole input once into kWire (N x n elements of W): every
+// contribution, the owner's own included, is the wire value, so the result does not depend on who owns what.
+int64_t rs_cast_step(const PlanSpec& s, Builder& b, int64_t total) {
+  if (!s.compressed()) return -1;
+  const int64_t index = b.step(-1);
+  b.reduce(reduction(total, {span(PlanBuffer::kInput, 0)}, span(PlanBuffer::kWire, 0)));
+  return index;
+}
+
+// The owner's final reduction of an output piece: divisor, scale, found_inf; never rounded to the wire.
+PlanReduction rs_final(int64_t count, std::vector<PlanSpan> inputs, PlanSpan out) {
+  PlanReduction r = reduction(count, std::move(inputs), out);
+  r.final = true;
+  r.check_inf = true;
+  return r;
+}
+
+// Ring reduce-scatter: the reduce-scatter half of make_ring, re-indexed so that rank r ends with segment r.
+// Hop t = 0..N-2: rank r sends its partial sum of segment (r - t - 1) mod N to r + 1 and receives segment
+// (r - t - 2) mod N from r - 1, adding its own input; after hop N-2 it holds segment r, summed in ring order
+// r+1, r+2, ..., r (each reduction: own input first, then what arrived). Partial sums live in a workspace area
+// of one segment (kRecv after the two receive slots), in W: the compressed wire re-rounds at every hop, as the
+// all-reduce ring does. Hop 0 sends the raw input (compressed: its rounding, made by a cast into the partial
+// area). Steps are hop-major, so op u's send depends on op u - C (the same piece one hop earlier) and the slot
+// it fills on op u - 2's reduction: step u + 1 may go out while step u reduces.
+void make_ring_reduce_scatter(Plan& plan, const Geometry& g) {
+  const PlanSpec& s = plan.spec;
+  const int64_t n = s.world_size, r = s.rank, C = g.chunks;
+  const bool z = s.compressed();
+  Builder b(&plan);
+  plan.recv_elems = (2 + C) * g.chunk;
+  auto partial = [&](int64_t c) { return span(PlanBuffer::kRecv, (2 + c) * g.chunk); };
+  auto in_piece = [&](int64_t seg, int64_t c) { return span(PlanBuffer::kInput, g.piece_begin(seg, c)); };
+  const int64_t first_seg = mod(r - 1, n);
+  int64_t base = -1;
+  if (z) {
+    base = b.step(-1);
+    b.reduce(reduction(g.seg_size(first_seg), {in_piece(first_seg, 0)}, partial(0)));
+  }
+  const int64_t first = static_cast<int64_t>(plan.steps.size());
+  const int64_t next = (r + 1) % n, prev = (r + n - 1) % n;
+  for (int64_t t = 0; t < n - 1; ++t) {
+    for (int64_t c = 0; c < C; ++c) {
+      const int64_t u = static_cast<int64_t>(plan.steps.size()) - first;
+      const int64_t send_seg = mod(r - t - 1, n), recv_seg = mod(r - t - 2, n);
+      const int64_t producer = t == 0 ? base : first + u - C;
+      const int64_t slot_reader = u >= 2 ? first + u - 2 : -1;
+      b.step(std::max(producer, slot_reader));
+      const int64_t count = g.piece_size(send_seg, c);  // every segment has n elements: same for all
+      const PlanSpan slot = span(PlanBuffer::kRecv, (u % 2) * g.chunk);
+      b.send(next, (t == 0 && !z) ? in_piece(send_seg, c) : partial(c), count);
+      b.recv(prev, slot, count);
+      if (t < n - 2) {
+        b.reduce(reduction(count, {in_piece(recv_seg, c), slot}, partial(c)));
+      } else {
+        b.reduce(rs_final(count, {in_piece(recv_seg, c), slot}, span(PlanBuffer::kData, g.piece_begin(0, c))));
+      }
+    }
+  }
+}
+
+// Direct reduce-scatter: the reduce-scatter half of make_direct. For each piece c, one transfer group sends
+// piece c of input segment p to rank p (every peer at once) and receives the peers' piece c of segment r into
+// slot c % 2; the owner then sums the N contributions in rank order 0..N-1 into kData. RS_{c+1} goes out
+// while reduce_c runs; slot c % 2 is reused by piece c + 2 only after reduce_c read it.
+void make_direct_reduce_scatter(Plan& plan, const Geometry& g) {
+  const PlanSpec& s = plan.spec;
+  const int64_t n = s.world_size, r = s.rank, C = g.chunks;
+  const PlanBuffer src = s.compressed() ? PlanBuffer::kWire : PlanBuffer::kInput;
+  Builder b(&plan);
+  plan.recv_elems = std::min<int64_t>(C, 2) * (n - 1) * g.chunk;  // one slot when there is one piece
+  plan.wire_elems = s.compressed() ? g.numel : 0;
+  const int64_t base = rs_cast_step(s, b, g.numel);
+  auto peer_slot = [&](int64_t c, int64_t p) {
+    return span(PlanBuffer::kRecv, ((c % 2) * (n - 1) + (p < r ? p : p - 1)) * g.chunk);
+  };
+  std::vector<int64_t> rs_step(static_cast<size_t>(C), -1);
+  for (int64_t c = 0; c < C; ++c) {
+    const int64_t slot_reader = c >= 2 ? rs_step[static_cast<size_t>(c - 2)] : -1;
+    rs_step[static_cast<size_t>(c)] = b.step(std::max(base, slot_reader));
+    const int64_t count = g.piece_size(r, c);
+    std::vector<PlanSpan> inputs;
+    for (int64_t p = 0; p < n; ++p) {
+      if (p == r) {
+        inputs.push_back(span(src, g.piece_begin(r, c)));
+        continue;
+      }
+      b.send(p, span(src, g.piece_begin(p, c)), count);
+      b.recv(p, peer_slot(c, p), count);
+      inputs.push_back(peer_slot(c, p));
+    }
+    b.reduce(rs_final(count, std::move(inputs), span(PlanBuffer::kData, g.piece_begin(0, c))));
+  }
+}
+
+// One-shot reduce-scatter: direct without pipelining, for small messages. One transfer group, one reduction,
+// and a packed receive workspace of (N-1) x n elements (no alignment padding, no second slot).
+void make_one_shot_reduce_scatter(Plan& plan) {
+  const PlanSpec& s = plan.spec;
+  const int64_t n = s.world_size, r = s.rank, numel = s.numel;
+  const PlanBuffer src = s.compressed() ? PlanBuffer::kWire : PlanBuffer::kInput;
+  Builder b(&plan);
+  plan.recv_elems = (n - 1) * numel;
+  plan.wire_elems = s.compressed() ? n * numel : 0;
+  const int64_t base = rs_cast_step(s, b, n * numel);
+  b.step(base);
+  std::vector<PlanSpan> inputs;
+  for (int64_t p = 0; p < n; ++p) {
+    if (p == r) {
+      inputs.push_back(span(src, r * numel));
+      continue;
+    }
+    const PlanSpan slot = span(PlanBuffer::kRecv, (p < r ? p : p - 1) * numel);
+    b.send(p, span(src, p * numel), numel);
+    b.recv(p, slot, numel);
+    inputs.push_back(slot);
+  }
+  b.reduce(rs_final(numel, std::move(inputs), span(PlanBuffer::kData, 0)));
+}
+
+// ---- all-gather halves ----
+// Both start with the local copy of the input into output segment r (a one-input reduction: exact in every
+// dtype) in a step of its own, and their first transfers wait for nothing (transfers_after -1): an executor
+// posts them before it runs the copy. No transfer touches segment r, so the two overlap safely.
+void all_gather_copy_step(const PlanSpec& s, Builder& b) {
+  b.step(-1);
+  b.reduce(reduction(s.numel, {span(PlanBuffer::kInput, 0)}, span(PlanBuffer::kData, s.rank * s.numel)));
+}
+
+// Ring all-gather: the all-gather half of make_ring with rank r's own segment r. Hop t = 0..N-2: rank r
+// sends segment (r - t) mod N to r + 1 (hop 0: straight from kInput) and receives (r - t - 1) mod N from
+// r - 1 into kData, where hop t + 1 forwards it: op u's send depends on op u - C's receive (transfers_after
+// names that step; the executor waits for its transfers, not only for its reductions).
+void make_ring_all_gather(Plan& plan, const Geometry& g) {
+  const PlanSpec& s = plan.spec;
+  const int64_t n = s.world_size, r = s.rank, C = g.chunks;
+  Builder b(&plan);
+  all_gather_copy_step(s, b);
+  const int64_t first = static_cast<int64_t>(plan.steps.size());
+  const int64_t next = (r + 1) % n, prev = (r + n - 1) % n;
+  for (int64_t t = 0; t < n - 1; ++t) {
+    for (int64_t c = 0; c < C; ++c) {
+      const int64_t u = static_cast<int64_t>(plan.steps.size()) - first;
+      const int64_t send_seg = mod(r - t, n), recv_seg = mod(r - t - 1, n);
+      b.step(t == 0 ? -1 : first + u - C);
+      const int64_t count = g.piece_size(send_seg, c);
+      b.send(next, t == 0 ? span(PlanBuffer::kInput, g.piece_begin(0, c)) : span(PlanBuffer::kData, g.piece_begin(send_seg, c)),
+             count);
+      b.recv(prev, span(PlanBuffer::kData, g.piece_begin(recv_seg, c)), count);
+    }
+  }
+}
+
+// Direct all-gather: the all-gather half of make_direct: one transfer group sends the input to every peer and
+// receives every peer's input straight into its output segment. No workspace.
+void make_direct_all_gather(Plan& plan) {
+  const PlanSpec& s = plan.spec;
+  const int64_t n = s.world_size, r = s.rank, numel = s.numel;
+  Builder b(&plan);
+  all_gather_copy_step(s, b);
+  b.step(-1);
+  for (int64_t p = 0; p < n; ++p) {
+    if (p == r) continue;
+    b.send(p, span(PlanBuffer::kInput, 0), numel);
+    b.recv(p, span(PlanBuffer::kData, p * numel), numel);
+  }
+}
+
 int64_t align_workspace(int64_t bytes) { return round_up(bytes, kWorkspaceAlignBytes); }
 
 }  // namespace
@@ -327,8 +516,13 @@ int64_t Plan::recv_offset_bytes() const {
   return align_workspace(wire_elems * dtype_size(spec.travel_dtype()));
 }
 
+int64_t Plan::stage_offset_bytes() const {
+  return align_workspace(recv_offset_bytes() + recv_elems * dtype_size(spec.travel_dtype()));
+}
+
 int64_t Plan::workspace_bytes() const {
-  if (wire_elems == 0 && recv_elems == 0) return 0;
+  if (wire_elems == 0 && recv_elems == 0 && stage_elems == 0) return 0;
+  if (stage_elems > 0) return stage_offset_bytes() + stage_elems * dtype_size(spec.dtype);
   return recv_offset_bytes() + recv_elems * dtype_size(spec.travel_dtype());
 }
 
@@ -337,23 +531,47 @@ const char* algorithm_name(Algorithm a) {
     case Algorithm::kRing: return "ring";
     case Algorithm::kDirect: return "direct";
     case Algorithm::kOneShot: return "one_shot";
+    case Algorithm::kHierarchical: return "hierarchical";
   }
   return "unknown";
+}
+
+const char* collective_name(Collective c) {
+  switch (c) {
+    case Collective::kAllReduce: return "all_reduce";
+    case Collective::kReduceScatter: return "reduce_scatter";
+    case Collective::kAllGather: return "all_gather";
+  }
+  return "unknown";
+}
+
+Collective collective_from_name(const std::string& name, const char* arg) {
+  if (name == "all_reduce") return Collective::kAllReduce;
+  if (name == "reduce_scatter") return Collective::kReduceScatter;
+  if (name == "all_gather") return Collective::kAllGather;
+  PARACOMM_THROW(arg, " must be 'all_reduce', 'reduce_scatter' or 'all_gather', got '", name, "'");
 }
 
 Algorithm algorithm_from_name(const std::string& name, const char* arg) {
   if (name == "ring") return Algorithm::kRing;
   if (name == "direct") return Algorithm::kDirect;
   if (name == "one_shot") return Algorithm::kOneShot;
-  PARACOMM_THROW(arg, " must be 'ring', 'direct' or 'one_shot', got '", name, "'");
+  if (name == "hierarchical") return Algorithm::kHierarchical;
+  PARACOMM_THROW(arg, " must be 'ring', 'direct', 'one_shot' or 'hierarchical', got '", name, "'");
 }
 
 void check_plan_spec(const PlanSpec& s) {
+  const int32_t coll = static_cast<int32_t>(s.collective);
+  PARACOMM_CHECK(coll >= 0 && coll <= 2, "collective must be 0 (all_reduce), 1 (reduce_scatter) or 2 (all_gather), "
+                 "got ", coll);
   PARACOMM_CHECK(s.numel >= 0, "numel must be >= 0, got ", s.numel);
-  // Byte offsets reach numel * 8 * world_size in the one_shot workspace; keep far from int64 overflow.
-  PARACOMM_CHECK(s.numel <= std::numeric_limits<int64_t>::max() / (64 * kMiB), "numel is too large: ", s.numel);
   PARACOMM_CHECK(s.world_size >= 1 && s.world_size <= (1 << 20), "world_size must be in [1, 2^20], got ",
                  s.world_size);
+  // Byte offsets reach total * 8 * world_size in the one_shot workspace; keep far from int64 overflow
+  // (total: the largest buffer, N x numel for reduce-scatter and all-gather).
+  constexpr int64_t kMaxTotal = std::numeric_limits<int64_t>::max() / (64 * kMiB);
+  PARACOMM_CHECK(s.numel <= kMaxTotal && (is_all_reduce(s) || s.numel <= kMaxTotal / s.world_size),
+                 "numel is too large: ", s.numel);
   PARACOMM_CHECK(s.rank >= 0 && s.rank < s.world_size, "rank must be in [0, ", s.world_size, "), got ", s.rank);
   const int32_t d = static_cast<int32_t>(s.dtype);
   PARACOMM_CHECK(d >= 0 && d <= static_cast<int32_t>(DType::kInt64), "dtype must be a DType code in [0, 5], got ",
@@ -366,18 +584,40 @@ void check_plan_spec(const PlanSpec& s) {
   }
   PARACOMM_CHECK(s.chunk_bytes >= 0, "chunk_bytes must be >= 0 (0: the default policy), got ", s.chunk_bytes);
   const int32_t a = static_cast<int32_t>(s.algorithm);
-  PARACOMM_CHECK(a >= 0 && a <= 2, "algorithm must be 0 (ring), 1 (direct) or 2 (one_shot), got ", a);
-  PARACOMM_CHECK(s.algorithm == Algorithm::kRing || s.world_size <= kMaxReduceInputs, "algorithm ",
+  PARACOMM_CHECK(a >= 0 && a <= 3, "algorithm must be 0 (ring), 1 (direct), 2 (one_shot) or 3 (hierarchical), got ",
+                 a);
+  check_node_map(s.node_of, s.world_size);
+  if (s.algorithm == Algorithm::kHierarchical) check_hierarchical(s);
+  if (s.collective == Collective::kAllGather) {
+    PARACOMM_CHECK(s.algorithm != Algorithm::kOneShot, "algorithm for all_gather must be 'ring' or 'direct' "
+                   "(its direct exchange is already one shot), got 'one_shot'");
+    PARACOMM_CHECK(!s.compressed(), "wire_dtype must be -1 (none) for all_gather, got ", s.wire_dtype);
+    PARACOMM_CHECK(!s.has_found_inf && !s.has_final_op, "all_gather has no found_inf and no final op");
+    return;  // direct all-gather sums nothing: no rank limit
+  }
+  PARACOMM_CHECK(s.algorithm == Algorithm::kRing || s.algorithm == Algorithm::kHierarchical ||
+                     s.world_size <= kMaxReduceInputs, "algorithm ",
                  algorithm_name(s.algorithm), " serves at most ", kMaxReduceInputs, " ranks (one reduction sums all "
                  "of them), got world_size ", s.world_size, "; use 'ring'");
 }
 
-Algorithm choose_algorithm(int64_t numel, DType dtype, int32_t wire_dtype, int64_t world_size, Backend backend) {
+Algorithm choose_algorithm(Collective collective, int64_t numel, DType dtype, int32_t wire_dtype, int64_t world_size,
+                           Backend backend) {
+  // All-gather: one direct exchange while every rank can talk to every other at once (one node), else ring.
+  if (collective == Collective::kAllGather) {
+    return world_size <= kDirectMaxRanks ? Algorithm::kDirect : Algorithm::kRing;
+  }
   if (world_size <= 1) return Algorithm::kOneShot;  // nothing travels; at most one local reduction
   const DType travel = wire_dtype == kNoWire ? dtype : static_cast<DType>(wire_dtype);
   const int64_t message = numel * dtype_size(travel);
   const int b = backend_index(backend);
   if (world_size > kMaxReduceInputs) return Algorithm::kRing;
+  if (collective == Collective::kReduceScatter) {
+    // Reduce-scatter: direct is already one exchange and one reduction per piece; one_shot drops the
+    // pipelining and packs the workspace, which is all a small message wants.
+    if ((world_size - 1) * message <= kRsOneShotMaxReceivedBytes[b]) return Algorithm::kOneShot;
+    return world_size <= kDirectMaxRanks ? Algorithm::kDirect : Algorithm::kRing;
+  }
   if (message <= kOneShotMaxMessageBytes[b] && (world_size - 1) * message <= kOneShotMaxReceivedBytes[b]) {
     return Algorithm::kOneShot;
   }
@@ -388,7 +628,49 @@ Plan make_plan(const PlanSpec& spec) {
   check_plan_spec(spec);
   Plan plan;
   plan.spec = spec;
+  const int64_t n = spec.world_size;
+  switch (spec.collective) {
+    case Collective::kAllReduce: plan.data_elems = spec.numel; break;
+    case Collective::kReduceScatter: plan.data_elems = spec.numel; plan.input_elems = n * spec.numel; break;
+    case Collective::kAllGather: plan.data_elems = n * spec.numel; plan.input_elems = spec.numel; break;
+  }
   if (spec.numel == 0) return plan;
+  if (!is_all_reduce(spec) && n == 1) {
+    // One rank: the output is the input (reduce-scatter: with avg/scale/found_inf applied; nothing travels,
+    // so the wire dtype rounds nothing), one copy.
+    plan.segment_elems = plan.chunk_elems = spec.numel;
+    plan.num_chunks = 1;
+    Builder b(&plan);
+    b.step(-1);
+    PlanReduction r = reduction(spec.numel, {span(PlanBuffer::kInput, 0)}, span(PlanBuffer::kData, 0));
+    r.final = r.check_inf = spec.collective == Collective::kReduceScatter;
+    b.reduce(std::move(r));
+    return plan;
+  }
+  if (!is_all_reduce(spec)) {
+    if (spec.algorithm == Algorithm::kHierarchical) {
+      make_hierarchical(plan);  // hierarchical.cpp: node map in the spec
+      return plan;
+    }
+    if (spec.collective == Collective::kReduceScatter && spec.algorithm == Algorithm::kOneShot) {
+      plan.segment_elems = plan.chunk_elems = spec.numel;
+      plan.num_chunks = 1;
+      make_one_shot_reduce_scatter(plan);
+      return plan;
+    }
+    const Geometry g = make_geometry(spec);
+    plan.segment_elems = g.seg;
+    plan.chunk_elems = g.chunk;
+    plan.num_chunks = g.chunks;
+    const bool rs = spec.collective == Collective::kReduceScatter;
+    if (spec.algorithm == Algorithm::kRing) {
+      rs ? make_ring_reduce_scatter(plan, g) : make_ring_all_gather(plan, g);
+    } else {
+      rs ? make_direct_reduce_scatter(plan, g) : make_direct_all_gather(plan);
+      if (!rs) plan.chunk_elems = spec.numel;
+    }
+    return plan;
+  }
   if (spec.world_size == 1) {
     // Nothing travels, so the wire dtype rounds nothing; only avg/scale/found_inf touch the data.
     plan.segment_elems = plan.chunk_elems = spec.numel;
@@ -412,19 +694,19 @@ Plan make_plan(const PlanSpec& spec) {
     case Algorithm::kRing: make_ring(plan, g); break;
     case Algorithm::kDirect: make_direct(plan, g); break;
     case Algorithm::kOneShot: make_one_shot(plan); break;
+    case Algorithm::kHierarchical: make_hierarchical(plan); break;
   }
   return plan;
 }
 
 PlanSummary summarize_plan(const Plan& plan) {
   PlanSummary s;
-  const int64_t w = dtype_size(plan.spec.travel_dtype()), t = dtype_size(plan.spec.dtype);
   s.steps = static_cast<int64_t>(plan.steps.size());
   for (const PlanStep& step : plan.steps) {
     if (!step.transfers.empty()) ++s.transfer_groups;
     s.reductions += static_cast<int64_t>(step.reductions.size());
     for (const PlanTransfer& x : step.transfers) {
-      const int64_t bytes = x.count * (x.span.buffer == PlanBuffer::kData ? t : w);
+      const int64_t bytes = x.count * dtype_size(plan_buffer_dtype(plan.spec, x.span.buffer));
       (x.send ? s.bytes_sent : s.bytes_received) += bytes;
     }
   }

@@ -1,6 +1,6 @@
-// All-reduce plans: plain C++ (no CUDA, no NCCL, no torch).
+// Collective plans (all-reduce, reduce-scatter, all-gather): plain C++ (no CUDA, no NCCL, no torch).
 //
-// An all-reduce is a *plan*, data produced by an algorithm and run by an executor that knows no algorithm:
+// A collective is a *plan*, data produced by an algorithm and run by an executor that knows no algorithm:
 //   * the NCCL executor (csrc/allreduce/nccl_executor.*): one ncclGroupStart/End per step with work, the
 //     step's reductions on the caller's stream, CUDA events for the dependencies the plan states;
 //   * the CPU executor (paracomm/_cpu_executor.py): gloo point-to-point on a private group, the CPU
@@ -21,10 +21,20 @@
 // so the transfer half of that rule holds by construction there; the CPU executor waits for it.) Executors may therefore post step i+1's transfers before running step i's reductions whenever
 // transfers_after(i+1) < i: that is the whole pipelining mechanism.
 //
-// Buffers, in elements of their own dtype:
-//   kData  the user's tensor, numel elements of T, reduced in place;
-//   kWire  staging for a compressed call, numel elements of W (the wire dtype); absent when uncompressed;
-//   kRecv  receive workspace, recv_elems elements of W (W == T when uncompressed).
+// Buffers, in elements of their own dtype (plan_buffer_dtype); an executor maps each to memory and knows
+// nothing else about the call -- not even which collective it runs:
+//   kData   the output, data_elems elements of T (all-reduce: the user's tensor, reduced in place, so also
+//           the input); the only user buffer a plan writes;
+//   kInput  an out-of-place input, input_elems elements of T, only ever read (0 elements for all-reduce);
+//   kWire   staging for a compressed call, wire_elems elements of W (the wire dtype); absent when uncompressed;
+//   kRecv   receive workspace, recv_elems elements of W (W == T when uncompressed);
+//   kStage  T-typed receive workspace, stage_elems elements of T (only compressed hierarchical plans use it).
+// The collectives (spec.collective; n = spec.numel, N = world size):
+//   all-reduce      kData: n elements, reduced in place;
+//   reduce-scatter  kInput: N x n elements, kData: n elements; rank r stores the reduction of input segment r
+//                   ([r n, (r + 1) n) on every rank), as ncclReduceScatter / dist.reduce_scatter_tensor;
+//   all-gather      kInput: n elements, kData: N x n elements; segment p of the output is rank p's input, as
+//                   ncclAllGather / dist.all_gather_into_tensor. No wire dtype, no final op, no found_inf.
 //
 // Invariants every generator keeps (tests/test_plans.py checks them for every algorithm, world size and size):
 //   * every rank's plan has the same number of steps, and whenever rank r sends (peer p, count c) in step i,
@@ -32,8 +42,11 @@
 //   * transfers with count 0 are never emitted;
 //   * each output element is computed either by one rank (its owner) whose bits all others copy, or by every
 //     rank from identical inputs in the same order: results are bitwise identical on every rank;
-//   * segment and chunk boundaries are multiples of kPlanAlignBytes in both T and W, so every piece starts
-//     on the kernels' vector boundary;
+//   * all-reduce (ring, direct): segment and chunk boundaries are multiples of kPlanAlignBytes in both T and W,
+//     so every piece starts on the kernels' vector boundary; reduce-scatter / all-gather: the caller's layout
+//     puts segment p at p x n, so only piece boundaries *inside* a segment and every workspace slot are
+//     multiples of kPlanAlignBytes (one_shot: none are; kernels handle any alignment, aligned is just faster);
+//   * kInput is never written; each element of kData is written by one reduction or one receive per hop;
 //   * no two transfers or reductions that may run concurrently touch the same bytes.
 #pragma once
 
@@ -49,11 +62,18 @@ enum class Algorithm : int32_t {
   kRing = 0,     // reduce-scatter + all-gather around a ring; the compressed wire re-rounds at every hop
   kDirect = 1,   // two-shot: reduce-scatter by direct exchange, owner sums in rank order, direct all-gather
   kOneShot = 2,  // every rank sends its whole buffer to every peer and sums all N in rank order
+  kHierarchical = 3,  // topology-aware: intra-node RS, inter-node AR per shard, intra-node AG (hierarchical.h)
 };
 
 enum class Backend : int32_t { kNccl = 0, kGloo = 1 };
 
-enum class PlanBuffer : int32_t { kData = 0, kWire = 1, kRecv = 2 };
+// What a plan computes (the buffer table above). Generators use it; executors never need it.
+enum class Collective : int32_t { kAllReduce = 0, kReduceScatter = 1, kAllGather = 2 };
+
+// kStage: T-typed workspace, stage_elems elements after kRecv, for receives that must stay exact in a compressed
+// plan (hierarchical's intra-node reduce-scatter); 0 elements otherwise.
+enum class PlanBuffer : int32_t { kData = 0, kWire = 1, kRecv = 2, kInput = 3, kStage = 4 };
+constexpr int32_t kNumPlanBuffers = 5;
 
 // wire_dtype value meaning "no compression": data travels in its own dtype.
 constexpr int32_t kNoWire = -1;
@@ -95,7 +115,8 @@ struct PlanStep {
 // What a plan depends on. Plans do not depend on the divisor's or scale's value, only on whether the final
 // reductions have anything to fuse (needed for world size 1, where no reduction is otherwise necessary).
 struct PlanSpec {
-  int64_t numel = 0;
+  Collective collective = Collective::kAllReduce;
+  int64_t numel = 0;              // all-reduce: the tensor's; reduce-scatter: output per rank; all-gather: input per rank
   DType dtype = DType::kFloat32;
   int32_t wire_dtype = kNoWire;   // DType code of W (float16/bfloat16, float32 data only), or kNoWire
   int64_t world_size = 1;
@@ -105,33 +126,52 @@ struct PlanSpec {
   bool has_found_inf = false;
   bool has_final_op = false;      // avg, scale or found_inf: world size 1 must still run one reduction
   int64_t chunk_bytes = 0;        // 0: the chunk policy's choice; else bytes of W per piece (see plan.cpp)
+  std::vector<int32_t> node_of;   // rank -> node (hierarchical.h: numbered by first appearance); empty: one node
 
   bool compressed() const { return wire_dtype != kNoWire; }
   DType travel_dtype() const { return compressed() ? static_cast<DType>(wire_dtype) : dtype; }
 };
 
+// The dtype of a buffer's elements: T for the user's buffers (kData, kInput), W for the workspace.
+inline DType plan_buffer_dtype(const PlanSpec& spec, PlanBuffer b) {
+  return b == PlanBuffer::kData || b == PlanBuffer::kInput || b == PlanBuffer::kStage ? spec.dtype
+                                                                                    : spec.travel_dtype();
+}
+
 struct Plan {
   PlanSpec spec;
+  int64_t data_elems = 0;      // kData size (all-reduce, reduce-scatter: numel; all-gather: N x numel)
+  int64_t input_elems = 0;     // kInput size (all-reduce: 0; reduce-scatter: N x numel; all-gather: numel)
   int64_t segment_elems = 0;   // elements per rank segment (ring, direct); numel for one_shot
   int64_t chunk_elems = 0;     // elements per piece of a segment (the pipelining unit)
   int64_t num_chunks = 0;      // pieces per segment
   int64_t wire_elems = 0;      // kWire size (numel when compressed, else 0)
   int64_t recv_elems = 0;      // kRecv size
+  int64_t stage_elems = 0;     // kStage size (elements of T)
   std::vector<PlanStep> steps;
 
-  // Device/host workspace in bytes: kWire then kRecv, each starting on a 256-byte boundary.
+  // Device/host workspace in bytes: kWire, kRecv, then kStage, each starting on a 256-byte boundary.
   int64_t wire_offset_bytes() const { return 0; }
   int64_t recv_offset_bytes() const;
+  int64_t stage_offset_bytes() const;
   int64_t workspace_bytes() const;
 };
 
-// Throws paracomm::Error naming the argument unless: numel >= 0; world_size >= 1; 0 <= rank < world_size;
-// dtype valid; wire_dtype kNoWire or float16/bfloat16 with float32 data; chunk_bytes >= 0; direct and
-// one_shot with world_size <= kMaxReduceInputs.
+// Throws paracomm::Error naming the argument unless: collective valid; numel >= 0; world_size >= 1;
+// 0 <= rank < world_size; dtype valid; wire_dtype kNoWire or float16/bfloat16 with float32 data; chunk_bytes
+// >= 0; direct and one_shot with world_size <= kMaxReduceInputs (all-gather's direct sums nothing: any N);
+// all-gather: algorithm ring or direct, no wire dtype, no found_inf, no final op; node_of empty or a canonical
+// map of world_size ranks.
 void check_plan_spec(const PlanSpec& spec);
 
 // The algorithm "auto" picks (pure; thresholds documented in plan.cpp and docs/ARCHITECTURE.md).
-Algorithm choose_algorithm(int64_t numel, DType dtype, int32_t wire_dtype, int64_t world_size, Backend backend);
+Algorithm choose_algorithm(Collective collective, int64_t numel, DType dtype, int32_t wire_dtype, int64_t world_size,
+                           Backend backend);
+// The all-reduce's choice.
+inline Algorithm choose_algorithm(int64_t numel, DType dtype, int32_t wire_dtype, int64_t world_size,
+                                  Backend backend) {
+  return choose_algorithm(Collective::kAllReduce, numel, dtype, wire_dtype, world_size, backend);
+}
 
 // The plan rank spec.rank runs. Validates spec.
 Plan make_plan(const PlanSpec& spec);
@@ -149,7 +189,10 @@ struct PlanSummary {
 PlanSummary summarize_plan(const Plan& plan);
 
 const char* algorithm_name(Algorithm a);
-// "ring" | "direct" | "one_shot"; throws paracomm::Error naming `arg` otherwise.
+const char* collective_name(Collective c);
+// "all_reduce" | "reduce_scatter" | "all_gather"; throws paracomm::Error naming `arg` otherwise.
+Collective collective_from_name(const std::string& name, const char* arg);
+// "ring" | "direct" | "one_shot" | "hierarchical"; throws paracomm::Error naming `arg` otherwise.
 Algorithm algorithm_from_name(const std::string& name, const char* arg);
 
 }  // namespace paracomm

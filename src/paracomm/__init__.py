@@ -3,6 +3,8 @@
 * ``paracomm.unscale_and_check_``, ``paracomm.flatten``, ``paracomm.unflatten_``: fused gradient kernels.
 * ``paracomm.Communicator``, ``paracomm.all_reduce``, ``paracomm.explain_all_reduce``: all-reduce (ring,
   direct and one-shot plans; NCCL for CUDA tensors, gloo for CPU).
+* ``paracomm.reduce_scatter``, ``paracomm.all_gather`` (and ``explain_*``): the same engine's reduce-scatter and
+  all-gather (CPU/gloo); ``paracomm.fsdp``: both inside FSDP2.
 * ``paracomm.amp.GradScaler``: torch's GradScaler on the fused unscale-and-check kernel.
 * ``paracomm.hooks``: DDP communication hooks on that all-reduce; ``paracomm.GradBucketer``: bucketed gradient
   all-reduce without DDP.
@@ -17,6 +19,7 @@ from . import _C
 from . import amp
 from ._ops import flatten, unflatten_, unscale_and_check_
 from .comm import Communicator, all_reduce, explain_all_reduce
+from .collectives import all_gather, explain_all_gather, explain_reduce_scatter, reduce_scatter
 from . import hooks
 from .buckets import GradBucketer
 
@@ -36,7 +39,7 @@ def build_info() -> dict:
 
 
 __all__ = [
-    "Communicator", "GradBucketer", "__version__", "all_reduce", "amp", "build_info", "explain_all_reduce", "flatten",
-    "hooks",
+    "Communicator", "GradBucketer", "__version__", "all_gather", "all_reduce", "amp", "build_info",
+    "explain_all_gather", "explain_all_reduce", "explain_reduce_scatter", "flatten", "hooks", "reduce_scatter",
     "unflatten_", "unscale_and_check_",
 ]

@@ -1,8 +1,10 @@
-"""The CPU executor: runs any all-reduce plan (csrc/allreduce/plan.h) over gloo point-to-point.
+"""The CPU executor: runs any collective plan (csrc/allreduce/plan.h) over gloo point-to-point.
 
-It knows no algorithm. For each step of the plan it posts the step's transfers (``send``/``recv`` on
-paracomm's *private* gloo process group, one tag per step) and, once they and every earlier step's transfers
-have completed, runs the step's reductions with the CPU op ``paracomm::reduce_``. It posts step i+1's transfers
+It knows no algorithm and no collective: it maps the plan's buffers (the output ``x``, an out-of-place
+``input`` when the plan has one, and its workspace) and follows the steps. For each step of the plan it posts
+the step's transfers (``send``/``recv`` on paracomm's *private* gloo process group, one tag per step) and, once
+they and every earlier step's transfers have completed, runs the step's reductions with the CPU op
+``paracomm::reduce_``. It posts step i+1's transfers
 before running step i's reductions whenever the plan allows it (``transfers_after(i+1) < i``): that is the whole
 pipelining mechanism, and the plan's dependencies are what make it safe. Before posting a step it waits for the
 transfers of every step up to ``transfers_after`` (an all-gather forwards what it has just received); the NCCL
@@ -32,16 +34,18 @@ import torch.distributed as dist
 from ._ops import ops
 from ._signature import HEADER_TAG, STEP_MASK
 
-_DATA, _WIRE, _RECV = 0, 1, 2
+_DATA, _WIRE, _RECV, _INPUT, _STAGE = 0, 1, 2, 3, 4  # _STAGE: T-typed workspace (compressed hierarchical plans)
 _ELEMENT_SIZE = {dt: torch.empty((), dtype=dt).element_size()
                  for dt in (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int32, torch.int64)}
 
 
 class PreparedPlan:
-    """A plan from ``paracomm._C.all_reduce_plan`` in the shape the executor's loop reads fastest."""
+    """A plan from ``paracomm._C.all_reduce_plan`` / ``collective_plan`` in the shape the executor's loop reads
+    fastest."""
 
-    __slots__ = ("algorithm", "steps", "wire_elems", "recv_elems", "recv_offset_bytes", "workspace_bytes", "raw",
-                 "bound", "header", "tag_base")
+    __slots__ = ("algorithm", "steps", "wire_elems", "recv_elems", "recv_offset_bytes", "stage_elems",
+                 "stage_offset_bytes", "workspace_bytes", "raw", "bound", "header", "tag_base", "data_elems",
+                 "input_elems")
 
     def __init__(self, raw: dict):
         self.raw = raw
@@ -52,7 +56,11 @@ class PreparedPlan:
         self.wire_elems = raw["wire_elems"]
         self.recv_elems = raw["recv_elems"]
         self.recv_offset_bytes = raw["recv_offset_bytes"]
+        self.stage_elems = raw.get("stage_elems", 0)
+        self.stage_offset_bytes = raw.get("stage_offset_bytes", 0)
         self.workspace_bytes = raw["workspace_bytes"]
+        self.data_elems = raw.get("data_elems")
+        self.input_elems = raw.get("input_elems", 0)
         steps = []
         for after, transfers, reductions in raw["steps"]:
             ts = tuple((is_send, peer, buf, off, off + count) for is_send, peer, buf, off, count in transfers)
@@ -149,8 +157,9 @@ class CpuExecutor:
 
         return check
 
-    def _bind(self, plan: PreparedPlan, travel: torch.dtype) -> tuple:
-        """The plan's steps with every workspace span already a tensor view; data spans stay (begin, end).
+    def _bind(self, plan: PreparedPlan, travel: torch.dtype, dtype: torch.dtype) -> tuple:
+        """The plan's steps with every workspace span already a tensor view; spans of the caller's tensors stay
+        (which, begin, end), which 0: the output/data, 1: the input. ``dtype``: the data's (kStage's) dtype.
 
         Views are made once per (plan, workspace): a call then slices only the user's tensor (a Python-level
         tensor op costs microseconds, and a small all-reduce has dozens of spans).
@@ -159,17 +168,23 @@ class CpuExecutor:
             self._workspace = torch.empty(plan.workspace_bytes, dtype=torch.uint8)
         ws = self._workspace
         bound = plan.bound
-        if bound is not None and bound[0] is ws and bound[1] == travel:
+        if bound is not None and bound[0] is ws and bound[1] == (travel, dtype):
             return bound[2]
         esize = _ELEMENT_SIZE[travel]
         views = {
             _WIRE: ws[: plan.wire_elems * esize].view(travel) if plan.wire_elems else None,
             _RECV: (ws[plan.recv_offset_bytes: plan.recv_offset_bytes + plan.recv_elems * esize].view(travel)
                     if plan.recv_elems else None),
+            _STAGE: (ws[plan.stage_offset_bytes: plan.stage_offset_bytes + plan.stage_elems * _ELEMENT_SIZE[dtype]]
+                     .view(dtype) if plan.stage_elems else None),
         }
 
         def span(buf, begin, end):
-            return (begin, end) if buf == _DATA else views[buf][begin:end]
+            if buf == _DATA:
+                return (0, begin, end)
+            if buf == _INPUT:
+                return (1, begin, end)
+            return views[buf][begin:end]
 
         steps = []
         for after, transfers, reductions in plan.steps:
@@ -178,13 +193,15 @@ class CpuExecutor:
                         None if wire_out is None else span(*wire_out), check_inf)
                        for inputs, out, final, round_to_wire, wire_out, check_inf in reductions)
             steps.append((after, ts, rs))
-        plan.bound = (ws, travel, tuple(steps))
+        plan.bound = (ws, (travel, dtype), tuple(steps))
         return plan.bound[2]
 
     def run(self, plan: PreparedPlan, x: torch.Tensor, *, travel: torch.dtype, divisor: float,
             scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor], wire_dtype: Optional[torch.dtype],
-            wait: Callable, tag_base: int = 0, before_wait: Optional[Callable[[], None]] = None) -> None:
-        """Execute ``plan`` on the flat tensor ``x`` in place.
+            wait: Callable, tag_base: int = 0, before_wait: Optional[Callable[[], None]] = None,
+            input: Optional[torch.Tensor] = None) -> None:
+        """Execute ``plan``: ``x`` (flat) is its kData buffer, written in place; ``input`` (flat) its kInput
+        buffer, only read (plans without one: None).
 
         ``wait(work, what, step, steps, peer)`` waits for one gloo work within the caller's deadline and raises
         the caller's error (``what`` is the plan's algorithm here). Step i's transfers carry the tag
@@ -197,12 +214,16 @@ class CpuExecutor:
             if before_wait is not None:
                 before_wait()
             return
-        steps = self._bind(plan, travel)
-        numel = x.numel()
+        if plan.input_elems and (input is None or input.numel() != plan.input_elems):
+            raise ValueError(f"CpuExecutor.run: the plan reads an input of {plan.input_elems} elements")
+        steps = self._bind(plan, travel, x.dtype)
+        users = (x, input)
+        sizes = (x.numel(), 0 if input is None else input.numel())
 
-        def t(sp):  # a bound span: a workspace view, or (begin, end) in the user's tensor
+        def t(sp):  # a bound span: a workspace view, or (which, begin, end) in the caller's tensors
             if type(sp) is tuple:
-                return x if sp[0] == 0 and sp[1] == numel else x[sp[0]:sp[1]]
+                w, b, e = sp
+                return users[w] if b == 0 and e == sizes[w] else users[w][b:e]
             return sp
 
         pg = self.pg

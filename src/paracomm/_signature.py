@@ -45,7 +45,7 @@ DTYPE_CODES = {
 }
 CODE_DTYPES = {v: k for k, v in DTYPE_CODES.items()}
 OPS = ("sum", "avg")
-ALGORITHMS = ("auto", "ring", "direct", "one_shot")
+ALGORITHMS = ("auto", "ring", "direct", "one_shot", "hierarchical")
 # Collectives that carry a signature; the index is the field's value. New collectives append.
 COLLECTIVES = ("all_reduce", "reduce_scatter", "all_gather")
 
@@ -66,6 +66,10 @@ def _chunk(v: int) -> str:
     return "plan default" if v == 0 else f"{v} bytes (PARACOMM_CHUNK_BYTES)"
 
 
+def _node_map(v: int) -> str:
+    return "one node" if v == 0 else f"node map code {v} (paracomm._topology.node_map_code)"
+
+
 # (field, how a value is shown in an error). The order is the signature's order.
 FIELDS: Tuple[Tuple[str, Callable[[int], str]], ...] = (
     ("collective", _name_in(COLLECTIVES)),
@@ -77,6 +81,7 @@ FIELDS: Tuple[Tuple[str, Callable[[int], str]], ...] = (
     ("found_inf", _given),
     ("algorithm", _name_in(ALGORITHMS)),
     ("chunk_bytes", _chunk),
+    ("node_map", _node_map),  # the plan's rank -> node map (0: one node, or CUDA, whose plans are flat)
 )
 FIELD_NAMES = tuple(name for name, _ in FIELDS)
 

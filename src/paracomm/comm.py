@@ -37,6 +37,7 @@ __all__ = ["Communicator", "Work", "all_reduce", "explain_all_reduce"]
 
 from ._signature import ALGORITHMS, DTYPE_CODES as _DTYPE_CODES, OPS as _OPS
 from . import _signature as _sig
+from . import _topology
 
 _ALGORITHM_CODES = {"ring": 0, "direct": 1, "one_shot": 2}
 _MAX_REDUCE_RANKS = 32  # kMaxReduceInputs in csrc/allreduce/plan.h
@@ -220,10 +221,10 @@ class _Call:
     """
 
     __slots__ = ("flat", "result", "tensor", "op", "divisor", "wire_dtype", "scale", "found_inf", "algorithm",
-                 "collective", "chunk_bytes")
+                 "collective", "chunk_bytes", "input", "node_map")
 
     def __init__(self, flat, result, tensor, op, divisor, wire_dtype, scale, found_inf, algorithm,
-                 collective: str = "all_reduce", chunk_bytes: int = 0):
+                 collective: str = "all_reduce", chunk_bytes: int = 0, input=None):
         self.flat = flat
         self.result = result
         self.tensor = tensor
@@ -235,6 +236,13 @@ class _Call:
         self.algorithm = algorithm
         self.collective = collective
         self.chunk_bytes = chunk_bytes
+        self.input = input  # out-of-place collectives (paracomm.collectives): the flat input; flat is the output
+        self.node_map = ()  # rank -> node the plan is made for: set on the CPU path (() for one node, and CUDA)
+
+    @property
+    def plan_numel(self) -> int:
+        """The plan's numel (plan.h): all-reduce / reduce-scatter the output's, all-gather the input's."""
+        return self.input.numel() if self.collective == "all_gather" else self.flat.numel()
 
     @property
     def has_final_op(self) -> bool:
@@ -244,9 +252,10 @@ class _Call:
 def _signature(call: _Call) -> tuple:
     """The call's signature: one int per field of paracomm._signature.FIELDS, in that order."""
     wire = -1 if call.wire_dtype is None else _DTYPE_CODES[call.wire_dtype]
-    return (_sig.COLLECTIVES.index(call.collective), call.flat.numel(), _DTYPE_CODES[call.flat.dtype],
+    return (_sig.COLLECTIVES.index(call.collective), call.plan_numel, _DTYPE_CODES[call.flat.dtype],
             _OPS.index(call.op), wire, int(call.scale is not None), int(call.found_inf is not None),
-            ALGORITHMS.index(call.algorithm), call.chunk_bytes)
+            ALGORITHMS.index(call.algorithm), call.chunk_bytes,
+            _topology.node_map_code(list(call.node_map)) if call.node_map else 0)
 
 
 def _mismatch_error(signatures: list, where: str = "paracomm.all_reduce") -> Optional[RuntimeError]:
@@ -255,7 +264,7 @@ def _mismatch_error(signatures: list, where: str = "paracomm.all_reduce") -> Opt
 
 
 class _PlanCache:
-    """Plans by (signature, world size, rank, backend, chunk bytes): plans are pure data, built once.
+    """Plans by (signature incl. the node map, world size, rank, backend, chunk bytes): pure data, built once.
 
     Each plan also carries its call's gloo identity, computed once per signature: ``header`` (the int64 vector
     sent to every peer) and ``tag_base`` (the data tags' high bits; see paracomm._signature).
@@ -272,9 +281,10 @@ class _PlanCache:
             plan = self._plans.get(key)
         if plan is None:
             wire = -1 if call.wire_dtype is None else _DTYPE_CODES[call.wire_dtype]
-            plan = PreparedPlan(_C.all_reduce_plan(
-                call.flat.numel(), _DTYPE_CODES[call.flat.dtype], wire, world_size, rank, call.algorithm, backend,
-                call.found_inf is not None, call.has_final_op, chunk_bytes))
+            plan = PreparedPlan(_C.collective_plan(
+                call.collective, call.plan_numel, _DTYPE_CODES[call.flat.dtype], wire, world_size, rank,
+                call.algorithm, backend, call.found_inf is not None, call.has_final_op, chunk_bytes,
+                list(call.node_map)))
             plan.header = _sig.header(signature)
             plan.tag_base = _sig.tag_base(signature)
             with self._lock:
@@ -294,9 +304,13 @@ class Communicator:
         timeout: bound on every call: a peer that stops answering (a dead or stalled rank) makes the call
             raise RuntimeError within about this time instead of hanging. None (default): the process
             group's own timeout (``init_process_group(timeout=...)``), as torch's collectives use.
-        algorithm: the default for calls that pass none: "auto" (a size-based choice, see
-            :func:`explain_all_reduce`), "ring", "direct" or "one_shot". ``PARACOMM_ALGORITHM`` sets the default
-            of communicators created without one.
+        algorithm: the default for calls that pass none: "auto" (a size- and topology-based choice, see
+            :func:`explain_all_reduce`), "ring", "direct", "one_shot" or "hierarchical". ``PARACOMM_ALGORITHM``
+            sets the default of communicators created without one.
+        node_size: ranks per node (ranks [0, K) are node 0, ...), overriding ``PARACOMM_NODE_SIZE`` and the
+            host identity paracomm otherwise finds through the group's store on the first CPU call
+            (src/paracomm/_topology.py). More than one node makes "auto" pick the hierarchical all-reduce for
+            large messages. CUDA tensors run flat plans for now (the NCCL executor takes no node map yet).
 
     Every rank of the group must create its Communicators in the same order (like a collective) and issue
     the same sequence of ``all_reduce`` calls.
@@ -317,7 +331,8 @@ class Communicator:
     that has both), ``group``, ``timeout``, ``algorithm``.
     """
 
-    def __init__(self, group=None, *, timeout: Optional[timedelta] = None, algorithm: Optional[str] = None):
+    def __init__(self, group=None, *, timeout: Optional[timedelta] = None, algorithm: Optional[str] = None,
+                 node_size: Optional[int] = None):
         name = "paracomm.Communicator"
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError(f"{name}: torch.distributed is not initialised "
@@ -332,6 +347,8 @@ class Communicator:
         self.world_size = dist.get_world_size(self.group)
         if self.rank < 0:
             raise ValueError(f"{name}: this process is not a member of group")
+        self._node_size = None if node_size is None else _topology.check_node_size(node_size, self.world_size, name)
+        self._node_map: Optional[tuple] = None  # found on the first CPU call (_cpu_node_map)
         self._serves_cpu, self._serves_cuda = _group_backends(self.group)
         if not (self._serves_cpu or self._serves_cuda):
             raise ValueError(f"{name}: group backend {dist.get_backend(self.group)!r} is not "
@@ -386,7 +403,8 @@ class Communicator:
                 multiplied by it (e.g. a GradScaler's inverse scale); pass the same value on every rank.
             found_inf: optional 1-element float32 tensor on the tensor's device: set to 1.0 if any result
                 value is inf or nan (on every rank alike), never cleared.
-            algorithm: "auto", "ring", "direct" or "one_shot"; None: the Communicator's default.
+            algorithm: "auto", "ring", "direct", "one_shot" or "hierarchical" (CPU tensors; see the
+                Communicator's ``node_size``); None: the Communicator's default.
 
         Returns:
             ``tensor`` (the same object, also for ``__dlpack__`` inputs), or a :class:`Work` if ``async_op``.
@@ -421,6 +439,22 @@ class Communicator:
             with self._call_lock:
                 return self._all_reduce_nccl(call, async_op)
         return self._all_reduce_cpu(call, async_op)
+
+    def reduce_scatter(self, output, input, op: Union[str, "dist.ReduceOp"] = "sum", *, wire_dtype=None,
+                       async_op: bool = False, scale=None, found_inf=None, algorithm: Optional[str] = None):
+        """Reduce ``input`` over the group's ranks; rank r's ``output`` gets segment r of the result (as
+        ``torch.distributed.reduce_scatter_tensor``). Arguments, returns and errors: see
+        :func:`paracomm.reduce_scatter` (paracomm/collectives.py)."""
+        from .collectives import run_reduce_scatter
+        return run_reduce_scatter(self, output, input, op, wire_dtype=wire_dtype, async_op=async_op, scale=scale,
+                                  found_inf=found_inf, algorithm=algorithm)
+
+    def all_gather(self, output, input, *, async_op: bool = False, algorithm: Optional[str] = None):
+        """Gather every rank's ``input`` into ``output`` on every rank (as
+        ``torch.distributed.all_gather_into_tensor``). Arguments, returns and errors: see
+        :func:`paracomm.all_gather` (paracomm/collectives.py)."""
+        from .collectives import run_all_gather
+        return run_all_gather(self, output, input, async_op=async_op, algorithm=algorithm)
 
     # ------------------------------------------------------------------------------------------------------
     # Validation (everything checked before anything is written)
@@ -486,6 +520,9 @@ class Communicator:
                 raise ValueError(f"{name}: {arg} is on {t.device} but tensor is on {device}")
         if scale is not None and not floating:
             raise ValueError(f"{name}: scale needs a floating tensor, got {tensor.dtype}")
+        if algorithm == "hierarchical" and device.type == "cuda":
+            raise ValueError(f"{name}: algorithm='hierarchical' runs on CPU tensors (gloo) only for now; the NCCL "
+                             "executor takes no node map yet")
         chunk_bytes = _chunk_bytes()
         self._raise_if_failed()
         divisor = float(self.world_size) if op == "avg" else 1.0
@@ -611,6 +648,23 @@ class Communicator:
             return work
         return work.wait()
 
+    @property
+    def node_map(self) -> Optional[list]:
+        """rank -> node as this Communicator's CPU plans see it (None until the first CPU call has found it)."""
+        return None if self._node_map is None else list(self._node_map)
+
+    def _cpu_node_map(self) -> tuple:
+        """The node map, found once (src/paracomm/_topology.py); () for one node, so flat plans stay as they were."""
+        with self._state_lock:
+            if self._node_map is None:
+                try:
+                    found = _topology.discover_node_map(self._group_store(), self._prefix, self.rank,
+                                                        self.world_size, self.timeout, self._node_size)
+                except RuntimeError as e:
+                    raise self._fail(f"{e}; {_ORDER_HINT}") from e
+                self._node_map = tuple(found)
+        return self._node_map if max(self._node_map) > 0 else ()
+
     def _cpu_executor(self) -> CpuExecutor:
         with self._state_lock:
             if self._cpu is None:
@@ -638,13 +692,18 @@ class Communicator:
         self._raise_if_failed()
         x = call.flat
         if self.world_size == 1:
-            # Nothing travels (so the wire dtype rounds nothing); only avg/scale/found_inf touch the data.
-            if call.has_final_op and x.numel() > 0:
+            # Nothing travels (so the wire dtype rounds nothing); only avg/scale/found_inf touch the data. The
+            # out-of-place collectives copy their input (the one reduction their one-rank plan holds).
+            if call.input is not None:
+                if x.numel() > 0:
+                    reduce_(x, [call.input], divisor=call.divisor, scale=call.scale, found_inf=call.found_inf)
+            elif call.has_final_op and x.numel() > 0:
                 reduce_(x, [x], divisor=call.divisor, scale=call.scale, found_inf=call.found_inf)
             return
         deadline = time.monotonic() + self.timeout.total_seconds()
         wait = deadline_wait(deadline, lambda what, e, peer: self._transport_error(what, e, peer, call.collective))
         executor = self._cpu_executor()
+        call.node_map = self._cpu_node_map()  # part of the signature, so of the header every rank checks
         plan = self._plans.get(call, self.world_size, self.rank, "gloo", call.chunk_bytes)
         check = None
         if _check_shapes_mode() != 0:
@@ -652,7 +711,8 @@ class Communicator:
         travel = call.wire_dtype if call.wire_dtype is not None else x.dtype
         try:
             executor.run(plan, x, travel=travel, divisor=call.divisor, scale=call.scale, found_inf=call.found_inf,
-                         wire_dtype=call.wire_dtype, wait=wait, tag_base=plan.tag_base, before_wait=check)
+                         wire_dtype=call.wire_dtype, wait=wait, tag_base=plan.tag_base, before_wait=check,
+                         input=call.input)
         except _HeaderMismatch as e:
             self._replace_cpu_group()
             error = _mismatch_error([_sig.decode_header(h) for h in e.headers], self._where(call.collective))
@@ -809,7 +869,8 @@ def _local_backend() -> str:
 
 
 def explain_all_reduce(numel: int, dtype: torch.dtype, world_size: int, *, wire_dtype=None,
-                       algorithm: Optional[str] = None, backend: Optional[str] = None) -> dict:
+                       algorithm: Optional[str] = None, backend: Optional[str] = None,
+                       node_size: Optional[int] = None) -> dict:
     """What an all-reduce of ``numel`` elements of ``dtype`` over ``world_size`` ranks would do (no communication).
 
     Args:
@@ -820,6 +881,10 @@ def explain_all_reduce(numel: int, dtype: torch.dtype, world_size: int, *, wire_
         backend: "nccl" (CUDA tensors) or "gloo" (CPU tensors): the chunk policy and the "auto" thresholds
             differ. None: the one this machine would use ("nccl" when paracomm has CUDA and a GPU is
             visible, else "gloo").
+        node_size: None (one node, as before) or ranks per node (ranks [0, K) on node 0, ...; the last node may
+            be smaller): "auto" is then topology-aware and the result also has ``nodes``, ``inter_node_bytes`` and
+            ``intra_node_bytes`` (bytes one rank sends to other nodes / its own node; the busiest rank's),
+            ``inter_node_steps`` (its steps with a transfer to another node) and ``choice_reason``.
 
     Returns:
         dict: ``algorithm`` (the resolved name), ``chunk_bytes`` (bytes of the travelling dtype per pipelined
@@ -850,6 +915,8 @@ def explain_all_reduce(numel: int, dtype: torch.dtype, world_size: int, *, wire_
     if backend not in ("nccl", "gloo"):
         raise ValueError(f"{name}: backend must be 'nccl' or 'gloo', got {backend!r}")
     _check_rank_limit(algorithm, world_size, name)
+    node_map = [] if node_size is None else _topology.node_map_from_size(
+        world_size, _topology.check_node_size(node_size, world_size, name))
     wire = -1 if wire_dtype is None else _DTYPE_CODES[wire_dtype]
     return dict(_C.plan_summary(numel, _DTYPE_CODES[dtype], wire, world_size, 0, algorithm, backend, False, False,
-                                _chunk_bytes()))
+                                _chunk_bytes(), node_map=node_map))

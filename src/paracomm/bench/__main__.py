@@ -15,6 +15,9 @@ MODES = {
     "ddp": "DDP step time of a small transformer with each comm hook, torch's and paracomm's",
     "overlap": "an async all-reduce beside a matmul chain on the caller's stream: overlap ratio, paracomm vs torch",
     "hosttime": "host microseconds per CUDA all-reduce call (and last_enqueue_us), paracomm vs torch",
+    "reduce_scatter": "reduce-scatter time and bandwidth per size, paracomm vs torch.distributed (nccl-tests style)",
+    "all_gather": "all-gather time and bandwidth per size, paracomm vs torch.distributed (nccl-tests style)",
+    "fsdp": "FSDP2 step time and final loss of a small transformer: torch's collectives vs paracomm's",
 }
 
 USAGE = "usage: python -m paracomm.bench [MODE] [flags]    (or: paracomm-bench [MODE] [flags])"
@@ -31,7 +34,9 @@ def help_text() -> str:
               "  python -m paracomm.bench allreduce -b 1K -e 32M -f 2 --device cpu --nproc 2",
               "  python -m paracomm.bench allreduce --algorithm all --wire-dtype bf16 --plot ar.png",
               "  python -m paracomm.bench kernels --large-numel 64M",
-              "  python -m paracomm.bench ddp --variants default,paracomm-allreduce"]
+              "  python -m paracomm.bench ddp --variants default,paracomm-allreduce",
+              "  python -m paracomm.bench reduce_scatter -b 4K -e 16M --nproc 4 --wire-dtype bf16",
+              "  python -m paracomm.bench fsdp --nproc 2"]
     return "\n".join(lines)
 
 

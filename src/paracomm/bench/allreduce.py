@@ -33,10 +33,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 
 import torch
 
+from . import emulate as emulate_mod
 from . import launch as launch_mod
 from .cli import SIZE_SUFFIXES, parse_size  # noqa: F401  (parse_size: also this module's public helper)
 from .timing import barrier, gbps, load_average, median, quantile, slowest_rank, sum_over_ranks, time_iterations
@@ -50,7 +52,7 @@ DTYPE_ALIASES = {"float32": "float", "fp32": "float", "float16": "half", "fp16":
 WIRE_DTYPES = {"none": None, "half": torch.float16, "bfloat16": torch.bfloat16}
 WIRE_ALIASES = {"fp16": "half", "float16": "half", "bf16": "bfloat16"}
 OPS = ("sum", "avg")
-ALGORITHMS = ("auto", "ring", "direct", "one_shot")
+ALGORITHMS = ("auto", "ring", "direct", "one_shot", "hierarchical")
 ALL_ALGORITHMS = ("ring", "direct", "one_shot")  # what --algorithm all runs, in this order
 
 
@@ -107,6 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="1: reduce the buffer in place (default); 0: out-of-place, timed as copy into the "
                         "output then in-place reduce")
     launch_mod.add_rank_args(p)
+    g = p.add_argument_group("emulated cluster (Linux, root: src/paracomm/bench/emulate.py)")
+    g.add_argument("--emulate-nodes", type=int, default=None, metavar="M",
+                   help="run the ranks in M network namespaces joined through a bridge, each node's link shaped "
+                        "with tc; --nproc ranks in all (default 2 per node), spread node by node")
+    g.add_argument("--inter-node-gbit", type=float, default=1.0, metavar="R",
+                   help="with --emulate-nodes: each node's egress rate in Gbit/s (tc tbf; default 1)")
     g = p.add_argument_group("output")
     g.add_argument("--json", metavar="FILE", default=None, help="write the header and every row as JSON")
     g.add_argument("--plot", metavar="FILE.png", default=None,
@@ -146,6 +154,8 @@ def parse_args(argv) -> argparse.Namespace:
             p.error("--plot needs matplotlib (pip install matplotlib)")
     for flag in ("json", "plot"):
         launch_mod.check_output_path(p, args, flag)
+    if args.emulate_nodes is not None and (args.emulate_nodes < 1 or args.inter_node_gbit <= 0):
+        p.error("--emulate-nodes must be >= 1 and --inter-node-gbit > 0")
     return args
 
 
@@ -204,12 +214,13 @@ def requested_algorithms(algorithm: str) -> list:
     return list(ALL_ALGORITHMS) if algorithm == "all" else [algorithm]
 
 
-def explain(count: int, dtype, world_size: int, wire_dtype, algorithm: str, backend: str) -> dict:
+def explain(count: int, dtype, world_size: int, wire_dtype, algorithm: str, backend: str,
+            node_size=None) -> dict:
     """``paracomm.explain_all_reduce`` for one row: what the algorithm resolves to and its plan's size."""
     import paracomm
 
     info = paracomm.explain_all_reduce(count, dtype, world_size, wire_dtype=wire_dtype, algorithm=algorithm,
-                                       backend=backend)
+                                       backend=backend, node_size=node_size)
     # JSON-safe: dtypes and other objects as their names.
     return {k: (v if isinstance(v, (int, float, str, bool, type(None), list, dict)) else str(v))
             for k, v in dict(info).items()}
@@ -422,6 +433,11 @@ def table_head(header: dict) -> str:
                      + _load_warning(load[0], cores))
     lines += [
         "#",
+    ]
+    topo = header.get("topology")
+    if topo:
+        lines.append(f"#  nodes: {topo['node_map']}" + (f"; {topo['emulated']}" if topo.get("emulated") else ""))
+    lines += [
         "#" + _join([c[0] for c in cols], cols)[1:],
         "#" + _join([c[1] for c in cols], cols)[1:],
         "#" + _join([c[2] for c in cols], cols)[1:],
@@ -585,6 +601,9 @@ def run_rank(ctx, args) -> int:
         "minbytes", "maxbytes", "stepfactor", "iters", "warmup_iters", "check", "datatype", "op",
         "wire_dtype", "algorithm", "inplace", "stats", "check_cost")}
     header["settings"]["algorithms"] = algorithms
+    node_size = _node_size(comm, ctx)
+    if node_size is not None or emulate_mod.describe():
+        header["topology"] = {"node_map": comm.node_map, "emulated": emulate_mod.describe()}
     if lead:
         print(table_head(header), flush=True)
     rows = []
@@ -596,7 +615,7 @@ def run_rank(ctx, args) -> int:
         if wire is not None:
             baseline["relerr"] = relative_error(baseline_op, count, args=args, ctx=ctx)
         for algo in algorithms:
-            plan = explain(count, dtype, ctx.world_size, wire, algo, ctx.backend)
+            plan = explain(count, dtype, ctx.world_size, wire, algo, ctx.backend, node_size)
             row = {"size": nbytes, "count": count, "type": args.datatype, "redop": args.op, "inplace": inplace,
                    "algorithm_requested": algo, "algorithm": plan["algorithm"], "plan": plan}
             row["paracomm"] = measure(paracomm_ops[algo], src=src, inplace=inplace, args=args, ctx=ctx)
@@ -647,11 +666,34 @@ def run_rank(ctx, args) -> int:
     return 0
 
 
+def _node_size(comm, ctx):
+    """Ranks per node when paracomm's node map (found on a first, tiny call) is node_size-shaped and spans more
+    than one node, for explain_all_reduce; else None."""
+    if ctx.device.type != "cpu":
+        return None
+    comm.all_reduce(torch.zeros(1, device=ctx.device))
+    node_map = comm.node_map
+    if not node_map or max(node_map) == 0:
+        return None
+    k = node_map.count(0)
+    return k if node_map == [r // k for r in range(len(node_map))] else None
+
+
 def main(argv=None) -> int:
     """Entry point for ``python -m paracomm.bench allreduce``; returns the exit code (2 for bad flags)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        args = parse_args(sys.argv[1:] if argv is None else list(argv))
+        args = parse_args(argv)
     except SystemExit as e:  # argparse: 2 on a bad flag, 0 after --help
         return e.code if isinstance(e.code, int) else 2
+    if args.emulate_nodes is not None and not os.environ.get(emulate_mod.ENV_MARK):
+        # This process builds the cluster and starts the ranks in it (each rank sees ENV_MARK and runs).
+        try:
+            return emulate_mod.run(["allreduce", "--device", "cpu"] + emulate_mod.strip_flags(argv),
+                                   nodes=args.emulate_nodes, gbit=args.inter_node_gbit, nproc=args.nproc,
+                                   timeout_s=max(600.0, 4 * args.timeout))
+        except (RuntimeError, ValueError) as e:
+            print(f"paracomm-bench allreduce: {e}", file=sys.stderr)
+            return 2
     return launch_mod.launch(run_rank, args, nproc=args.nproc, device=args.device,
                              ranks_per_gpu=args.ranks_per_gpu, timeout_s=args.timeout)
