@@ -28,6 +28,7 @@ from torch.distributed import distributed_c10d as c10d
 
 from . import _C
 from ._cpu_executor import CpuExecutor, PreparedPlan, deadline_wait
+from ._shm import ShmExecutor, make_cpu_executor
 from ._ops import reduce_
 from ._validate import check_wire_dtype
 
@@ -526,9 +527,13 @@ class Communicator:
     def _cpu_executor(self) -> CpuExecutor:
         if self._cpu is None:
             try:
-                self._cpu = CpuExecutor(self._group_store(), self._prefix, self.rank, self.world_size, self.timeout)
+                # shared memory or gloo: PARACOMM_CPU_TRANSPORT and the ranks' placement (paracomm/_shm.py)
+                self._cpu = make_cpu_executor(self._group_store(), self._prefix, self.rank, self.world_size,
+                                              self.timeout)
+            except ValueError:
+                raise
             except Exception as e:  # noqa: BLE001
-                raise self._fail(f"creating paracomm's private gloo group failed (a rank may have died or not "
+                raise self._fail(f"creating paracomm's CPU transport failed (a rank may have died or not "
                                  f"called all_reduce): {e}") from e
         return self._cpu
 
@@ -547,8 +552,13 @@ class Communicator:
             if call.has_final_op and x.numel() > 0:
                 reduce_(x, [x], divisor=call.divisor, scale=call.scale, found_inf=call.found_inf)
             return
-        wait = deadline_wait(deadline, on_error)
         executor = self._cpu_executor()
+        if isinstance(executor, ShmExecutor):  # checks the signature in every call, before any data moves
+            signature = _signature(call)
+            executor.run(call, signature, _chunk_bytes(), deadline, _mismatch_error, on_error)
+            self._seen.add(signature)
+            return
+        wait = deadline_wait(deadline, on_error)
         if self._needs_handshake(call):
             self._handshake_cpu(call, wait)
         plan = self._plans.get(call, self.world_size, self.rank, "gloo", _chunk_bytes())
