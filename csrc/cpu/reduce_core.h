@@ -19,7 +19,7 @@
 
 namespace paracomm {
 
-// Elements per accumulator block: ranges handed to reduce_range start on a multiple of this.
+// Elements per accumulator block (the unit threads split ranges at; results do not depend on it).
 constexpr int64_t kReduceBlock = 1024;
 
 struct ReduceArgs {
@@ -38,7 +38,7 @@ struct ReduceArgs {
   bool check_inf = false;            // report whether a stored value is non-finite (floating only)
 };
 
-// Elements [begin, end) of the reduction `a` (begin a multiple of kReduceBlock, end <= a.n). An input may be
+// Elements [begin, end) of the reduction `a` (0 <= begin, end <= a.n). An input may be
 // out or wire_out itself (each block is read before it is written). Returns true when check_inf is set and a
 // stored value in the range is inf or nan. Throws paracomm::Error for a dtype outside the accumulation family.
 bool reduce_range(const ReduceArgs& a, int64_t begin, int64_t end);

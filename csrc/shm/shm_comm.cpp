@@ -4,6 +4,7 @@
 #include <fcntl.h>
 #include <linux/futex.h>
 #include <poll.h>
+#include <sched.h>
 #include <signal.h>
 #include <sys/mman.h>
 #include <sys/random.h>
@@ -41,6 +42,7 @@ constexpr int64_t kMaxSlotBytes = 64 * 1024;           // a piece: well inside L
 constexpr int64_t kMinSlotBytes = 4 * 1024;
 constexpr int64_t kChannelBudget = 64 * 1024 * 1024;   // all channels' slots together, before kMinSlotBytes
 constexpr double kSleepSlice = 0.02;                   // seconds per futex sleep between liveness checks
+constexpr double kPureSpin = 5e-6;                     // seconds of pause-only spinning before yielding
 
 struct Header {
   std::atomic<uint64_t> magic;
@@ -300,7 +302,13 @@ void ShmComm::wait_until(PollFn&& poll, const char* what, double deadline) {
     const double t = now();
     if (idle_since < 0) idle_since = t;
     if (t - idle_since < spin_s_) {
-      for (int i = 0; i < 16; ++i) PARACOMM_CPU_RELAX();
+      // Spin: a few microseconds of pause, then yield between polls, so a peer (or anything else) waiting for
+      // this core runs instead of being starved by the spin on a loaded machine.
+      if (t - idle_since < kPureSpin) {
+        for (int i = 0; i < 16; ++i) PARACOMM_CPU_RELAX();
+      } else {
+        sched_yield();
+      }
       continue;
     }
     const uint32_t w = me.wake.load(std::memory_order_acquire);
@@ -323,7 +331,7 @@ int32_t ShmComm::resolve_algorithm(int64_t numel, DType dtype, int32_t wire_dtyp
   return static_cast<int32_t>(choose_algorithm(numel, dtype, wire_dtype, world_, Backend::kGloo));
 }
 
-const Plan& ShmComm::plan_for(const CallArgs& a) {
+const ShmComm::Prepared& ShmComm::plan_for(const CallArgs& a) {
   const int32_t algo = resolve_algorithm(a.numel, a.dtype, a.wire_dtype, a.algorithm);
   const auto key = std::make_tuple(a.numel, static_cast<int>(a.dtype), a.wire_dtype, algo, a.found_inf != nullptr,
                                    a.has_final_op, a.chunk_bytes);
@@ -341,9 +349,11 @@ const Plan& ShmComm::plan_for(const CallArgs& a) {
   s.has_found_inf = a.found_inf != nullptr;
   s.has_final_op = a.has_final_op;
   s.chunk_bytes = a.chunk_bytes;
-  Plan plan = make_plan(s);
+  Prepared prepared;
+  prepared.plan = make_plan(s);
+  prepared.fusion = analyse_fusion(prepared.plan);
   if (plans_.size() >= 64) plans_.clear();
-  return plans_.emplace(key, std::move(plan)).first->second;
+  return plans_.emplace(key, std::move(prepared)).first->second;
 }
 
 std::vector<std::vector<int64_t>> ShmComm::all_reduce(const CallArgs& a, const std::vector<int64_t>& signature) {
@@ -351,7 +361,7 @@ std::vector<std::vector<int64_t>> ShmComm::all_reduce(const CallArgs& a, const s
   PARACOMM_CHECK(!failed_, "shared-memory transport: this communicator failed earlier");
   PARACOMM_CHECK(signature.size() <= static_cast<size_t>(kMaxSignature), "shm: a signature holds at most ",
                  kMaxSignature, " values, got ", signature.size());
-  const Plan& plan = plan_for(a);  // validates before anything is published
+  const Prepared& plan = plan_for(a);  // validates before anything is published
   const double deadline = now() + a.timeout_s;
   // 1. Enter call seq_ + 1: signature first, then the release store of seq (peers acquire seq, then read it).
   const uint64_t seq = ++seq_;
@@ -398,7 +408,107 @@ std::vector<std::vector<int64_t>> ShmComm::all_reduce(const CallArgs& a, const s
   return {};
 }
 
-void ShmComm::run_plan(const Plan& plan, const CallArgs& a, double deadline) {
+// ---- receive-in-place ("fusion") ----
+// A receive whose bytes are read once, by the single reduction of its own step, and never again before they
+// are overwritten, need not be copied into its workspace span at all: that reduction can read each piece
+// straight from the sender's channel slot, piece by piece as they arrive, and release the slot after. This
+// saves one copy of every such byte (one_shot's and direct's reduce-scatter receives, the ring's
+// reduce-scatter hops). The analysis below decides it per step from the plan alone (no algorithm names):
+//   * the step has exactly one reduction, and the receive's span is exactly one of its inputs (same count);
+//   * the span is in a workspace buffer (kWire / kRecv: dead after the call, unlike the caller's data) and no
+//     later step reads any of its bytes before a later receive or reduction overwrites all of them;
+//   * the sender is this step's only receive from that peer (so the channel's next pieces are this transfer's);
+//   * the reduction's output does not overlap another receive of the step, and its other inputs are not
+//     received in this step. A send of the step that reads what the reduction writes (one_shot sends the data
+//     it reduces into) is allowed: a piece is reduced only once every such send has copied past it.
+// PARACOMM_SHM_FUSE=0 turns it off (the benchmark compares both; results are the same bits either way: the
+// reduction's arithmetic does not depend on where its inputs live or how its range is cut).
+namespace {
+
+bool overlaps(const PlanSpan& a, int64_t na, const PlanSpan& b, int64_t nb) {
+  return a.buffer == b.buffer && a.offset < b.offset + nb && b.offset < a.offset + na;
+}
+bool covers(const PlanSpan& a, int64_t na, const PlanSpan& b, int64_t nb) {
+  return a.buffer == b.buffer && a.offset <= b.offset && b.offset + nb <= a.offset + na;
+}
+
+// True when nothing after step i reads [sp, sp + n) before it is entirely overwritten (or the call ends).
+bool dead_after(const Plan& plan, size_t i, const PlanSpan& sp, int64_t n) {
+  for (size_t j = i + 1; j < plan.steps.size(); ++j) {
+    const PlanStep& st = plan.steps[j];
+    bool overwritten = false;
+    for (const PlanTransfer& t : st.transfers) {
+      if (t.send && overlaps(t.span, t.count, sp, n)) return false;
+      if (!t.send && covers(t.span, t.count, sp, n)) overwritten = true;
+      else if (!t.send && overlaps(t.span, t.count, sp, n)) return false;
+    }
+    if (overwritten) return true;
+    for (const PlanReduction& r : st.reductions) {
+      for (const PlanSpan& in : r.inputs) {
+        if (overlaps(in, r.count, sp, n)) return false;
+      }
+      if (covers(r.out, r.count, sp, n)) return true;
+      if (overlaps(r.out, r.count, sp, n)) return false;
+      if (r.round_to_wire && r.has_wire_out && overlaps(r.wire_out, r.count, sp, n)) return false;
+    }
+  }
+  return true;
+}
+
+}  // namespace
+
+std::vector<ShmComm::StepFusion> ShmComm::analyse_fusion(const Plan& plan) {
+  std::vector<StepFusion> out(plan.steps.size());
+  const bool enabled = env_int("PARACOMM_SHM_FUSE", 1) != 0;
+  for (size_t i = 0; i < plan.steps.size(); ++i) {
+    const PlanStep& st = plan.steps[i];
+    StepFusion& f = out[i];
+    f.input_of.assign(st.transfers.size(), -1);
+    if (!enabled || st.reductions.size() != 1) continue;
+    const PlanReduction& rd = st.reductions[0];
+    std::map<int, int> receives;
+    for (const PlanTransfer& t : st.transfers) {
+      if (!t.send) ++receives[t.peer];
+    }
+    bool any = false;
+    for (size_t k = 0; k < st.transfers.size(); ++k) {
+      const PlanTransfer& t = st.transfers[k];
+      const bool workspace = t.span.buffer == PlanBuffer::kWire || t.span.buffer == PlanBuffer::kRecv;
+      if (t.send || !workspace || receives[t.peer] != 1 || t.count != rd.count) continue;
+      int pos = -1, hits = 0;
+      for (size_t j = 0; j < rd.inputs.size(); ++j) {
+        if (rd.inputs[j].buffer == t.span.buffer && rd.inputs[j].offset == t.span.offset) {
+          pos = static_cast<int>(j);
+          ++hits;
+        } else if (overlaps(rd.inputs[j], rd.count, t.span, t.count)) {
+          hits += 2;
+        }
+      }
+      if (hits != 1 || !dead_after(plan, i, t.span, t.count)) continue;
+      f.input_of[k] = pos;
+      any = true;
+    }
+    if (!any) continue;
+    bool ok = true;
+    for (size_t k = 0; k < st.transfers.size() && ok; ++k) {
+      const PlanTransfer& t = st.transfers[k];
+      if (t.send || f.input_of[k] >= 0) continue;
+      // A receive that stays a copy: the reduction must neither write nor read its bytes while it lands.
+      ok = !overlaps(rd.out, rd.count, t.span, t.count) &&
+           !(rd.round_to_wire && rd.has_wire_out && overlaps(rd.wire_out, rd.count, t.span, t.count));
+      for (const PlanSpan& in : rd.inputs) ok = ok && !overlaps(in, rd.count, t.span, t.count);
+    }
+    if (!ok) {
+      f.input_of.assign(st.transfers.size(), -1);
+      continue;
+    }
+    f.reduction = 0;
+  }
+  return out;
+}
+
+void ShmComm::run_plan(const Prepared& prepared, const CallArgs& a, double deadline) {
+  const Plan& plan = prepared.plan;
   const PlanSpec& s = plan.spec;
   const DType travel = s.travel_dtype();
   const size_t ws_bytes = static_cast<size_t>(plan.workspace_bytes()) + 256;
@@ -420,10 +530,12 @@ void ShmComm::run_plan(const Plan& plan, const CallArgs& a, double deadline) {
     PARACOMM_CHECK(b >= 0 && b < kBuffers, "shm: plan buffer ", b, " is not bound by this executor");
     return buffers[b];
   };
-  auto ptr = [&](const PlanSpan& sp) { return buffer(sp).base + sp.offset * dtype_size(buffer(sp).dtype); };
+  auto esize = [&](const PlanSpan& sp) { return dtype_size(buffer(sp).dtype); };
+  auto ptr = [&](const PlanSpan& sp) { return buffer(sp).base + sp.offset * esize(sp); };
 
   struct Xfer {
     bool send;
+    bool fused;  // a receive the step's reduction reads in place (analyse_fusion)
     int peer;
     char* p;
     int64_t bytes;
@@ -431,7 +543,7 @@ void ShmComm::run_plan(const Plan& plan, const CallArgs& a, double deadline) {
   };
   std::vector<Xfer> xs;
   std::vector<uint8_t> busy(static_cast<size_t>(2 * world_));
-  std::vector<const void*> inputs;
+  std::vector<const void*> inputs, piece_inputs;
   bool found = false;
   const uint64_t K = static_cast<uint64_t>(kSlots);
   const int64_t S = slot_bytes_;
@@ -472,51 +584,131 @@ void ShmComm::run_plan(const Plan& plan, const CallArgs& a, double deadline) {
     return moved;
   };
 
-  for (const PlanStep& step : plan.steps) {
+  // The reduction's arguments for its elements [begin, begin + n): inputs[j] points at element begin of input j
+  // (for a fused input: at the start of the channel slot holding that piece).
+  auto reduce_piece = [&](const PlanReduction& r, const std::vector<const void*>& in, int64_t begin, int64_t n) {
+    ReduceArgs ra;
+    ra.n = n;
+    ra.out = ptr(r.out) + begin * esize(r.out);
+    ra.out_dtype = buffer(r.out).dtype;
+    ra.num_inputs = static_cast<int32_t>(in.size());
+    ra.inputs = in.data();
+    ra.first_dtype = buffer(r.inputs[0]).dtype;
+    ra.rest_dtype = r.inputs.size() > 1 ? buffer(r.inputs[1]).dtype : ra.first_dtype;
+    ra.divisor = r.final ? a.divisor : 1.0;
+    ra.scale = r.final ? a.scale : nullptr;
+    ra.round = r.round_to_wire;
+    if (ra.round) ra.wire_dtype = static_cast<DType>(s.wire_dtype);
+    ra.wire_out = r.round_to_wire && r.has_wire_out ? ptr(r.wire_out) + begin * esize(r.wire_out) : nullptr;
+    ra.check_inf = r.check_inf && a.found_inf != nullptr;
+    found |= reduce_range(ra, 0, n);
+  };
+
+  for (size_t si = 0; si < plan.steps.size(); ++si) {
+    const PlanStep& step = plan.steps[si];
+    const StepFusion& fusion = prepared.fusion[si];
+    const PlanReduction* fused = fusion.reduction >= 0 ? &step.reductions[static_cast<size_t>(fusion.reduction)]
+                                                       : nullptr;
     // Transfers: all of the step's progress together (the peers run the matching ones now; sends and receives
     // in both directions interleave, so a full channel never blocks a receive). Per (direction, peer) only the
     // first unfinished transfer moves: the channel is a FIFO in plan order.
     if (!step.transfers.empty()) {
       xs.clear();
-      for (const PlanTransfer& t : step.transfers) {
-        xs.push_back(Xfer{t.send, t.peer, ptr(t.span), t.count * dtype_size(buffer(t.span).dtype), 0});
+      for (size_t k = 0; k < step.transfers.size(); ++k) {
+        const PlanTransfer& t = step.transfers[k];
+        xs.push_back(Xfer{t.send, fusion.input_of[k] >= 0, t.peer, ptr(t.span), t.count * esize(t.span), 0});
       }
+      // The fused reduction, piece by piece: piece_elems elements of the received dtype per channel slot.
+      int64_t reduced = 0;
+      int64_t piece_elems = 0;
+      if (fused != nullptr) {
+        inputs.clear();
+        for (const PlanSpan& in : fused->inputs) inputs.push_back(ptr(in));
+        piece_inputs.assign(inputs.size(), nullptr);
+        for (size_t k = 0; k < xs.size(); ++k) {
+          if (xs[k].fused) piece_elems = S / esize(step.transfers[k].span);
+        }
+      }
+      auto reduce_ready_pieces = [&]() -> bool {
+        bool moved = false;
+        while (reduced < fused->count) {
+          const int64_t n = std::min(piece_elems, fused->count - reduced);
+          // Every fused input's next piece must be in its slot ...
+          for (size_t k = 0; k < xs.size(); ++k) {
+            if (!xs[k].fused) continue;
+            const ChannelCtl& ch = channel(xs[k].peer, rank_);
+            if (ch.head.load(std::memory_order_acquire) <= ch.tail.load(std::memory_order_relaxed)) return moved;
+          }
+          // ... and every send that reads what this piece writes must have copied past it (exactly past it: a
+          // send waits for its peer's reduction to free slots, so waiting for more could close a cycle).
+          for (size_t k = 0; k < xs.size(); ++k) {
+            const PlanTransfer& t = step.transfers[k];
+            if (!t.send || xs[k].done == xs[k].bytes) continue;
+            int64_t need = 0;  // elements of the send that must have been copied
+            auto require = [&](const PlanSpan& written) {
+              const PlanSpan piece{written.buffer, written.offset + reduced};
+              if (overlaps(t.span, t.count, piece, n)) {
+                need = std::max(need, std::min(t.span.offset + t.count, piece.offset + n) - t.span.offset);
+              }
+            };
+            require(fused->out);
+            if (fused->round_to_wire && fused->has_wire_out) require(fused->wire_out);
+            if (xs[k].done < need * esize(t.span)) return moved;
+          }
+          for (size_t j = 0; j < inputs.size(); ++j) {
+            piece_inputs[j] = static_cast<const char*>(inputs[j]) + reduced * esize(fused->inputs[j]);
+          }
+          for (size_t k = 0; k < xs.size(); ++k) {
+            if (!xs[k].fused) continue;
+            const ChannelCtl& ch = channel(xs[k].peer, rank_);
+            piece_inputs[static_cast<size_t>(fusion.input_of[k])] =
+                slot(xs[k].peer, rank_, ch.tail.load(std::memory_order_relaxed));
+          }
+          reduce_piece(*fused, piece_inputs, reduced, n);
+          for (size_t k = 0; k < xs.size(); ++k) {
+            if (!xs[k].fused) continue;
+            ChannelCtl& ch = channel(xs[k].peer, rank_);
+            ch.tail.store(ch.tail.load(std::memory_order_relaxed) + 1, std::memory_order_release);
+            notify(xs[k].peer);
+            xs[k].done = std::min(xs[k].bytes, xs[k].done + S);
+          }
+          reduced += n;
+          moved = true;
+        }
+        return moved;
+      };
       wait_until(
           [&]() -> int {
             std::fill(busy.begin(), busy.end(), 0);
             bool progressed = false, left = false;
             for (Xfer& x : xs) {
               if (x.done == x.bytes) continue;
+              left = true;
+              if (x.fused) continue;  // consumed by the reduction below
               uint8_t& b = busy[static_cast<size_t>(x.send ? x.peer : world_ + x.peer)];
               if (!b) {
                 b = 1;
                 progressed |= x.send ? push(x) : pull(x);
               }
-              left |= x.done < x.bytes;
             }
+            if (fused != nullptr && reduced < fused->count) {
+              left = true;
+              progressed |= reduce_ready_pieces();
+            }
+            if (!left) return kDone;
+            left = fused != nullptr && reduced < fused->count;
+            for (const Xfer& x : xs) left |= x.done < x.bytes;
             return !left ? kDone : progressed ? kProgress : kNothing;
           },
           "a transfer", deadline);
     }
     // Reductions, in order, after every transfer of this step and the earlier ones (all complete by now).
-    for (const PlanReduction& r : step.reductions) {
+    for (size_t ri = 0; ri < step.reductions.size(); ++ri) {
+      if (fused != nullptr && static_cast<int>(ri) == fusion.reduction) continue;  // done piece by piece above
+      const PlanReduction& r = step.reductions[ri];
       inputs.clear();
       for (const PlanSpan& in : r.inputs) inputs.push_back(ptr(in));
-      ReduceArgs ra;
-      ra.n = r.count;
-      ra.out = ptr(r.out);
-      ra.out_dtype = buffer(r.out).dtype;
-      ra.num_inputs = static_cast<int32_t>(inputs.size());
-      ra.inputs = inputs.data();
-      ra.first_dtype = buffer(r.inputs[0]).dtype;
-      ra.rest_dtype = r.inputs.size() > 1 ? buffer(r.inputs[1]).dtype : ra.first_dtype;
-      ra.divisor = r.final ? a.divisor : 1.0;
-      ra.scale = r.final ? a.scale : nullptr;
-      ra.round = r.round_to_wire;
-      if (ra.round) ra.wire_dtype = static_cast<DType>(s.wire_dtype);
-      ra.wire_out = r.round_to_wire && r.has_wire_out ? ptr(r.wire_out) : nullptr;
-      ra.check_inf = r.check_inf && a.found_inf != nullptr;
-      found |= reduce_range(ra, 0, r.count);
+      reduce_piece(r, inputs, 0, r.count);
     }
   }
   if (found) *a.found_inf = 1.0f;

@@ -83,7 +83,17 @@ class ShmComm {
  private:
   struct RankCtl;
   struct ChannelCtl;
-  struct Waiter;
+  // Per plan step: the reduction that reads its received inputs in place from the channel slots (-1: none) and,
+  // per transfer, the input position it feeds (-1: an ordinary copy). shm_comm.cpp, "receive-in-place".
+  struct StepFusion {
+    int32_t reduction = -1;
+    std::vector<int32_t> input_of;
+  };
+  struct Prepared {
+    Plan plan;
+    std::vector<StepFusion> fusion;
+  };
+  static std::vector<StepFusion> analyse_fusion(const Plan& plan);
 
   RankCtl& ctl(int r) const;
   ChannelCtl& channel(int src, int dst) const;
@@ -92,8 +102,8 @@ class ShmComm {
   void notify_all() const;
   [[noreturn]] void raise(const std::string& what);
   void check_peers(const char* what);
-  const Plan& plan_for(const CallArgs& a);
-  void run_plan(const Plan& plan, const CallArgs& a, double deadline);
+  const Prepared& plan_for(const CallArgs& a);
+  void run_plan(const Prepared& prepared, const CallArgs& a, double deadline);
   template <typename Poll>
   void wait_until(Poll&& poll, const char* what, double deadline);
 
@@ -112,7 +122,7 @@ class ShmComm {
   std::mutex mu_;             // one call at a time
   std::vector<char> workspace_;
   // Plans by (numel, dtype, wire, algorithm, has_found_inf, has_final_op, chunk_bytes).
-  std::map<std::tuple<int64_t, int, int, int, bool, bool, int64_t>, Plan> plans_;
+  std::map<std::tuple<int64_t, int, int, int, bool, bool, int64_t>, Prepared> plans_;
 };
 
 }  // namespace shm
