@@ -308,3 +308,45 @@ def test_stalled_peer_raises_at_the_timeout():
     results = run_ranks(3, _stalled, timeout_s, timeout=120)
     for elapsed in results[:-1]:
         assert timeout_s - 0.1 <= elapsed < timeout_s + 5, elapsed
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Exit: no "terminate called without an active exception", nothing left behind
+# ------------------------------------------------------------------------------------------------------------
+
+_EXIT_SCRIPT = r"""
+import os, sys
+from datetime import timedelta
+import torch, torch.distributed as dist
+import paracomm
+rank, world, init = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+dist.init_process_group("gloo", init_method="file://" + init, rank=rank, world_size=world,
+                        timeout=timedelta(seconds=60))
+comm = paracomm.Communicator(timeout=timedelta(seconds=60))
+works = [comm.all_reduce(torch.full((1000 + i,), float(rank)), async_op=True) for i in range(20)]
+works[-1].wait()
+x = torch.ones(1 << 16)
+comm.all_reduce(x)
+assert x[0].item() == world
+print("name", comm._cpu.name, flush=True)
+# exit without destroy_process_group and with the worker thread still alive
+"""
+
+
+def test_exit_is_clean_and_leaves_nothing(tmp_path):
+    import subprocess
+    import sys
+
+    script = tmp_path / "exit_rank.py"
+    script.write_text(_EXIT_SCRIPT)
+    env = dict(os.environ)
+    for run in range(3):
+        init = str(tmp_path / f"rdzv{run}")
+        procs = [subprocess.Popen([sys.executable, str(script), str(r), "2", init], env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+        outs = [p.communicate(timeout=180) for p in procs]
+        for p, (out, err) in zip(procs, outs):
+            assert p.returncode == 0, err
+            assert "terminate called" not in err, err
+            name = out.split("name ", 1)[1].split()[0]
+            assert not os.path.exists(_segment_path(name))

@@ -127,8 +127,10 @@ def make_libs(names, comm, rank, world):
                 import deepspeed
                 import deepspeed.comm as dscomm
 
+                from deepspeed.comm import comm as dscomm_module  # `cdb` lives there, not in the package
+
                 dscomm.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
-                backend = dscomm.cdb
+                backend = dscomm_module.cdb
                 if getattr(backend, "shm_comm_op", None) is None:
                     raise RuntimeError("DeepSpeed's shm op did not build")
                 level = getattr(backend, "shm_vector_kernel_level", 0)
