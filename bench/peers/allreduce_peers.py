@@ -80,8 +80,8 @@ def launch(args, argv) -> int:
     if have_mpi:
         env["PEERS_LAUNCHER"] = "mpirun"
         forward = []
-        for k in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "LOCAL_SIZE", "DS_ACCELERATOR", "PYTHONPATH",
-                  "PARACOMM_CPU_TRANSPORT", "PEERS_LAUNCHER"):
+        for k in ["MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "LOCAL_SIZE", "DS_ACCELERATOR", "PYTHONPATH",
+                  "PEERS_LAUNCHER"] + sorted(k for k in env if k.startswith("PARACOMM_")):
             if k in env:
                 forward += ["-x", k]
         full = [mpirun, "-n", str(args.nproc), "--oversubscribe", "--bind-to", "none"]
