@@ -14,7 +14,8 @@
 // the channels stay aligned); then run the plan step by step: a step's transfers progress together (a send copies
 // pieces into the channel while there is room, a receive copies them out as they arrive; per channel in plan order),
 // then its reductions (reduce_range, cpu/reduce_core.h). Plans are matched across ranks (plan.h's invariants), so
-// the channels' FIFOs line up piece for piece and need no headers.
+// the channels' FIFOs line up piece for piece and need no headers. Where the plan allows it (analyse_fusion), a
+// reduction reads received pieces in place from the channel slots instead of from a copy ("receive in place").
 //
 // Waiting: spin (PARACOMM_SHM_SPIN_US, default 50 us), then sleep on the rank's futex in slices of at most 20 ms;
 // at every slice the peers' `failed` flags and liveness (pidfd, or kill(pid, 0)) are checked, and the deadline.
