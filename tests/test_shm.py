@@ -157,6 +157,10 @@ def _two_comms(rank, world_size, salt):
     ok = torch.full((33,), float(rank))
     a.all_reduce(ok)
     assert torch.equal(ok, torch.full((33,), float(sum(range(n)))))
+    # What shm does not run goes to a gloo CpuExecutor created on first use (collective: every rank asks).
+    t = torch.tensor([float(rank)])
+    a._cpu.pg.allreduce([t]).wait()
+    assert t.item() == sum(range(n))
     return _digest(xa)
 
 

@@ -139,10 +139,25 @@ class ShmExecutor:
             _C.ShmComm.unlink(self.name)
         comm.attach_peers(timeout.total_seconds())
         self._comm = comm
+        self._gloo = None  # a CpuExecutor for what shm does not run (see __getattr__)
+        self._gloo_args = (store, prefix, rank, world_size, timeout)
         self._fixed: dict = {}  # (signature, chunk_bytes) -> the call's constant arguments
         self._default_chunk = _default_chunk_bytes()
 
-    def run(self, call, signature: tuple, chunk_bytes: int, deadline: float, mismatch_error, on_error) -> None:
+    def __getattr__(self, name):
+        # Anything else a caller expects of the gloo CpuExecutor (its ``run(plan, ...)``, ``pg``: e.g. a
+        # collective not yet ported to shm) goes to one, created on first use. Creating it is a rendezvous of
+        # the group's ranks, which all make the same collective call.
+        if name.startswith("_"):
+            raise AttributeError(name)
+        if self._gloo is None:
+            from ._cpu_executor import CpuExecutor
+
+            self._gloo = CpuExecutor(*self._gloo_args)
+        return getattr(self._gloo, name)
+
+    def all_reduce(self, call, signature: tuple, chunk_bytes: int, deadline: float, mismatch_error,
+                   on_error) -> None:
         """All-reduce ``call.flat`` in place (one C++ call).
 
         ``signature``: the call's signature tuple (ranks must agree on it; checked on every call, before any data

@@ -555,7 +555,7 @@ class Communicator:
         executor = self._cpu_executor()
         if isinstance(executor, ShmExecutor):  # checks the signature in every call, before any data moves
             signature = _signature(call)
-            executor.run(call, signature, _chunk_bytes(), deadline, _mismatch_error, on_error)
+            executor.all_reduce(call, signature, _chunk_bytes(), deadline, _mismatch_error, on_error)
             self._seen.add(signature)
             return
         wait = deadline_wait(deadline, on_error)
