@@ -278,13 +278,16 @@ def _misc(rank, world_size):
     except ValueError as e:
         assert "not supported" in str(e)
 
-    # The first-sight handshake: a signature is checked once per Communicator (PARACOMM_CHECK_SHAPES=1).
-    sig_before = len(comm._seen)
-    for _ in range(3):
+    # gloo checks every call (the header): a signature seen before that now differs still raises on every rank.
+    for _ in range(2):
         comm.all_reduce(torch.ones(4321))
-    assert len(comm._seen) == sig_before + 1
+    try:
+        comm.all_reduce(torch.ones(4321 if rank else 4320))
+        raise AssertionError("a mismatch in a signature seen before did not raise")
+    except RuntimeError as e:
+        assert "numel differs" in str(e), str(e)
 
-    # PARACOMM_CHECK_SHAPES=0 skips the handshake; matching calls still work.
+    # PARACOMM_CHECK_SHAPES=0 turns the header off; matching calls still work.
     os.environ["PARACOMM_CHECK_SHAPES"] = "0"
     z = _int_valued(rank, 333, torch.float16)
     comm.all_reduce(z)

@@ -162,13 +162,16 @@ def test_allreduce_cli_prints_table_writes_json_and_png(tmp_path):
         assert row["algorithm_requested"] == "auto" and row["algorithm"] == row["plan"]["algorithm"]
         for impl in ("paracomm", "baseline"):
             m = row[impl]
-            assert set(m) == {"time_us", "algbw_gbps", "busbw_gbps", "wrong"}
+            assert set(m) == {"time_us", "algbw_gbps", "busbw_gbps", "wrong", "time_p10_us", "time_p90_us"}
             assert m["wrong"] == 0
+            assert 0 < m["time_p10_us"] <= m["time_p90_us"]
             assert m["time_us"] > 0
             assert m["algbw_gbps"] == pytest.approx(row["size"] / (m["time_us"] * 1e-6) / 1e9)
             assert m["busbw_gbps"] == pytest.approx(m["algbw_gbps"])  # 2(n-1)/n == 1 at n = 2
         assert row["busbw_ratio"] == pytest.approx(row["paracomm"]["busbw_gbps"] / row["baseline"]["busbw_gbps"])
     assert data["summary"]["wrong_total"] == 0
+    assert len(head["loadavg_start"]) == 3 and len(data["summary"]["loadavg_end"]) == 3
+    assert "load average at start" in out and "load average at end" in out
 
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     import matplotlib
@@ -302,3 +305,35 @@ def test_allreduce_cli_two_ranks_on_one_gpu():
     rows = _table_rows(proc.stdout)
     assert [int(r[0]) for r in rows] == [4096, 65536]
     assert all(r[8] == "0" and r[12] == "0" for r in rows)  # #wrong of paracomm and of NCCL
+
+
+def test_allreduce_cli_one_rank_with_stats(tmp_path):
+    """--nproc 1 (one GPU, or one CPU rank): busbw is 0 on both sides, the ratio is the time ratio against
+    torch's world-1 call; --stats prints each row's p10 / p90 spread."""
+    out_json = tmp_path / "one.json"
+    proc = _run(["allreduce", "--device", "cpu", "--nproc", "1", "-b", "4K", "-e", "16K", "-f", "4", "-n", "5",
+                 "-w", "1", "--stats", "--json", str(out_json)])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "world size 1" in proc.stdout
+    spreads = [line for line in proc.stdout.splitlines() if line.startswith("#   ^ spread p10/p90")]
+    assert len(spreads) == 2 and all("paracomm" in line and "baseline" in line for line in spreads)
+    data = json.loads(out_json.read_text())
+    assert data["header"]["settings"]["stats"] is True
+    for row in data["rows"]:
+        p, q = row["paracomm"], row["baseline"]
+        assert p["busbw_gbps"] == 0 and q["busbw_gbps"] == 0 and p["wrong"] == 0
+        assert row["busbw_ratio"] == pytest.approx(q["time_us"] / p["time_us"])
+        assert row["ratio_p90_p10"] <= row["busbw_ratio"] <= row["ratio_p10_p90"]
+
+
+def test_allreduce_cli_check_cost_times_both_modes(tmp_path):
+    """--check-cost: paracomm with and without the per-call signature check, alternating in one run."""
+    out_json = tmp_path / "cost.json"
+    proc = _run(["allreduce", "--device", "cpu", "--nproc", "2", "-b", "4K", "-e", "4K", "-n", "3", "-w", "1",
+                 "--check-cost", "--json", str(out_json)])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "signature check:" in proc.stdout and "the check costs" in proc.stdout
+    (row,) = json.loads(out_json.read_text())["rows"]
+    checked, unchecked = row["paracomm"], row["paracomm_unchecked"]
+    assert checked["wrong"] == 0 and unchecked["time_us"] > 0
+    assert row["check_cost"] == pytest.approx(checked["time_us"] / unchecked["time_us"] - 1)

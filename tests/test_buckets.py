@@ -160,7 +160,8 @@ def _train(rank, world_size, bucketer_kwargs):
     _run_steps(rank, model, net, sync)
     out = {"params": _params(model)}
     if bucketer_kwargs is not None:
-        out["never_used_grad"] = model.never_used.grad.clone().numpy()
+        grad = model.never_used.grad
+        out["never_used_grad"] = None if grad is None else grad.clone().numpy()
         out["buckets"] = [[n for n, q in model.named_parameters() if any(q is p for p in b)]
                           for b in bucketer.buckets]
         bucketer.remove()
@@ -368,9 +369,10 @@ def test_ranks_never_diverge(results):
                 assert (a == b).all(), (name, rank)
 
 
-def test_parameter_unused_on_every_rank_gets_zero_grad(results):
+def test_parameter_unused_on_every_rank_keeps_grad_none(results):
+    # As DDP's reducer: the used flags reduced with each bucket say no rank had a gradient for it.
     for r in results:
-        assert (r["bucketer"]["never_used_grad"] == 0).all()
+        assert r["bucketer"]["never_used_grad"] is None
 
 
 def test_buckets_start_during_backward(results):
@@ -455,3 +457,65 @@ def test_torch_collective_between_backward_and_wait_does_not_deadlock(world_size
     grads = run_ranks(world_size, _loss_all_reduce_between, 100, timeout=300)
     for r in range(1, world_size):
         assert grads[r] == grads[0], f"rank {r} ended with other gradients than rank 0"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The bucketer follows the model (DDP's reducer rule): dtype change, a layer frozen later, sparse embeddings
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _follows_model(rank, world_size):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+    bucketer = paracomm.GradBucketer(model, bucket_cap_mb=CAP_MB)
+    out = {}
+    # model.double() after construction: the gradients are reduced in float64 (float32 would miss by ~1e-7).
+    model.double()
+    x = torch.randn(10, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(rank + 1))
+    model(x).pow(2).sum().backward()
+    bucketer.wait()
+    reduced = [p.grad.clone() for p in model.parameters()]
+    out["bucket_dtypes"] = sorted({str(b[0].dtype) for b in bucketer.buckets})
+    # The float64 reference: torch's all-reduce of each local gradient, divided by the world size.
+    model.zero_grad(set_to_none=True)
+    with bucketer.no_sync():
+        model(x).pow(2).sum().backward()
+    expected = []
+    for p in model.parameters():
+        g = p.grad.clone()
+        dist.all_reduce(g)
+        expected.append(g / world_size)
+    out["float64_err"] = max(((a - e).abs().max() / e.abs().max()).item() for a, e in zip(reduced, expected))
+    out["grad_dtypes"] = sorted({str(g.dtype) for g in reduced})
+    # A layer frozen after construction keeps its weights through SGD with weight decay (its grad stays None).
+    model[0].requires_grad_(False)
+    frozen = model[0].weight.detach().clone()
+    head = model[2].weight.detach().clone()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, weight_decay=0.1, momentum=0.9)
+    for _ in range(3):
+        opt.zero_grad(set_to_none=True)
+        model(x).pow(2).sum().backward()
+        bucketer.wait()
+        opt.step()
+    out["frozen_grad_none"] = model[0].weight.grad is None and model[0].bias.grad is None
+    out["frozen_kept"] = torch.equal(frozen, model[0].weight)
+    out["head_moved"] = not torch.equal(head, model[2].weight)
+    out["trainable_in_buckets"] = sum(len(b) for b in bucketer.buckets)
+    bucketer.remove()
+    # A sparse embedding is refused at construction, naming the parameter.
+    net = torch.nn.ModuleDict({"dense": torch.nn.Linear(3, 3), "tokens": torch.nn.Embedding(10, 3, sparse=True)})
+    try:
+        paracomm.GradBucketer(net)
+        out["sparse"] = "accepted"
+    except ValueError as e:
+        out["sparse"] = str(e)
+    return out
+
+
+def test_bucketer_follows_the_model():
+    for r in run_ranks(2, _follows_model, timeout=180):
+        assert r["bucket_dtypes"] == ["torch.float64"] and r["grad_dtypes"] == ["torch.float64"], r
+        assert r["float64_err"] <= 1e-12, r["float64_err"]
+        assert r["frozen_grad_none"] and r["frozen_kept"] and r["head_moved"], r
+        assert r["trainable_in_buckets"] == 2  # the head's weight and bias
+        assert "'tokens.weight'" in r["sparse"] and "sparse" in r["sparse"], r["sparse"]

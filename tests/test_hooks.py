@@ -8,6 +8,7 @@ implementations (fp32: 1e-6; compressed wires: a bound from the wire dtype's rou
 import math
 
 import pytest
+from datetime import timedelta
 import torch
 import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks as torch_hooks
@@ -92,6 +93,19 @@ def _train(rank, state, hook):
     return _flat_params(model), len(rebuilt.split(",")) if rebuilt else 0
 
 
+def _deprecated_state():
+    import warnings
+
+    from paracomm import hooks
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        state = hooks.RingHookState()
+    assert any(issubclass(w.category, DeprecationWarning) for w in caught)
+    assert isinstance(state, hooks.FusedHookState)
+    return state
+
+
 def _hook_cases(rank, world_size):
     world_copy = dist.new_group(list(range(world_size)))  # a ProcessGroup as the hooks' state
     torch_bf16 = _renamed(torch_hooks.bf16_compress_hook, "torch_bf16_hook")
@@ -111,13 +125,15 @@ def _hook_cases(rank, world_size):
         "bf16_wrapper": (None, hooks.bf16_compress_wrapper(hooks.allreduce_hook)),
         # The wrappers' general path (any inner hook): cast the bucket, run the hook, copy back.
         "fp16_wrapper.torch_inner": (None, hooks.fp16_compress_wrapper(torch_hooks.allreduce_hook)),
-        "bf16_wrapper.ring_inner": (hooks.RingHookState(), hooks.bf16_compress_wrapper(hooks.ring_hook)),
-        "ring": (hooks.RingHookState(), hooks.ring_hook),
-        "ring.group": (hooks.RingHookState(world_copy), hooks.ring_hook),
-        "ring.direct": (hooks.RingHookState(algorithm="direct"), hooks.ring_hook),
-        "ring.one_shot": (hooks.RingHookState(algorithm="one_shot"), hooks.ring_hook),
-        "ring.fp16": (hooks.RingHookState(wire_dtype=torch.float16), hooks.ring_hook),
-        "ring.bf16": (hooks.RingHookState(wire_dtype=torch.bfloat16), hooks.ring_hook),
+        "bf16_wrapper.ring_inner": (hooks.FusedHookState(), hooks.bf16_compress_wrapper(hooks.fused_hook)),
+        "ring": (hooks.FusedHookState(), hooks.fused_hook),
+        "ring.group": (hooks.FusedHookState(world_copy), hooks.fused_hook),
+        "ring.direct": (hooks.FusedHookState(algorithm="direct"), hooks.fused_hook),
+        "ring.one_shot": (hooks.FusedHookState(algorithm="one_shot"), hooks.fused_hook),
+        "ring.fp16": (hooks.FusedHookState(wire_dtype=torch.float16), hooks.fused_hook),
+        "ring.bf16": (hooks.FusedHookState(wire_dtype=torch.bfloat16), hooks.fused_hook),
+        # The deprecated names still work (and run the same all-reduce).
+        "ring.alias": (_deprecated_state(), hooks.ring_hook),
     }
     out = {name: _train(rank, state, hook) for name, (state, hook) in cases.items()}
     init = _flat_params(_mlp())
@@ -142,7 +158,7 @@ def test_bf16_hooks_have_names_ddp_accepts_without_nccl():
 
 def test_ranks_never_diverge(hook_results):
     names = [k for k in hook_results[0] if k not in ("init", "num_buckets")]
-    assert len(names) == 20
+    assert len(names) == 21
     for name in names:
         for rank in range(1, len(hook_results)):
             assert torch.equal(hook_results[rank][name], hook_results[0][name]), (name, rank)
@@ -155,7 +171,7 @@ def test_training_moved_the_parameters_through_several_buckets(hook_results):
 
 
 @pytest.mark.parametrize("name", ["allreduce", "allreduce.group", "ring", "ring.group", "ring.direct",
-                                  "ring.one_shot"])
+                                  "ring.one_shot", "ring.alias"])
 def test_fp32_hooks_match_torch_allreduce(hook_results, name):
     r = hook_results[0]
     assert _max_diff(r["torch.allreduce"], r["reference"]) <= 1e-6
@@ -236,7 +252,7 @@ def _scaler_cases(rank, world_size):
     out = {"torch": _scaled_train(rank, torch.amp.GradScaler("cpu", **_SCALER_ARGS), None, None)}
     for name, wire in (("ring", None), ("ring.bf16", torch.bfloat16)):
         scaler = GradScaler("cpu", **_SCALER_ARGS)
-        out[name] = _scaled_train(rank, scaler, hooks.RingHookState(wire_dtype=wire, scaler=scaler), hooks.ring_hook)
+        out[name] = _scaled_train(rank, scaler, hooks.FusedHookState(wire_dtype=wire, scaler=scaler), hooks.fused_hook)
     return _portable(out)
 
 
@@ -269,34 +285,38 @@ def test_ring_hook_with_scaler_skips_like_torch():
 
 def test_ring_hook_state_refuses_bad_arguments():
     with pytest.raises(TypeError, match="process_group"):
-        hooks.RingHookState("world")
+        hooks.FusedHookState("world")
     with pytest.raises(TypeError, match="wire_dtype"):
-        hooks.RingHookState(wire_dtype="bf16")
+        hooks.FusedHookState(wire_dtype="bf16")
     with pytest.raises(ValueError, match="wire_dtype"):
-        hooks.RingHookState(wire_dtype=torch.float32)
+        hooks.FusedHookState(wire_dtype=torch.float32)
     with pytest.raises(ValueError, match="wire_dtype"):
-        hooks.RingHookState(wire_dtype=torch.int8)
+        hooks.FusedHookState(wire_dtype=torch.int8)
     with pytest.raises(TypeError, match="scaler.*paracomm.amp.GradScaler"):
-        hooks.RingHookState(scaler=torch.amp.GradScaler("cpu"))
+        hooks.FusedHookState(scaler=torch.amp.GradScaler("cpu"))
     with pytest.raises(TypeError, match="scaler"):
-        hooks.RingHookState(scaler=object())
+        hooks.FusedHookState(scaler=object())
     with pytest.raises(TypeError):
-        hooks.RingHookState(None, torch.float16)  # wire_dtype is keyword-only
+        hooks.FusedHookState(None, torch.float16)  # wire_dtype is keyword-only
     with pytest.raises(ValueError, match="algorithm"):
-        hooks.RingHookState(algorithm="two_shot")
+        hooks.FusedHookState(algorithm="two_shot")
     with pytest.raises(TypeError, match="algorithm"):
-        hooks.RingHookState(algorithm=1)
-    state = hooks.RingHookState(wire_dtype=torch.bfloat16)
+        hooks.FusedHookState(algorithm=1)
+    with pytest.raises(TypeError, match="timeout"):
+        hooks.FusedHookState(timeout=30)
+    with pytest.raises(ValueError, match="timeout"):
+        hooks.FusedHookState(timeout=timedelta(seconds=-1))
+    state = hooks.FusedHookState(wire_dtype=torch.bfloat16)
     assert state.wire_dtype is torch.bfloat16 and state.process_group is None and state.scaler is None
-    assert state.algorithm is None and hooks.RingHookState(algorithm="direct").algorithm == "direct"
+    assert state.algorithm is None and hooks.FusedHookState(algorithm="direct").algorithm == "direct"
 
 
 def test_hooks_refuse_bad_state_and_wrappers_refuse_non_callables():
     for hook in (hooks.allreduce_hook, hooks.fp16_compress_hook, hooks.bf16_compress_hook):
         with pytest.raises(TypeError, match="ProcessGroup"):
             hook("world", None)
-    with pytest.raises(TypeError, match="RingHookState"):
-        hooks.ring_hook(None, None)
+    with pytest.raises(TypeError, match="FusedHookState"):
+        hooks.fused_hook(None, None)
     for wrapper in (hooks.fp16_compress_wrapper, hooks.bf16_compress_wrapper):
         with pytest.raises(TypeError, match="hook must be a callable"):
             wrapper("allreduce")
@@ -339,9 +359,9 @@ def _cuda_cases(rank, world_size):
     out["bf16"] = train(None, hooks.bf16_compress_hook)
     out["fp16_wrapper"] = train(None, hooks.fp16_compress_wrapper(hooks.allreduce_hook))
     out["bf16_wrapper"] = train(None, hooks.bf16_compress_wrapper(hooks.allreduce_hook))
-    out["ring.bf16"] = train(hooks.RingHookState(wire_dtype=torch.bfloat16), hooks.ring_hook)
+    out["ring.bf16"] = train(hooks.FusedHookState(wire_dtype=torch.bfloat16), hooks.fused_hook)
     scaler = GradScaler("cuda", init_scale=2.0**10)
-    out["ring.scaler"] = train(hooks.RingHookState(scaler=scaler), hooks.ring_hook, scaler)
+    out["ring.scaler"] = train(hooks.FusedHookState(scaler=scaler), hooks.fused_hook, scaler)
     out["init"] = _flat_params(_mlp())
     return _portable(out)
 
@@ -463,7 +483,7 @@ def _sparse_cases(rank, world_size, kind):
         f"{kind}.torch": _sparse_train(rank, None, torch_hooks.allreduce_hook, dense),
         f"{kind}.allreduce": _sparse_train(rank, None, hooks.allreduce_hook, dense),
         f"{kind}.bf16": _sparse_train(rank, None, hooks.bf16_compress_hook, dense),
-        f"{kind}.ring": _sparse_train(rank, hooks.RingHookState(), hooks.ring_hook, dense),
+        f"{kind}.ring": _sparse_train(rank, hooks.FusedHookState(), hooks.fused_hook, dense),
     }
     return _portable(out)
 
@@ -473,7 +493,7 @@ def _failure_cases(rank, world_size):
     for how in ("python", "cpp"):
         failures[f"allreduce_hook.{how}"] = _failing_ddp_step(rank, hooks.allreduce_hook, None, how)
         failures[f"fp16_compress_hook.{how}"] = _failing_ddp_step(rank, hooks.fp16_compress_hook, None, how)
-        failures[f"ring_hook.{how}"] = _failing_ddp_step(rank, hooks.ring_hook, hooks.RingHookState(), how)
+        failures[f"ring_hook.{how}"] = _failing_ddp_step(rank, hooks.fused_hook, hooks.FusedHookState(), how)
         failures[f"bucketer.{how}"] = _failing_bucketer(rank, how)
     return failures
 
@@ -503,3 +523,39 @@ def test_failed_all_reduce_reaches_the_user_as_paracomms_runtime_error():
             assert kind == "RuntimeError", (name, kind, msg)
             assert "injected failure: a peer died" in msg and "paracomm.all_reduce" in msg, (name, msg)
             assert "Unable to cast" not in msg, (name, msg)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Hook state checkpoints: pickled like torch's PowerSGDState (the group is dropped), also after first use
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _pickle_state(rank, world_size):
+    import pickle
+    import warnings
+
+    import paracomm
+    from paracomm import hooks
+
+    scaler = paracomm.amp.GradScaler("cpu", init_scale=128.0)
+    state = hooks.FusedHookState(dist.group.WORLD, wire_dtype=torch.bfloat16, algorithm="direct", scaler=scaler,
+                                 timeout=timedelta(seconds=42))
+    comm = state.communicator()  # first use: the state now holds a Communicator
+    assert comm.timeout == timedelta(seconds=42)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        restored = pickle.loads(pickle.dumps(state))
+    assert any("default group" in str(w.message) for w in caught)
+    assert restored.process_group is None and restored._comm is None
+    assert (restored.wire_dtype, restored.algorithm, restored.timeout) == (torch.bfloat16, "direct",
+                                                                          timedelta(seconds=42))
+    assert restored.scaler.get_scale() == 128.0
+    # The restored state makes its own communicator over the default group and reduces with it.
+    assert restored.communicator() is not comm and restored.communicator().world_size == world_size
+    # Without a timeout the hook's communicator follows the process group (the run's pg timeout: 60 s).
+    assert hooks.FusedHookState().communicator().timeout == timedelta(seconds=60)
+    return True
+
+
+def test_hook_state_pickles_after_first_use():
+    assert run_ranks(1, _pickle_state) == [True]

@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from ._ops import ops
+from ._signature import HEADER_TAG, STEP_MASK
 
 _DATA, _WIRE, _RECV = 0, 1, 2
 _ELEMENT_SIZE = {dt: torch.empty((), dtype=dt).element_size()
@@ -40,10 +41,12 @@ class PreparedPlan:
     """A plan from ``paracomm._C.all_reduce_plan`` in the shape the executor's loop reads fastest."""
 
     __slots__ = ("algorithm", "steps", "wire_elems", "recv_elems", "recv_offset_bytes", "workspace_bytes", "raw",
-                 "bound")
+                 "bound", "header", "tag_base")
 
     def __init__(self, raw: dict):
         self.raw = raw
+        self.header = None  # the call's signature header (int64 tensor), set by the plan cache
+        self.tag_base = 0  # high bits of the data tags (paracomm._signature.tag_base)
         self.bound = None  # (workspace, travel dtype, steps with workspace spans as tensors): CpuExecutor._bind
         self.algorithm = raw["algorithm"]
         self.wire_elems = raw["wire_elems"]
@@ -78,6 +81,15 @@ def _local_ranks(store, prefix: str, rank: int, world_size: int, timeout: timede
     return max(1, sum(1 for k in keys if bytes(store.get(k)).decode() == host))
 
 
+class HeaderMismatch(Exception):
+    """The per-call headers differ: ``headers[r]`` is rank r's header (a list of ints; this rank's own included).
+    Raised before any data of the call has been waited for or written; the caller reports it."""
+
+    def __init__(self, headers: list):
+        super().__init__("signature headers differ")
+        self.headers = headers
+
+
 class CpuExecutor:
     """Runs plans on CPU tensors over a private gloo group of the communicator's ranks.
 
@@ -95,6 +107,47 @@ class CpuExecutor:
         cores = os.cpu_count() or 1
         self.reduction_threads = max(1, cores // _local_ranks(store, prefix, rank, world_size, timeout))
         self._workspace = torch.empty(0, dtype=torch.uint8)
+        self._header_in: dict = {}  # header length -> receive buffers, one per peer (reused: one call at a time)
+
+    def abort(self) -> None:
+        """Close the private group's connections (peers blocked on this rank fail at once). Idempotent."""
+        try:
+            self.pg.abort()
+        except Exception:  # noqa: BLE001  (already closed or failed: nothing left to close)
+            pass
+
+    def post_header(self, header: torch.Tensor, wait: Callable) -> Callable[[], None]:
+        """Send this call's signature header to every other rank and post the receives of theirs.
+
+        Returns the check to run before the call's first wait on data: it waits for every header (within the
+        caller's deadline, through ``wait``) and raises :class:`HeaderMismatch` when any differs from ours.
+        Headers have a fixed size and their own tag, so they can never be mistaken for data. Every rank sends
+        to every rank, so every rank sees the same set of headers and raises the same mismatch.
+        """
+        rank, n, pg = self.rank, self.world_size, self.pg
+        length = header.numel()
+        buffers = self._header_in.get(length)
+        if buffers is None:
+            buffers = self._header_in[length] = [torch.empty(length, dtype=torch.int64) for _ in range(n)]
+        recvs, sends = [], []
+        for p in range(n):
+            if p == rank:
+                continue
+            try:
+                recvs.append((pg.recv([buffers[p]], p, HEADER_TAG), p))
+                sends.append((pg.send([header], p, HEADER_TAG), p))
+            except Exception as e:  # noqa: BLE001  (gloo refuses to post on a closed pair)
+                raise _post_error(wait, "posting the signature header", e, p)
+
+        def check() -> None:
+            for work, peer in recvs:
+                wait(work, "the signature header", peer=peer)
+            for work, peer in sends:
+                wait(work, "the signature header", peer=peer)
+            if not all(torch.equal(buffers[p], header) for p in range(n) if p != rank):
+                raise HeaderMismatch([header.tolist() if p == rank else buffers[p].tolist() for p in range(n)])
+
+        return check
 
     def _bind(self, plan: PreparedPlan, travel: torch.dtype) -> tuple:
         """The plan's steps with every workspace span already a tensor view; data spans stay (begin, end).
@@ -130,14 +183,19 @@ class CpuExecutor:
 
     def run(self, plan: PreparedPlan, x: torch.Tensor, *, travel: torch.dtype, divisor: float,
             scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor], wire_dtype: Optional[torch.dtype],
-            wait: Callable[[object, str, int, int], None]) -> None:
+            wait: Callable, tag_base: int = 0, before_wait: Optional[Callable[[], None]] = None) -> None:
         """Execute ``plan`` on the flat tensor ``x`` in place.
 
-        ``wait(work, what, step, steps)`` waits for one gloo work within the caller's deadline and raises the
-        caller's error (``what`` is the plan's algorithm here).
+        ``wait(work, what, step, steps, peer)`` waits for one gloo work within the caller's deadline and raises
+        the caller's error (``what`` is the plan's algorithm here). Step i's transfers carry the tag
+        ``tag_base | (i & STEP_MASK)`` (the call's signature in the high bits: see paracomm._signature).
+        ``before_wait`` (the header check) runs once, after step 0's transfers are posted and before the
+        first wait for any transfer or the first reduction, so a mismatch raises before anything is written.
         """
         n = len(plan.steps)
         if n == 0:
+            if before_wait is not None:
+                before_wait()
             return
         steps = self._bind(plan, travel)
         numel = x.numel()
@@ -150,13 +208,19 @@ class CpuExecutor:
         pg = self.pg
         posted: list = [None] * n
         waited = -1  # steps whose transfers have all completed
+        pending_check = [before_wait]
 
         def wait_through(k: int) -> None:
-            """Wait for the transfers of every step <= k."""
+            """Wait for the transfers of every step <= k (the header check first, once)."""
             nonlocal waited
+            if k < 0:
+                return
+            if pending_check[0] is not None:
+                check, pending_check[0] = pending_check[0], None
+                check()
             for j in range(waited + 1, k + 1):
-                for work in posted[j] or ():
-                    wait(work, plan.algorithm, j, n)
+                for work, peer in posted[j] or ():
+                    wait(work, plan.algorithm, j, n, peer)
                 posted[j] = ()
             waited = max(waited, k)
 
@@ -164,8 +228,14 @@ class CpuExecutor:
             # What step i sends may have arrived by a receive of a step <= transfers_after (the all-gather
             # forwards what it received): those transfers must be complete, not just posted.
             wait_through(steps[i][0])
-            return [pg.send([t(sp)], peer, i) if is_send else pg.recv([t(sp)], peer, i)
-                    for is_send, peer, sp in steps[i][1]]
+            tag = tag_base | (i & STEP_MASK)
+            works = []
+            for is_send, peer, sp in steps[i][1]:
+                try:
+                    works.append((pg.send([t(sp)], peer, tag) if is_send else pg.recv([t(sp)], peer, tag), peer))
+                except Exception as e:  # noqa: BLE001  (gloo refuses to post on a closed pair)
+                    raise _post_error(wait, f"step {i} of {n} ({plan.algorithm}): posting a transfer", e, peer)
+            return works
 
         reduce = ops.reduce_
         saved_threads = torch.get_num_threads()
@@ -200,17 +270,25 @@ class CpuExecutor:
                 torch.set_num_threads(saved_threads)
 
 
-def deadline_wait(deadline: float, on_error: Callable[[str, BaseException], BaseException]):
-    """A ``wait(work, what, step=-1, steps=0)`` bounded by ``deadline`` (time.monotonic()); ``what`` (and, for a
-    plan's transfers, ``step`` of ``steps``) names the wait in the error."""
+def _post_error(wait, what: str, e: BaseException, peer: int) -> BaseException:
+    """The caller's error for a transfer gloo refused to post (``wait.on_error``), or ``e`` itself."""
+    on_error = getattr(wait, "on_error", None)
+    return e if on_error is None else on_error(what, e, peer)
 
-    def wait(work, what: str, step: int = -1, steps: int = 0) -> None:
+
+def deadline_wait(deadline: float, on_error: Callable[[str, BaseException, Optional[int]], BaseException]):
+    """A ``wait(work, what, step=-1, steps=0, peer=None)`` bounded by ``deadline`` (time.monotonic()); ``what``
+    (and, for a plan's transfers, ``step`` of ``steps``) names the wait in the error, ``peer`` the rank the
+    transfer is with (None: a collective or unknown). ``on_error(what, exception, peer)`` makes the error."""
+
+    def wait(work, what: str, step: int = -1, steps: int = 0, peer: Optional[int] = None) -> None:
         remaining = deadline - time.monotonic()
         try:
             if remaining <= 0:
-                raise TimeoutError("no time left")
+                raise TimeoutError("timed out: no time left before the call's deadline")
             work.wait(timedelta(seconds=remaining))
         except Exception as e:  # noqa: BLE001
-            raise on_error(f"step {step} of {steps} ({what})" if step >= 0 else what, e) from e
+            raise on_error(f"step {step} of {steps} ({what})" if step >= 0 else what, e, peer) from e
 
+    wait.on_error = on_error  # posting errors take the same path (CpuExecutor: _post_error)
     return wait

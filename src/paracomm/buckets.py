@@ -27,6 +27,13 @@ How it works (the same scheme as DDP's reducer):
   that received no gradient, and the buckets after it) are launched, zeros standing in for missing gradients.
   ``wait()`` launches whatever is still left (no backward reached a parameter on this rank), waits for every
   bucket and writes the reduced values back with ``paracomm.unflatten_``.
+* Each bucket's flat buffer ends with one "used" flag per parameter (1 where this rank produced a gradient,
+  0 where zeros stood in), reduced with the gradients in the same all-reduce: a parameter whose flag sums to 0
+  received a gradient on no rank and keeps ``.grad`` None, as with DDP's reducer (no extra collective).
+* The model is followed like DDP's reducer: at the start of every iteration the parameters' identity, dtype,
+  device and ``requires_grad`` are compared with the buckets' (for a module, its current ``parameters()``);
+  any change (``model.double()``, a layer frozen or unfrozen, ``model.to(...)``) rebuilds the buckets. Every
+  rank must change its model the same way (as with DDP).
 
 Choices (documented in the class docstring): zeros for missing gradients, a second backward before
 ``wait()`` is refused, ``no_sync()`` for local gradient accumulation, compression left to the all-reduce.
@@ -36,13 +43,14 @@ from __future__ import annotations
 import contextlib
 import numbers
 import threading
+from datetime import timedelta
 from typing import Iterable, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
 from . import _ops
-from .comm import Communicator, _check_algorithm
+from .comm import Communicator, _check_algorithm, check_timeout
 from ._validate import check_process_group, check_wire_dtype
 
 __all__ = ["GradBucketer", "assign_buckets"]
@@ -121,7 +129,7 @@ class _Bucket:
 
     def __init__(self, params: List[torch.Tensor]):
         self.params = params
-        self.numel = sum(p.numel() for p in params)
+        self.numel = sum(p.numel() for p in params)  # gradient elements; the buffer has len(params) flags more
         self.dtype = params[0].dtype
         self.device = params[0].device
         self.buffer: Optional[torch.Tensor] = None  # allocated at the first launch, reused afterwards
@@ -135,6 +143,16 @@ class _Bucket:
         self.grads = self.created = self.work = None
 
 
+def _sparse_modules(module: torch.nn.Module) -> dict:
+    """id(parameter) -> its name, for the weights of sparse embeddings (they produce sparse gradients)."""
+    names = {id(p): n for n, p in module.named_parameters()}
+    out = {}
+    for m in module.modules():
+        if isinstance(m, (torch.nn.Embedding, torch.nn.EmbeddingBag)) and getattr(m, "sparse", False):
+            out[id(m.weight)] = names.get(id(m.weight), "an embedding's weight")
+    return out
+
+
 class GradBucketer:
     """All-reduce the gradients of ``params`` in buckets that start while backward is still running.
 
@@ -142,7 +160,9 @@ class GradBucketer:
         params: an ``nn.Module`` (its parameters; its buffers are broadcast too) or an iterable of tensors
             (e.g. ``model.parameters()``). Tensors with ``requires_grad=False`` (frozen) get no bucket, a tensor
             given twice is used once. Every trainable tensor must be a leaf, strided, and float32, float16,
-            bfloat16 or float64; tensors of different dtypes or devices go into separate buckets.
+            bfloat16 or float64; tensors of different dtypes or devices go into separate buckets. A module's
+            sparse embeddings (``nn.Embedding(sparse=True)``, ``nn.EmbeddingBag(sparse=True)``) are refused
+            here, naming the parameter: their gradients are sparse (use DDP, whose reducer has a sparse path).
         bucket_cap_mb: size cap of a bucket in MiB (default 25, as DDP).
         first_bucket_mb: size cap of the first bucket of each (dtype, device) in MiB (default 1, as DDP), so
             the all-reduce of the last layers' gradients starts early.
@@ -161,15 +181,19 @@ class GradBucketer:
             loaded on rank 0 only) start equal instead of silently training apart. It is a collective: every
             rank of ``group`` constructs its bucketer at the same point. False: the weights are left as they
             are (the caller guarantees they are equal).
+        timeout: None (the process group's timeout) or a datetime.timedelta bounding every bucket's
+            all-reduce: a dead or stalled rank makes ``wait()`` raise within about this time.
 
     Behaviour:
         * Every rank must call ``backward()`` and ``wait()`` in the same pattern. ``wait()`` always completes
           one all-reduce of every bucket, in bucket order, so all ranks issue the same collectives.
         * A parameter that received no gradient in an iteration contributes zeros, like DDP with
           ``find_unused_parameters=True``. After ``wait()`` it holds the reduced gradient of the other ranks
-          (a new tensor when its ``grad`` was None). Unlike DDP, a parameter unused on every rank ends up with
-          a zero gradient rather than ``None`` (no extra collective is spent on finding out); optimizers with
-          weight decay or momentum then still update it.
+          (a new tensor when its ``grad`` was None); a parameter that received a gradient on no rank keeps
+          ``grad`` None, as with DDP, so weight decay and momentum leave it alone.
+        * The buckets follow the model: a change of the parameters' dtype, device or ``requires_grad`` (or,
+          for a module, of its parameter set) rebuilds them at the next iteration; frozen parameters keep
+          ``grad`` None. Every rank must make the same change.
         * A second backward that reaches these parameters before ``wait()`` is refused with a RuntimeError
           (its buckets are already on the wire). To accumulate gradients over several backward passes, run
           all but the last inside ``with bucketer.no_sync():``.
@@ -179,9 +203,9 @@ class GradBucketer:
     Raises:
         TypeError: ``params`` holds a non-tensor or an unsupported dtype, a cap that is not a number,
             ``group`` that is not a ProcessGroup, ``wire_dtype`` that is not a torch.dtype,
-            ``broadcast_params`` that is not a bool.
-        ValueError: no trainable parameter, a non-leaf or non-strided parameter, a cap <= 0, an unknown
-            ``op``, ``wire_dtype`` or ``algorithm``.
+            ``broadcast_params`` that is not a bool, ``timeout`` that is not a timedelta.
+        ValueError: no trainable parameter, a non-leaf or non-strided parameter, a sparse embedding, a cap
+            <= 0, an unknown ``op``, ``wire_dtype`` or ``algorithm``, a timeout <= 0.
         RuntimeError: ``torch.distributed`` is not initialized.
     """
 
@@ -196,10 +220,15 @@ class GradBucketer:
         op: str = "avg",
         algorithm: Optional[str] = None,
         broadcast_params: bool = True,
+        timeout: Optional[timedelta] = None,
     ):
         name = "paracomm.GradBucketer"
         buffers: List[torch.Tensor] = []
+        self._module: Optional[torch.nn.Module] = None
+        self._sparse: dict = {}
         if isinstance(params, torch.nn.Module):
+            self._module = params
+            self._sparse = _sparse_modules(params)
             buffers = list(params.buffers())
             params = params.parameters()
         if isinstance(params, torch.Tensor):
@@ -208,24 +237,10 @@ class GradBucketer:
             params = list(params)
         except TypeError:
             raise TypeError(f"{name}: params must be an iterable of tensors, got {type(params).__name__}") from None
-        trainable, seen, given = [], set(), []
-        for i, p in enumerate(params):
-            if not isinstance(p, torch.Tensor):
-                raise TypeError(f"{name}: params[{i}] must be a torch.Tensor, got {type(p).__name__}")
-            if id(p) in seen:
-                continue
-            seen.add(id(p))
-            given.append(p)
-            if not p.requires_grad:
-                continue
-            if not p.is_leaf:
-                raise ValueError(f"{name}: params[{i}] is not a leaf tensor (gradients accumulate only on leaves)")
-            if p.layout != torch.strided:
-                raise ValueError(f"{name}: params[{i}] has layout {p.layout}; only strided tensors are supported")
-            if p.dtype not in _SUPPORTED_DTYPES:
-                raise TypeError(f"{name}: params[{i}] has dtype {p.dtype}; supported: float32, float16, "
-                                "bfloat16, float64")
-            trainable.append(p)
+        given = self._given_params(params, name)
+        self._names = {id(p): n for n, p in self._module.named_parameters()} if self._module is not None else {
+            id(p): f"params[{i}]" for i, p in enumerate(given)}
+        trainable = self._trainable(given, name)
         if not trainable:
             raise ValueError(f"{name}: params holds no tensor with requires_grad=True")
         cap_bytes = int(_positive_mb(bucket_cap_mb, "bucket_cap_mb") * _MB)
@@ -238,26 +253,20 @@ class GradBucketer:
             _check_algorithm(algorithm, name)
         if not isinstance(broadcast_params, bool):
             raise TypeError(f"{name}: broadcast_params must be True or False, got {broadcast_params!r}")
+        check_timeout(timeout, name)
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError(f"{name}: torch.distributed is not initialized; call "
                                "torch.distributed.init_process_group first")
         if broadcast_params:
+            seen = {id(p) for p in given}
             _broadcast_from_rank0(given + [b for b in buffers if id(b) not in seen], group)
 
-        self._comm = Communicator(group, algorithm=algorithm)
+        self._comm = Communicator(group, algorithm=algorithm, timeout=timeout)
         self._op = op
         self._wire_dtype = wire_dtype
         self.bucket_cap_bytes = cap_bytes
         self.first_bucket_bytes = first_bytes
-        self._params = trainable
-        self._buckets = [_Bucket([trainable[i] for i in indices])
-                         for indices in assign_buckets(trainable, first_bytes, cap_bytes)]
-        # param index -> (bucket index, position in the bucket)
-        self._where = {}
-        for b, bucket in enumerate(self._buckets):
-            for k, p in enumerate(bucket.params):
-                self._where[id(p)] = (b, k)
-        self._ready = [[False] * len(bucket.params) for bucket in self._buckets]
+        self._given = given  # every tensor given (frozen ones too), for a parameter list
         self._next_bucket = 0  # buckets [0, _next_bucket) are on the wire this iteration
         self._backward_seen = False  # a hook ran this iteration (end-of-backward callback queued)
         self._backward_done = False  # that backward has finished
@@ -265,8 +274,81 @@ class GradBucketer:
         # Autograd runs CPU and each CUDA device's backward work on different threads: hooks of parameters
         # on different devices may run concurrently.
         self._lock = threading.Lock()
-        self._handles = [p.register_post_accumulate_grad_hook(self._on_grad_ready) for p in trainable]
+        self._handles: dict = {}  # id(param) -> hook handle
         self._removed = False
+        self._build(given, trainable)
+
+    # ---------------------------------------------------------------------------------------------------
+    # Buckets, and following the model
+    # ---------------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _given_params(params: list, name: str) -> List[torch.Tensor]:
+        given, seen = [], set()
+        for i, p in enumerate(params):
+            if not isinstance(p, torch.Tensor):
+                raise TypeError(f"{name}: params[{i}] must be a torch.Tensor, got {type(p).__name__}")
+            if id(p) not in seen:
+                seen.add(id(p))
+                given.append(p)
+        return given
+
+    def _trainable(self, given: List[torch.Tensor], name: str) -> List[torch.Tensor]:
+        names = self._names
+        trainable = []
+        for i, p in enumerate(given):
+            if not p.requires_grad:
+                continue
+            label = names.get(id(p), f"params[{i}]")
+            if id(p) in self._sparse:
+                raise ValueError(f"{name}: parameter {self._sparse[id(p)]!r} belongs to a sparse embedding "
+                                 "(sparse=True): its gradients are sparse, which GradBucketer does not reduce; "
+                                 "use sparse=False, or DDP (whose reducer has a sparse path)")
+            if not p.is_leaf:
+                raise ValueError(f"{name}: {label} is not a leaf tensor (gradients accumulate only on leaves)")
+            if p.layout != torch.strided:
+                raise ValueError(f"{name}: {label} has layout {p.layout}; only strided tensors are supported")
+            if p.dtype not in _SUPPORTED_DTYPES:
+                raise TypeError(f"{name}: {label} has dtype {p.dtype}; supported: float32, float16, "
+                                "bfloat16, float64")
+            trainable.append(p)
+        return trainable
+
+    def _layout(self, given: List[torch.Tensor]) -> tuple:
+        """What the buckets depend on: every tensor's identity, dtype, device and requires_grad."""
+        return tuple((id(p), p.dtype, p.device, p.requires_grad) for p in given)
+
+    def _build(self, given: List[torch.Tensor], trainable: List[torch.Tensor]) -> None:
+        """(Re)make the buckets of ``trainable`` and hook every trainable tensor (once)."""
+        self._given = given
+        self._layout_key = self._layout(given)
+        self._params = trainable
+        self._buckets = [_Bucket([trainable[i] for i in indices])
+                         for indices in assign_buckets(trainable, self.first_bucket_bytes, self.bucket_cap_bytes)]
+        # id(param) -> (bucket index, position in the bucket)
+        self._where = {}
+        for b, bucket in enumerate(self._buckets):
+            for k, p in enumerate(bucket.params):
+                self._where[id(p)] = (b, k)
+        self._ready = [[False] * len(bucket.params) for bucket in self._buckets]
+        for p in trainable:
+            if id(p) not in self._handles:
+                self._handles[id(p)] = p.register_post_accumulate_grad_hook(self._on_grad_ready)
+
+    def _follow_model(self) -> None:
+        """At an iteration's start: rebuild the buckets if the parameters changed (DDP's reducer rule)."""
+        given = self._given
+        if self._module is not None:
+            given = self._given_params(list(self._module.parameters()), "paracomm.GradBucketer")
+        if self._layout(given) == self._layout_key:
+            return
+        if self._module is not None:
+            self._names = {id(p): n for n, p in self._module.named_parameters()}
+        trainable = self._trainable(given, "paracomm.GradBucketer")
+        if not trainable:
+            raise RuntimeError("paracomm.GradBucketer: the model has no parameter with requires_grad=True any "
+                               "more; remove() this bucketer")
+        self._build(given, trainable)
 
     # ---------------------------------------------------------------------------------------------------
     # Introspection
@@ -288,13 +370,18 @@ class GradBucketer:
 
     def _on_grad_ready(self, param: torch.Tensor) -> None:
         """Post-accumulate-grad hook: ``param.grad`` now holds this backward's gradient."""
-        if not self._sync:
+        if not self._sync or self._removed:
             return
         with self._lock:
             self._grad_ready(param)
 
     def _grad_ready(self, param: torch.Tensor) -> None:
-        b, k = self._where[id(param)]
+        if not self._in_iteration():
+            self._follow_model()
+        where = self._where.get(id(param))
+        if where is None:
+            return  # not in a bucket (frozen when the buckets were built): its gradient stays local
+        b, k = where
         if self._backward_done or self._ready[b][k]:
             raise RuntimeError(
                 "paracomm.GradBucketer: a second backward reached the parameters before wait(); their buckets "
@@ -302,7 +389,9 @@ class GradBucketer:
                 "that only accumulate inside `with bucketer.no_sync():`. Call wait() now to finish this "
                 "iteration's all-reduce on every rank.")
         if param.grad is not None and param.grad.layout != torch.strided:
-            raise RuntimeError("paracomm.GradBucketer: sparse gradients are not supported")
+            raise RuntimeError(f"paracomm.GradBucketer: sparse gradients are not supported: parameter "
+                               f"{self._names.get(id(param), '?')!r} received a {param.grad.layout} gradient "
+                               "(nn.Embedding(sparse=True)?); the bucketer cannot reduce it")
         if not self._backward_seen:
             self._backward_seen = True
             # Runs once the whole backward has finished (DDP's reducer uses the same engine callback).
@@ -323,7 +412,7 @@ class GradBucketer:
             self._launch(self._next_bucket)
 
     def _launch(self, b: int) -> None:
-        """Flatten bucket ``b``'s gradients (zeros for missing ones) and start its all-reduce."""
+        """Flatten bucket ``b``'s gradients (zeros for missing ones) and its used flags; start its all-reduce."""
         bucket = self._buckets[b]
         grads, created = [], []
         for p in bucket.params:
@@ -332,10 +421,13 @@ class GradBucketer:
             if g is None:
                 g = torch.zeros_like(p)
             grads.append(g)
+        count = len(bucket.params)
         if bucket.buffer is None:
-            bucket.buffer = torch.empty(bucket.numel, dtype=bucket.dtype, device=bucket.device)
+            bucket.buffer = torch.empty(bucket.numel + count, dtype=bucket.dtype, device=bucket.device)
         # Non-contiguous gradients (channels_last or transposed parameters) are copied contiguous first.
-        _ops.flatten([g if g.is_contiguous() else g.contiguous() for g in grads], out=bucket.buffer)
+        _ops.flatten([g if g.is_contiguous() else g.contiguous() for g in grads], out=bucket.buffer[:bucket.numel])
+        # 1 where this rank has a gradient: after the reduction, 0 means no rank had one (the grad stays None).
+        bucket.buffer[bucket.numel:].copy_(torch.tensor([0.0 if c else 1.0 for c in created], dtype=bucket.dtype))
         wire = self._wire_dtype if bucket.dtype == torch.float32 else None
         bucket.work = self._comm.all_reduce(bucket.buffer, self._op, wire_dtype=wire, async_op=True)
         bucket.grads, bucket.created = grads, created
@@ -345,12 +437,15 @@ class GradBucketer:
         """Finish this iteration: all-reduce every bucket not yet launched, wait, write the results back.
 
         After it returns, every parameter's ``grad`` holds the reduced gradient ("avg" or "sum" over the
-        ranks; a new tensor for parameters whose ``grad`` was None). Every rank must call it once per
-        iteration, also when its backward did not reach the parameters. On CUDA it does not block the host:
-        the current stream waits for the all-reduces and then runs the unflatten.
+        ranks; a new tensor for parameters whose ``grad`` was None and that some rank had a gradient for;
+        None stays None where no rank had one). Every rank must call it once per iteration, also when its
+        backward did not reach the parameters. On CUDA it does not block the host: the current stream waits
+        for the all-reduces and then runs the unflatten (the used flags are read on the host when a bucket
+        had a missing gradient on this rank, which synchronises with that bucket's all-reduce).
 
         Raises:
-            RuntimeError: after ``remove()``, or inside ``no_sync()``.
+            RuntimeError: after ``remove()``, or inside ``no_sync()``; the all-reduce's error (a dead or
+                stalled peer, past the timeout).
         """
         if self._removed:
             raise RuntimeError("paracomm.GradBucketer: wait() after remove()")
@@ -358,16 +453,19 @@ class GradBucketer:
             raise RuntimeError("paracomm.GradBucketer: wait() inside no_sync(); leave the context first")
         try:
             with self._lock:
+                if not self._in_iteration():
+                    self._follow_model()
                 self._launch_remaining()
             for bucket in self._buckets:
                 bucket.work.wait()
                 targets = [g if g.is_contiguous() else torch.empty_like(g, memory_format=torch.contiguous_format)
                            for g in bucket.grads]
-                _ops.unflatten_(bucket.buffer, targets)
-                for p, g, t, made in zip(bucket.params, bucket.grads, targets, bucket.created):
+                _ops.unflatten_(bucket.buffer[:bucket.numel], targets)
+                used = bucket.buffer[bucket.numel:].tolist() if any(bucket.created) else None
+                for k, (p, g, t, made) in enumerate(zip(bucket.params, bucket.grads, targets, bucket.created)):
                     if t is not g:
                         g.copy_(t)
-                    if made:
+                    if made and used[k] != 0:
                         p.grad = g
         finally:
             self._reset()
@@ -410,7 +508,7 @@ class GradBucketer:
         if self._in_iteration():
             raise RuntimeError("paracomm.GradBucketer: remove() while an iteration is in progress; call wait() "
                                "first (the other ranks expect its all-reduces)")
-        for handle in self._handles:
+        for handle in self._handles.values():
             handle.remove()
-        self._handles = []
+        self._handles = {}
         self._removed = True

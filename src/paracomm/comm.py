@@ -27,43 +27,78 @@ import torch.distributed as dist
 from torch.distributed import distributed_c10d as c10d
 
 from . import _C
-from ._cpu_executor import CpuExecutor, PreparedPlan, deadline_wait
+from ._cpu_executor import CpuExecutor, PreparedPlan, HeaderMismatch as _HeaderMismatch, deadline_wait
 from ._shm import ShmExecutor, make_cpu_executor
 from ._ops import reduce_
-from ._validate import check_wire_dtype
+from ._validate import check_process_group, check_wire_dtype
 
 __all__ = ["Communicator", "Work", "all_reduce", "explain_all_reduce"]
 
-# torch dtype -> the core's DType code (csrc/dtype.h).
-_DTYPE_CODES = {
-    torch.float32: 0,
-    torch.float16: 1,
-    torch.bfloat16: 2,
-    torch.float64: 3,
-    torch.int32: 4,
-    torch.int64: 5,
-}
-_OPS = ("sum", "avg")
-ALGORITHMS = ("auto", "ring", "direct", "one_shot")
+from ._signature import ALGORITHMS, DTYPE_CODES as _DTYPE_CODES, OPS as _OPS
+from . import _signature as _sig
+
 _ALGORITHM_CODES = {"ring": 0, "direct": 1, "one_shot": 2}
 _MAX_REDUCE_RANKS = 32  # kMaxReduceInputs in csrc/allreduce/plan.h
 _PLAN_CACHE_SIZE = 64  # plans kept per Communicator (one per signature in use; DDP uses a handful)
+_INT64_MAX = (1 << 63) - 1
 
 # Communicators created so far per process group name: the n-th Communicator over a group gets the same store
 # prefix on every rank, as long as every rank creates its Communicators in the same order (as collectives).
 _instance_counts: dict = {}
 _instance_lock = threading.Lock()
 
+# Said wherever a call can wait for peers that never come: the usual causes, named.
+_ORDER_HINT = ("every rank must create its Communicators (and hook states, GradBucketers) in the same order and "
+               "issue the same calls in the same order")
+
+
+def _env_int(name: str, default: int, low: int, high: int, meaning: str) -> int:
+    """An integer environment variable in [low, high], or ``default`` when unset/empty; ValueError naming it."""
+    value = os.environ.get(name, "").strip()
+    if value == "":
+        return default
+    try:
+        number = int(value)
+    except ValueError:
+        raise ValueError(f"paracomm: {name} must be {meaning}, got {value!r}") from None
+    if not low <= number <= high:
+        raise ValueError(f"paracomm: {name} must be {meaning} in [{low}, {high}], got {number}")
+    return number
+
 
 def _check_shapes_mode() -> int:
-    """PARACOMM_CHECK_SHAPES: 0 never, 1 on a signature's first sight (default), 2 on every call."""
-    value = os.environ.get("PARACOMM_CHECK_SHAPES", "").strip()
-    if value == "":
-        return 1
-    if value not in ("0", "1", "2"):
-        raise ValueError(f"paracomm: PARACOMM_CHECK_SHAPES must be 0 (never), 1 (first sight) or 2 (every call), "
-                         f"got {value!r}")
-    return int(value)
+    """PARACOMM_CHECK_SHAPES: 0 off; 1 (default) every call on gloo, first sight of a signature on NCCL;
+    2 every call on both."""
+    return _env_int("PARACOMM_CHECK_SHAPES", 1, 0, 2, "0 (off), 1 (default) or 2 (every call, NCCL too)")
+
+
+def _group_timeout(group) -> timedelta:
+    """The process group's own timeout (what ``init_process_group(timeout=...)`` / ``new_group`` set)."""
+    for device in ("cpu", "cuda"):
+        try:
+            timeout = group._get_backend(torch.device(device)).options._timeout
+        except Exception:  # noqa: BLE001  (no backend for that device, or no options on it)
+            continue
+        if isinstance(timeout, timedelta) and timeout.total_seconds() > 0:
+            return timeout
+    return c10d.default_pg_timeout
+
+
+def check_timeout(timeout, name: str) -> Optional[timedelta]:
+    """None (follow the process group) or a positive datetime.timedelta; TypeError/ValueError naming it."""
+    if timeout is None:
+        return None
+    if not isinstance(timeout, timedelta):
+        raise TypeError(f"{name}: timeout must be None or a datetime.timedelta, got {type(timeout).__name__}")
+    if timeout.total_seconds() <= 0:
+        raise ValueError(f"{name}: timeout must be positive, got {timeout}")
+    return timeout
+
+
+def _check_bool(value, arg: str, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: {arg} must be True or False, got {value!r}")
+    return value
 
 
 def _check_algorithm(algorithm, name: str) -> str:
@@ -109,16 +144,7 @@ def _op_name(op, name: str) -> str:
 
 def _chunk_bytes() -> int:
     """PARACOMM_CHUNK_BYTES (bytes of the travelling dtype per piece), or 0: the plan's chunk policy."""
-    value = os.environ.get("PARACOMM_CHUNK_BYTES")
-    if not value:
-        return 0
-    try:
-        chunk = int(value)
-    except ValueError:
-        raise ValueError(f"paracomm: PARACOMM_CHUNK_BYTES must be an integer number of bytes, got {value!r}")
-    if chunk < 1:
-        raise ValueError(f"paracomm: PARACOMM_CHUNK_BYTES must be >= 1, got {chunk}")
-    return chunk
+    return _env_int("PARACOMM_CHUNK_BYTES", 0, 1, _INT64_MAX, "an integer number of bytes")
 
 
 def _group_backends(group) -> tuple:
@@ -180,11 +206,18 @@ class Work:
 
 
 class _Call:
-    """One validated all-reduce: a flat view of the data plus everything the executors need."""
+    """One validated collective call: a flat view of the data plus everything the executors need.
 
-    __slots__ = ("flat", "result", "tensor", "op", "divisor", "wire_dtype", "scale", "found_inf", "algorithm")
+    ``collective`` names the collective (a :data:`paracomm._signature.COLLECTIVES` entry) and ``chunk_bytes``
+    is PARACOMM_CHUNK_BYTES as read once for this call: both are part of the signature, like every input that
+    changes the plan.
+    """
 
-    def __init__(self, flat, result, tensor, op, divisor, wire_dtype, scale, found_inf, algorithm):
+    __slots__ = ("flat", "result", "tensor", "op", "divisor", "wire_dtype", "scale", "found_inf", "algorithm",
+                 "collective", "chunk_bytes")
+
+    def __init__(self, flat, result, tensor, op, divisor, wire_dtype, scale, found_inf, algorithm,
+                 collective: str = "all_reduce", chunk_bytes: int = 0):
         self.flat = flat
         self.result = result
         self.tensor = tensor
@@ -194,59 +227,41 @@ class _Call:
         self.scale = scale
         self.found_inf = found_inf
         self.algorithm = algorithm
+        self.collective = collective
+        self.chunk_bytes = chunk_bytes
 
     @property
     def has_final_op(self) -> bool:
         return self.divisor != 1.0 or self.scale is not None or self.found_inf is not None
 
 
-# The signature ranks must agree on, as the handshake sends it: (name, encode, decode) per field.
-_SIGNATURE_FIELDS = ("numel", "dtype", "op", "wire_dtype", "scale", "found_inf", "algorithm")
-_CODE_DTYPES = {v: k for k, v in _DTYPE_CODES.items()}
-
-
 def _signature(call: _Call) -> tuple:
+    """The call's signature: one int per field of paracomm._signature.FIELDS, in that order."""
     wire = -1 if call.wire_dtype is None else _DTYPE_CODES[call.wire_dtype]
-    return (call.flat.numel(), _DTYPE_CODES[call.flat.dtype], _OPS.index(call.op), wire,
-            int(call.scale is not None), int(call.found_inf is not None), ALGORITHMS.index(call.algorithm))
+    return (_sig.COLLECTIVES.index(call.collective), call.flat.numel(), _DTYPE_CODES[call.flat.dtype],
+            _OPS.index(call.op), wire, int(call.scale is not None), int(call.found_inf is not None),
+            ALGORITHMS.index(call.algorithm), call.chunk_bytes)
 
 
-def _describe_field(field: str, value: int) -> str:
-    if field in ("dtype", "wire_dtype"):
-        return "none" if value < 0 else str(_CODE_DTYPES.get(value, value))
-    if field == "op":
-        return _OPS[value] if 0 <= value < len(_OPS) else str(value)
-    if field in ("scale", "found_inf"):
-        return "given" if value else "none"
-    if field == "algorithm":
-        return ALGORITHMS[value] if 0 <= value < len(ALGORITHMS) else str(value)
-    return str(value)
-
-
-def _mismatch_error(signatures: list) -> Optional[RuntimeError]:
+def _mismatch_error(signatures: list, where: str = "paracomm.all_reduce") -> Optional[RuntimeError]:
     """None when every rank's signature agrees; else an error listing every field that differs, per rank."""
-    if all(tuple(s) == tuple(signatures[0]) for s in signatures):
-        return None
-    parts = []
-    for f, field in enumerate(_SIGNATURE_FIELDS):
-        values = [s[f] for s in signatures]
-        if any(v != values[0] for v in values):
-            per_rank = ", ".join(f"rank {r}: {_describe_field(field, v)}" for r, v in enumerate(values))
-            parts.append(f"{field} differs ({per_rank})")
-    return RuntimeError("paracomm.all_reduce: ranks called all_reduce with different arguments (numel, dtype, op, "
-                        "wire_dtype, scale/found_inf given or not, and algorithm must match on every rank): "
-                        + "; ".join(parts))
+    return _sig.mismatch_error(signatures, where)
 
 
 class _PlanCache:
-    """Plans by (signature, world size, rank, backend, chunk bytes): plans are pure data, built once."""
+    """Plans by (signature, world size, rank, backend, chunk bytes): plans are pure data, built once.
+
+    Each plan also carries its call's gloo identity, computed once per signature: ``header`` (the int64 vector
+    sent to every peer) and ``tag_base`` (the data tags' high bits; see paracomm._signature).
+    """
 
     def __init__(self):
         self._plans: dict = {}
         self._lock = threading.Lock()
 
     def get(self, call: _Call, world_size: int, rank: int, backend: str, chunk_bytes: int) -> PreparedPlan:
-        key = (_signature(call), world_size, rank, backend, chunk_bytes)
+        signature = _signature(call)
+        key = (signature, world_size, rank, backend, chunk_bytes)
         with self._lock:
             plan = self._plans.get(key)
         if plan is None:
@@ -254,6 +269,8 @@ class _PlanCache:
             plan = PreparedPlan(_C.all_reduce_plan(
                 call.flat.numel(), _DTYPE_CODES[call.flat.dtype], wire, world_size, rank, call.algorithm, backend,
                 call.found_inf is not None, call.has_final_op, chunk_bytes))
+            plan.header = _sig.header(signature)
+            plan.tag_base = _sig.tag_base(signature)
             with self._lock:
                 if len(self._plans) >= _PLAN_CACHE_SIZE:
                     self._plans.pop(next(iter(self._plans)))  # oldest first (dicts keep insertion order)
@@ -268,8 +285,9 @@ class Communicator:
         group: the process group (the default group when None). Its backend decides what is served: "gloo"
             -> CPU tensors (paracomm's private gloo group over the same ranks), "nccl" -> CUDA tensors
             (paracomm's own NCCL communicator, created on first use), "cpu:gloo,cuda:nccl" -> both.
-        timeout: bound on every call: a peer that stops answering (a dead rank) makes the call raise
-            RuntimeError within about this time instead of hanging.
+        timeout: bound on every call: a peer that stops answering (a dead or stalled rank) makes the call
+            raise RuntimeError within about this time instead of hanging. None (default): the process
+            group's own timeout (``init_process_group(timeout=...)``), as torch's collectives use.
         algorithm: the default for calls that pass none: "auto" (a size-based choice, see
             :func:`explain_all_reduce`), "ring", "direct" or "one_shot". ``PARACOMM_ALGORITHM`` sets the default
             of communicators created without one.
@@ -277,22 +295,33 @@ class Communicator:
     Every rank of the group must create its Communicators in the same order (like a collective) and issue
     the same sequence of ``all_reduce`` calls.
 
+    Threads: a Communicator may be called from several threads. Its lazy state (the private gloo group, the
+    NCCL communicator, the store) is created under a lock, and calls are issued one at a time, in the order
+    they take the Communicator's call lock, which is the order they run in on this rank. Two threads racing
+    on two ranks can still issue in different orders there; the per-call signature check (gloo) then raises
+    the mismatch on every rank instead of exchanging the wrong buffers. Give each thread its own
+    Communicator (created in the same order on every rank) when their calls are independent.
+
+    Errors: every transport failure (a peer closed the connection, no answer within the timeout, a failed
+    rendezvous) raises ``RuntimeError("paracomm.all_reduce (rank r of n): ...")`` naming the peer when
+    known, marks the Communicator failed and closes its private group (so its peers fail at once rather than
+    at their timeout); every later call raises at once with that first reason.
+
     Attributes: ``rank`` and ``world_size`` (in the group), ``backend`` ("nccl" or "gloo"; "nccl" for a group
     that has both), ``group``, ``timeout``, ``algorithm``.
     """
 
-    def __init__(self, group=None, *, timeout: timedelta = timedelta(seconds=300), algorithm: Optional[str] = None):
+    def __init__(self, group=None, *, timeout: Optional[timedelta] = None, algorithm: Optional[str] = None):
         name = "paracomm.Communicator"
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError(f"{name}: torch.distributed is not initialised "
                                "(call torch.distributed.init_process_group first)")
-        if not isinstance(timeout, timedelta):
-            raise TypeError(f"{name}: timeout must be a datetime.timedelta, got {type(timeout)}")
-        if timeout.total_seconds() <= 0:
-            raise ValueError(f"{name}: timeout must be positive, got {timeout}")
+        check_timeout(timeout, name)
         self.algorithm = _default_algorithm() if algorithm is None else _check_algorithm(algorithm, name)
         self.group = group if group is not None else c10d._get_default_group()
-        self.timeout = timeout
+        if self.group not in c10d._world.pg_map:
+            raise RuntimeError(f"{name}: group has been destroyed (destroy_process_group)")
+        self.timeout = timeout if timeout is not None else _group_timeout(self.group)
         self.rank = dist.get_rank(self.group)
         self.world_size = dist.get_world_size(self.group)
         if self.rank < 0:
@@ -306,16 +335,22 @@ class Communicator:
             key = self.group.group_name
             index = _instance_counts.get(key, 0)
             _instance_counts[key] = index + 1
+        self._index = index
         self._prefix = f"paracomm/{key}/{index}"
         self._store = None  # the group's store, fetched on first use
         self._plans = _PlanCache()
-        self._seen: set = set()  # signatures already checked across ranks (PARACOMM_CHECK_SHAPES=1)
+        self._seen: set = set()  # signatures already checked across ranks (NCCL path, PARACOMM_CHECK_SHAPES=1)
         self._cpu: Optional[CpuExecutor] = None  # private gloo group, created on the first CPU call
+        self._cpu_generation = 0  # private groups made so far: a mismatch replaces the group (see _run_cpu)
         self._nccl = None  # paracomm._C.NcclComm, created lazily on first CUDA call
         self._store_handshakes = 0  # handshakes through the store so far (key names)
         self._worker = None  # single background thread for CPU async calls (FIFO = same order on every rank)
         self._worker_lock = threading.Lock()
-        self._failed: Optional[str] = None  # reason this communicator can no longer be used
+        # Lazy state (store, private group, NCCL communicator) is created under _state_lock; CPU calls are
+        # issued under _call_lock (see the class docstring's "Threads").
+        self._state_lock = threading.RLock()
+        self._call_lock = threading.Lock()
+        self._failed: Optional[str] = None  # reason this communicator can no longer be used (the first one)
 
     def __repr__(self) -> str:
         return (f"Communicator(rank={self.rank}, world_size={self.world_size}, backend={self.backend!r}, "
@@ -340,7 +375,7 @@ class Communicator:
                 tensor: data travels compressed and every local reduction accumulates in float32. With
                 "direct" and "one_shot" each input is rounded once and the result once, so the error does not
                 grow with the number of ranks; "ring" re-rounds the partial sum at every hop.
-            async_op: return a :class:`Work` handle instead of waiting.
+            async_op: True or False: return a :class:`Work` handle instead of waiting.
             scale: optional 1-element float32 tensor on the tensor's device (floating dtypes): the result is
                 multiplied by it (e.g. a GradScaler's inverse scale); pass the same value on every rank.
             found_inf: optional 1-element float32 tensor on the tensor's device: set to 1.0 if any result
@@ -357,22 +392,28 @@ class Communicator:
                 non-float32 tensor, a device this communicator does not serve, a bad ``scale``/``found_inf``
                 shape or device, direct/one_shot on more than 32 ranks. Nothing is written when an argument is
                 refused.
-            RuntimeError: a peer failed or the timeout expired; or ranks disagree on the call's signature
-                (numel, dtype, op, wire_dtype, scale/found_inf given, algorithm). ``PARACOMM_CHECK_SHAPES``
-                decides when that is checked: 1 (default) the first time this Communicator sees a signature, 2
-                on every call, 0 never. A mismatch caught by the check raises on every rank with each field
-                that differs. One it does not catch (a signature seen before, or checking off) makes the ranks
-                exchange different amounts of data, which the backends do not detect as such: over gloo a rank
-                that receives more bytes than it posted for is aborted by gloo ("Received data size doesn't
-                match expected size": the process dies, nothing can catch it) and its peers raise RuntimeError
-                ("a peer may have died") when the connection closes or the timeout expires; over NCCL a receive
-                waiting for more than was sent stalls until the timeout, when the watchdog aborts the
-                communicator and the call (or the next one) raises on every rank, and a receive for less can
-                complete with wrong values and no error. Keep the check on while developing.
+            RuntimeError: a peer failed (closed the connection, or no answer within the timeout: the
+                message says which and names the rank when known), this Communicator failed earlier, its group
+                was destroyed; or ranks disagree on the call's signature (numel, dtype, op, wire_dtype,
+                scale/found_inf given, algorithm, PARACOMM_CHUNK_BYTES). ``PARACOMM_CHECK_SHAPES`` decides
+                when that is checked. gloo (CPU): 1 (default) and 2 check every call (a header sent with the
+                data, see paracomm._signature): every rank raises at once naming each field that differs, the
+                data buffers are left untouched where no data of the call arrived, and the Communicator stays
+                usable (its private group is replaced on every rank); 0 turns the header off, and since every
+                data transfer is tagged with the signature a mismatch then stalls until the timeout (raising
+                "no answer") instead of exchanging foreign bytes. NCCL (CUDA): 1 checks the first time this
+                Communicator sees a signature, 2 every call (a store round trip), 0 never; a mismatch in a
+                signature seen before is NOT detected with 1 or 0: a receive waiting for more than was sent
+                stalls until the watchdog's timeout, and one for less can complete with wrong values and no
+                error. Use 2 while developing on NCCL.
         """
+        _check_bool(async_op, "async_op", "paracomm.all_reduce")
         call = self._validate(tensor, op, wire_dtype, scale, found_inf, algorithm)
         if call.flat.device.type == "cuda":
-            return self._all_reduce_nccl(call, async_op)
+            # Issued under the call lock, like CPU calls: one at a time, in lock order (the NCCL communicator's
+            # lazy creation, the handshake counter and the enqueue order are per Communicator).
+            with self._call_lock:
+                return self._all_reduce_nccl(call, async_op)
         return self._all_reduce_cpu(call, async_op)
 
     # ------------------------------------------------------------------------------------------------------
@@ -381,6 +422,9 @@ class Communicator:
 
     def _validate(self, tensor, op, wire_dtype, scale, found_inf, algorithm) -> _Call:
         name = "paracomm.all_reduce"
+        if self.group not in c10d._world.pg_map:
+            raise RuntimeError(f"{name}: this Communicator's process group has been destroyed "
+                               "(destroy_process_group); create a new Communicator after init_process_group")
         result = tensor
         if not isinstance(tensor, torch.Tensor):
             if not hasattr(tensor, "__dlpack__"):
@@ -436,31 +480,26 @@ class Communicator:
                 raise ValueError(f"{name}: {arg} is on {t.device} but tensor is on {device}")
         if scale is not None and not floating:
             raise ValueError(f"{name}: scale needs a floating tensor, got {tensor.dtype}")
-        if self._failed is not None:
-            raise RuntimeError(f"{name}: this Communicator failed earlier and cannot be used: {self._failed}")
+        chunk_bytes = _chunk_bytes()
+        self._raise_if_failed()
         divisor = float(self.world_size) if op == "avg" else 1.0
-        return _Call(tensor.view(-1), result, tensor, op, divisor, wire_dtype, scale, found_inf, algorithm)
+        return _Call(tensor.view(-1), result, tensor, op, divisor, wire_dtype, scale, found_inf, algorithm,
+                     "all_reduce", chunk_bytes)
 
     # ------------------------------------------------------------------------------------------------------
-    # Signature handshake (first sight by default)
+    # Signature checks: per call on gloo (header with the data), first sight or every call on NCCL (store)
     # ------------------------------------------------------------------------------------------------------
 
     def _needs_handshake(self, call: _Call) -> bool:
+        """NCCL path: does this call need the store handshake? (gloo checks every call, see _run_cpu.)"""
         mode = _check_shapes_mode()
         if mode == 0:
             return False
         return mode == 2 or _signature(call) not in self._seen
 
-    def _handshake_cpu(self, call: _Call, wait) -> None:
-        """All ranks' signatures through an allgather on the private gloo group."""
-        mine = torch.tensor(_signature(call), dtype=torch.int64)
-        gathered = [torch.empty_like(mine) for _ in range(self.world_size)]
-        work = self._cpu.pg.allgather([gathered], [mine])
-        wait(work, "the signature handshake")
-        error = _mismatch_error([g.tolist() for g in gathered])
-        if error is not None:
-            raise error
-        self._seen.add(_signature(call))
+    def _where(self, collective: str = "all_reduce") -> str:
+        """The prefix of every error this Communicator raises: ``paracomm.<collective> (rank r of n)``."""
+        return f"paracomm.{collective} (rank {self.rank} of {self.world_size})"
 
     def _handshake_store(self, call: _Call, deadline: float) -> None:
         """Handshake through the group's store (no GPU synchronisation).
@@ -482,89 +521,146 @@ class Communicator:
             store.wait(keys, timedelta(seconds=max(remaining, 0.001)))
             values = [store.get(key) for key in keys]
         except Exception as e:  # noqa: BLE001
-            raise self._fail(f"the signature handshake through the store did not complete within "
-                             f"{self.timeout.total_seconds():g} s (a rank may have died): {e}") from e
-        error = _mismatch_error([[int(v) for v in bytes(x).decode().split(",")] for x in values])
+            missing = [r for r, key in enumerate(keys) if not _store_has(store, key)]
+            raise self._fail(f"the signature handshake through the store got no answer from rank(s) "
+                             f"{missing or '?'} within the timeout ({self.timeout.total_seconds():g} s): those "
+                             f"ranks died, stalled or never made this call; {_ORDER_HINT}. ({e})") from e
+        error = _mismatch_error([[int(v) for v in bytes(x).decode().split(",")] for x in values], self._where())
         if error is not None:
             raise error
         self._seen.add(_signature(call))
+
+    # ------------------------------------------------------------------------------------------------------
+    # The one error path
+    # ------------------------------------------------------------------------------------------------------
+
+    def _raise_if_failed(self) -> None:
+        if self._failed is not None:
+            raise RuntimeError(f"{self._where()}: this Communicator failed earlier and cannot be used: "
+                               f"{self._failed}")
+
+    def _fail(self, reason: str, collective: str = "all_reduce") -> RuntimeError:
+        """Mark the Communicator failed (the first reason is kept) and return the error to raise.
+
+        Every transport failure of every path goes through here. The private gloo group is aborted, which
+        closes its connections: peers blocked on this rank fail at once ("rank r closed the connection")
+        instead of at their timeout.
+        """
+        with self._state_lock:
+            if self._failed is None:
+                self._failed = reason
+            cpu = self._cpu
+        if cpu is not None:
+            cpu.abort()
+        return RuntimeError(f"{self._where(collective)}: {reason}")
+
+    def _transport_error(self, what: str, e: BaseException, peer: Optional[int],
+                         collective: str = "all_reduce") -> RuntimeError:
+        """A failed or timed-out wait, said the way it happened: the peer closed, or no answer in time."""
+        text = str(e)
+        who = f"rank {peer}" if peer is not None and peer >= 0 else "a peer"
+        lowered = text.lower()
+        if "closed by peer" in lowered or "connection reset" in lowered or "broken pipe" in lowered \
+                or "connection refused" in lowered:
+            reason = (f"{what}: {who} closed the connection (it died, was killed, or its Communicator failed "
+                      f"and closed its group)")
+        elif "timed out" in lowered or "timeout" in lowered or "no time left" in lowered:
+            reason = (f"{what}: no answer from {who} within the timeout ({self.timeout.total_seconds():g} s): "
+                      f"it is stalled or dead, or its calls differ from this rank's; {_ORDER_HINT}")
+        else:
+            reason = f"{what}: the transfer with {who} failed"
+        return self._fail(f"{reason}. ({text.splitlines()[0] if text else type(e).__name__})", collective)
 
     # ------------------------------------------------------------------------------------------------------
     # CPU executor
     # ------------------------------------------------------------------------------------------------------
 
     def _all_reduce_cpu(self, call: _Call, async_op: bool):
-        if not async_op and self._worker is None:
-            self._run_cpu(call)
-            return call.result
-        with self._worker_lock:
+        # The call lock fixes this rank's issue order: a sync call before any async one runs inline under it;
+        # once the FIFO worker exists every call is submitted to it under the lock (submission order = run
+        # order), so calls from several threads never overlap and never reorder after issue.
+        with self._call_lock:
+            if not async_op and self._worker is None:
+                self._run_cpu(call)
+                return call.result
             if self._worker is None:
                 self._worker = concurrent.futures.ThreadPoolExecutor(
                     max_workers=1, thread_name_prefix=f"paracomm-cpu-{self.rank}")
-        future = torch.futures.Future()
+            future = torch.futures.Future()
 
-        def job():
-            try:
-                self._run_cpu(call)
-            except BaseException as e:  # noqa: BLE001  (delivered through the future)
-                future.set_exception(e)
-            else:
-                future.set_result(call.tensor)
+            def job():
+                try:
+                    self._run_cpu(call)
+                except BaseException as e:  # noqa: BLE001  (delivered through the future)
+                    future.set_exception(e)
+                else:
+                    future.set_result(call.tensor)
 
-        # Every call after the first async one goes through the same FIFO worker, so paracomm's calls keep the
-        # issue order on every rank; they run on the private group, so torch collectives the main thread issues
-        # on the user's group in the meantime never interleave with them.
-        self._worker.submit(job)
+            # Every call after the first async one goes through the same FIFO worker, so paracomm's calls keep
+            # the issue order on every rank; they run on the private group, so torch collectives the main
+            # thread issues on the user's group in the meantime never interleave with them.
+            self._worker.submit(job)
         work = Work(future, call.result)
         if async_op:
             return work
         return work.wait()
 
-    def _fail(self, reason: str) -> RuntimeError:
-        self._failed = reason
-        return RuntimeError(f"paracomm.all_reduce (rank {self.rank} of {self.world_size}): {reason}")
-
     def _cpu_executor(self) -> CpuExecutor:
-        if self._cpu is None:
-            try:
-                # shared memory or gloo: PARACOMM_CPU_TRANSPORT and the ranks' placement (paracomm/_shm.py)
-                self._cpu = make_cpu_executor(self._group_store(), self._prefix, self.rank, self.world_size,
-                                              self.timeout)
-            except ValueError:
-                raise
-            except Exception as e:  # noqa: BLE001
-                raise self._fail(f"creating paracomm's CPU transport failed (a rank may have died or not "
-                                 f"called all_reduce): {e}") from e
-        return self._cpu
+        with self._state_lock:
+            if self._cpu is None:
+                prefix = self._prefix if self._cpu_generation == 0 else f"{self._prefix}/g{self._cpu_generation}"
+                try:
+                    # shared memory or gloo: PARACOMM_CPU_TRANSPORT and the ranks' placement (paracomm/_shm.py)
+                    self._cpu = make_cpu_executor(self._group_store(), prefix, self.rank, self.world_size,
+                                                  self.timeout)
+                except ValueError:
+                    raise
+                except Exception as e:  # noqa: BLE001
+                    raise self._fail(
+                        f"creating paracomm's private gloo group failed within the timeout "
+                        f"({self.timeout.total_seconds():g} s): a rank died, has not made this call yet, or "
+                        f"created its Communicators in another order; {_ORDER_HINT}. ({e})") from e
+            return self._cpu
+
+    def _replace_cpu_group(self) -> None:
+        """After a signature mismatch: drop the private group (its unmatched transfers die with it); the next
+        call makes a new one under the next generation's prefix. Every rank saw the same headers, so every
+        rank does this at the same call."""
+        with self._state_lock:
+            cpu, self._cpu = self._cpu, None
+            self._cpu_generation += 1
+        if cpu is not None:
+            cpu.abort()
 
     def _run_cpu(self, call: _Call) -> None:
-        if self._failed is not None:
-            raise RuntimeError(f"paracomm.all_reduce: this Communicator failed earlier: {self._failed}")
+        self._raise_if_failed()
         x = call.flat
-        deadline = time.monotonic() + self.timeout.total_seconds()
-
-        def on_error(what: str, e: BaseException) -> RuntimeError:
-            return self._fail(f"{what} failed or timed out (timeout {self.timeout.total_seconds():g} s); "
-                              f"a peer may have died: {e}")
-
         if self.world_size == 1:
             # Nothing travels (so the wire dtype rounds nothing); only avg/scale/found_inf touch the data.
             if call.has_final_op and x.numel() > 0:
                 reduce_(x, [x], divisor=call.divisor, scale=call.scale, found_inf=call.found_inf)
             return
+        deadline = time.monotonic() + self.timeout.total_seconds()
+        wait = deadline_wait(deadline, lambda what, e, peer: self._transport_error(what, e, peer, call.collective))
         executor = self._cpu_executor()
         if isinstance(executor, ShmExecutor):  # checks the signature in every call, before any data moves
-            signature = _signature(call)
-            executor.all_reduce(call, signature, _chunk_bytes(), deadline, _mismatch_error, on_error)
-            self._seen.add(signature)
+            _check_shapes_mode()  # refuses a bad PARACOMM_CHECK_SHAPES as the gloo path does (shm ignores it)
+            executor.all_reduce(call, _signature(call), call.chunk_bytes, deadline,
+                                lambda sigs: _mismatch_error(sigs, self._where(call.collective)),
+                                lambda what, e: self._transport_error(what, e, None, call.collective))
             return
-        wait = deadline_wait(deadline, on_error)
-        if self._needs_handshake(call):
-            self._handshake_cpu(call, wait)
-        plan = self._plans.get(call, self.world_size, self.rank, "gloo", _chunk_bytes())
+        plan = self._plans.get(call, self.world_size, self.rank, "gloo", call.chunk_bytes)
+        check = None
+        if _check_shapes_mode() != 0:
+            check = executor.post_header(plan.header, wait)
         travel = call.wire_dtype if call.wire_dtype is not None else x.dtype
-        executor.run(plan, x, travel=travel, divisor=call.divisor, scale=call.scale, found_inf=call.found_inf,
-                     wire_dtype=call.wire_dtype, wait=wait)
+        try:
+            executor.run(plan, x, travel=travel, divisor=call.divisor, scale=call.scale, found_inf=call.found_inf,
+                         wire_dtype=call.wire_dtype, wait=wait, tag_base=plan.tag_base, before_wait=check)
+        except _HeaderMismatch as e:
+            self._replace_cpu_group()
+            error = _mismatch_error([_sig.decode_header(h) for h in e.headers], self._where(call.collective))
+            raise error from None
 
     # ------------------------------------------------------------------------------------------------------
     # NCCL executor (CUDA builds)
@@ -632,6 +728,13 @@ class Communicator:
             return Work(future, call.result, done_event=done, check=check)
 
 
+def _store_has(store, key: str) -> bool:
+    try:
+        return bool(store.check([key]))
+    except Exception:  # noqa: BLE001
+        return False
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Module-level convenience
 # ----------------------------------------------------------------------------------------------------------
@@ -640,37 +743,61 @@ _communicators: dict = {}
 _communicators_lock = threading.Lock()
 
 
-def _communicator_for(group) -> Communicator:
+def _communicator_for(group, timeout: Optional[timedelta] = None, where: str = "paracomm.all_reduce"
+                      ) -> Communicator:
+    """The cached Communicator of ``group`` (None: the default group) and ``timeout`` (None: the group's)."""
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(f"{where}: torch.distributed is not initialised (call "
+                           "torch.distributed.init_process_group first)")
+    check_process_group(group, where, "group")
+    check_timeout(timeout, where)
     if group is None:
         group = c10d._get_default_group()
+    if group not in c10d._world.pg_map:
+        raise RuntimeError(f"{where}: group has been destroyed (destroy_process_group)")
     with _communicators_lock:
-        comm = _communicators.get(group)
+        # Communicators of destroyed groups are dropped (their groups cannot be used again).
+        for key in [k for k in _communicators if k[0] not in c10d._world.pg_map]:
+            del _communicators[key]
+        comm = _communicators.get((group, timeout))
         if comm is None:
-            comm = Communicator(group)
-            _communicators[group] = comm
+            comm = Communicator(group, timeout=timeout)
+            _communicators[(group, timeout)] = comm
         return comm
 
 
-def all_reduce(tensor, op="sum", *, group=None, wire_dtype=None, async_op: bool = False, scale=None,
-               found_inf=None, algorithm: Optional[str] = None):
-    """``Communicator(group).all_reduce(...)`` with one cached :class:`Communicator` per process group.
+def all_reduce(tensor, op="sum", group=None, async_op: bool = False, *, wire_dtype=None, scale=None,
+               found_inf=None, algorithm: Optional[str] = None, timeout: Optional[timedelta] = None):
+    """``Communicator(group, timeout=timeout).all_reduce(...)`` with one cached :class:`Communicator` per
+    (process group, timeout).
 
-    A drop-in for ``torch.distributed.all_reduce(tensor, op, group, async_op)`` for SUM and AVG.
-    Args, returns and errors: see :meth:`Communicator.all_reduce`. ``group`` None means the default group.
+    A drop-in for ``torch.distributed.all_reduce(tensor, op, group, async_op)`` for SUM and AVG: the first four
+    arguments may be passed positionally, as torch's. ``group`` None means the default group; ``timeout`` None
+    the group's own timeout. Args, returns and errors: see :meth:`Communicator.all_reduce`; before
+    ``init_process_group`` or after ``destroy_process_group`` it raises RuntimeError saying so.
     """
-    return _communicator_for(group).all_reduce(tensor, op, wire_dtype=wire_dtype, async_op=async_op,
-                                               scale=scale, found_inf=found_inf, algorithm=algorithm)
+    _check_bool(async_op, "async_op", "paracomm.all_reduce")
+    return _communicator_for(group, timeout).all_reduce(tensor, op, wire_dtype=wire_dtype, async_op=async_op,
+                                                        scale=scale, found_inf=found_inf, algorithm=algorithm)
+
+
+def _local_backend() -> str:
+    """The backend a call would use on this machine: "nccl" where paracomm has CUDA and a GPU is visible."""
+    return "nccl" if hasattr(_C, "NcclComm") and torch.cuda.is_available() else "gloo"
 
 
 def explain_all_reduce(numel: int, dtype: torch.dtype, world_size: int, *, wire_dtype=None,
-                       algorithm: str = "auto", backend: str = "nccl") -> dict:
+                       algorithm: Optional[str] = None, backend: Optional[str] = None) -> dict:
     """What an all-reduce of ``numel`` elements of ``dtype`` over ``world_size`` ranks would do (no communication).
 
     Args:
         numel: elements (>= 0). dtype: one of the six dtypes :meth:`Communicator.all_reduce` takes.
         world_size: ranks (>= 1). wire_dtype: None, torch.float16 or torch.bfloat16 (float32 data only).
-        algorithm: "auto" (resolved as a call would resolve it), "ring", "direct" or "one_shot".
-        backend: "nccl" (CUDA tensors) or "gloo" (CPU tensors): the chunk policy and the "auto" thresholds differ.
+        algorithm: None (as a Communicator created without one: ``PARACOMM_ALGORITHM``, else "auto"), "auto"
+            (resolved as a call would resolve it), "ring", "direct" or "one_shot".
+        backend: "nccl" (CUDA tensors) or "gloo" (CPU tensors): the chunk policy and the "auto" thresholds
+            differ. None: the one this machine would use ("nccl" when paracomm has CUDA and a GPU is
+            visible, else "gloo").
 
     Returns:
         dict: ``algorithm`` (the resolved name), ``chunk_bytes`` (bytes of the travelling dtype per pipelined
@@ -695,7 +822,9 @@ def explain_all_reduce(numel: int, dtype: torch.dtype, world_size: int, *, wire_
     check_wire_dtype(wire_dtype, name)
     if wire_dtype is not None and dtype != torch.float32:
         raise ValueError(f"{name}: wire_dtype={wire_dtype} needs dtype torch.float32, got {dtype}")
-    _check_algorithm(algorithm, name)
+    algorithm = _default_algorithm() if algorithm is None else _check_algorithm(algorithm, name)
+    if backend is None:
+        backend = _local_backend()
     if backend not in ("nccl", "gloo"):
         raise ValueError(f"{name}: backend must be 'nccl' or 'gloo', got {backend!r}")
     _check_rank_limit(algorithm, world_size, name)

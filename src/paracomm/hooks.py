@@ -10,7 +10,10 @@ Drop-in replacements for ``torch.distributed.algorithms.ddp_comm_hooks.default_h
 and paracomm's own hook, which fuses compression, averaging and AMP unscaling into one all-reduce::
 
     scaler = paracomm.amp.GradScaler("cuda")
-    ddp.register_comm_hook(hooks.RingHookState(wire_dtype=torch.bfloat16, scaler=scaler), hooks.ring_hook)
+    ddp.register_comm_hook(hooks.FusedHookState(wire_dtype=torch.bfloat16, scaler=scaler), hooks.fused_hook)
+
+(``fused_hook`` runs whichever all-reduce algorithm ``FusedHookState.algorithm`` or "auto" picks: ring, direct or
+one_shot. ``ring_hook`` / ``RingHookState`` are its former names, kept as deprecated aliases.)
 
 Differences from torch's hooks (results agree within rounding):
 
@@ -25,18 +28,24 @@ Differences from torch's hooks (results agree within rounding):
   ``allreduce_hook`` does (the compress hooks send sparse buckets uncompressed); paracomm reduces dense
   buffers only.
 
+Timeouts: every hook's all-reduce follows the process group's timeout (``init_process_group(timeout=...)``);
+``FusedHookState(timeout=...)`` overrides it.
+
 Errors: a failed all-reduce (a dead peer, a timeout, ranks that disagree on the bucket) completes the hook's
 future with an error that DDP raises from ``backward()`` as a RuntimeError carrying paracomm's message.
 """
 # No ``from __future__ import annotations`` here: DDP's register_comm_hook compares the hook's annotations
 # with dist.GradBucket and torch.futures.Future[torch.Tensor] as objects; string annotations would fail.
 
+import threading
+import warnings
+from datetime import timedelta
 from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
 
-from .comm import Communicator, _check_algorithm, all_reduce
+from .comm import Communicator, _check_algorithm, all_reduce, check_timeout
 from ._validate import check_process_group, check_wire_dtype
 
 __all__ = [
@@ -45,6 +54,8 @@ __all__ = [
     "bf16_compress_hook",
     "fp16_compress_wrapper",
     "bf16_compress_wrapper",
+    "FusedHookState",
+    "fused_hook",
     "RingHookState",
     "ring_hook",
 ]
@@ -233,8 +244,8 @@ def bf16_compress_wrapper(
     return _compress_wrapper(torch.bfloat16, hook, "bf16_compress_wrapper", "paracomm_bf16_compress_wrapper_hook")
 
 
-class RingHookState:
-    """State of :func:`ring_hook`: the group, the wire dtype and an optional AMP scaler.
+class FusedHookState:
+    """State of :func:`fused_hook`: the group, the wire dtype, the algorithm, an optional AMP scaler, the timeout.
 
     Args:
         process_group: the ProcessGroup to reduce over, or None for the world group (resolved at the first
@@ -249,20 +260,32 @@ class RingHookState:
             the reduction (``scaler.comm_hook_unscale(device)``); the scaler's ``unscale_``/``step`` then
             leave those gradients alone and ``step`` skips the optimizer step when an inf/nan was found, on
             every rank alike. No host synchronisation happens in the hook.
+        timeout: None (the process group's timeout) or a datetime.timedelta bounding every bucket's
+            all-reduce.
+
+    Pickling (checkpoints), like torch's PowerSGDState: the process group and the communicator are not
+    saved; an unpickled state reduces over the default group (a warning says so) and makes a new communicator
+    at its first bucket, on every rank in the same order.
 
     Raises:
         TypeError: ``process_group`` is not a ProcessGroup, ``wire_dtype`` is not a torch.dtype, ``scaler``
-            is not a paracomm.amp.GradScaler (torch's own GradScaler cannot fuse its unscale into the hook).
-        ValueError: ``wire_dtype`` is a dtype other than float16/bfloat16, an unknown ``algorithm``.
+            is not a paracomm.amp.GradScaler (torch's own GradScaler cannot fuse its unscale into the hook),
+            ``timeout`` is not a timedelta.
+        ValueError: ``wire_dtype`` is a dtype other than float16/bfloat16, an unknown ``algorithm``, a
+            timeout <= 0.
     """
 
+    _NAME = "paracomm.hooks.FusedHookState"
+
     def __init__(self, process_group: Optional[dist.ProcessGroup] = None, *,
-                 wire_dtype: Optional[torch.dtype] = None, scaler=None, algorithm: Optional[str] = None):
-        name = "paracomm.hooks.RingHookState"
+                 wire_dtype: Optional[torch.dtype] = None, scaler=None, algorithm: Optional[str] = None,
+                 timeout: Optional[timedelta] = None):
+        name = self._NAME
         check_process_group(process_group, name, "process_group")
         check_wire_dtype(wire_dtype, name)
         if algorithm is not None:
             _check_algorithm(algorithm, name)
+        check_timeout(timeout, name)
         if scaler is not None:
             from .amp import GradScaler
 
@@ -274,49 +297,87 @@ class RingHookState:
         self.wire_dtype = wire_dtype
         self.scaler = scaler
         self.algorithm = algorithm
+        self.timeout = timeout
         self._comm: Optional[Communicator] = None
+        self._lock = threading.Lock()
 
     def communicator(self) -> Communicator:
-        """The paracomm Communicator over ``process_group`` (created at the first call)."""
-        if self._comm is None:
-            self._comm = Communicator(self.process_group, algorithm=self.algorithm)
-        return self._comm
+        """The paracomm Communicator over ``process_group`` (created at the first call, under a lock)."""
+        with self._lock:
+            if self._comm is None:
+                self._comm = Communicator(self.process_group, algorithm=self.algorithm, timeout=self.timeout)
+            return self._comm
+
+    def __getstate__(self) -> dict:
+        # As torch's PowerSGDState: a process group (and what is built over it) cannot be pickled.
+        state = {k: v for k, v in self.__dict__.items() if k not in ("process_group", "_comm", "_lock")}
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.process_group = None
+        self._comm = None
+        self._lock = threading.Lock()
+        warnings.warn(f"{type(self).__name__} was unpickled: its process group is not saved and is set to the "
+                      "default group", stacklevel=2)
 
     def __repr__(self) -> str:
-        return (f"RingHookState(process_group={self.process_group!r}, wire_dtype={self.wire_dtype}, "
-                f"algorithm={self.algorithm!r}, "
+        return (f"{type(self).__name__}(process_group={self.process_group!r}, wire_dtype={self.wire_dtype}, "
+                f"algorithm={self.algorithm!r}, timeout={self.timeout}, "
                 f"scaler={type(self.scaler).__name__ if self.scaler is not None else None})")
 
 
-def ring_hook(state: RingHookState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
-    """Average the bucket with paracomm's all-reduce, with optional compression and fused AMP unscale (see RingHookState).
+class RingHookState(FusedHookState):
+    """Deprecated alias of :class:`FusedHookState` (the hook runs any algorithm, not only the ring)."""
 
-    One all-reduce per bucket: the buffer travels as ``state.wire_dtype`` (float32 buckets only), is
-    accumulated in float32, divided by the world size, multiplied by the scaler's inverse scale and checked
-    for inf/nan (the scaler's ``found_inf`` for the bucket's device is set on every rank alike). The result
-    is left in the bucket's buffer, which is the future's value.
+    _NAME = "paracomm.hooks.RingHookState"
+
+    def __init__(self, *args, **kwargs):
+        warnings.warn("paracomm.hooks.RingHookState is deprecated: use paracomm.hooks.FusedHookState (same "
+                      "arguments)", DeprecationWarning, stacklevel=2)
+        super().__init__(*args, **kwargs)
+
+
+def fused_hook(state: FusedHookState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    """Average the bucket with paracomm's all-reduce, with optional compression and fused AMP unscale (see
+    FusedHookState).
+
+    One all-reduce per bucket, with ``state.algorithm`` (or "auto": ring, direct or one_shot by size): the
+    buffer travels as ``state.wire_dtype`` (float32 buckets only), is accumulated in float32, divided by the
+    world size, multiplied by the scaler's inverse scale and checked for inf/nan (the scaler's ``found_inf``
+    for the bucket's device is set on every rank alike). The result is left in the bucket's buffer, which is
+    the future's value.
 
     A sparse bucket takes torch's path (see :func:`allreduce_hook`); with an enabled scaler it is refused,
     since the unscale and inf/nan check cannot be fused into torch's sparse all-reduce.
 
     Raises:
-        TypeError: ``state`` is not a RingHookState.
+        TypeError: ``state`` is not a FusedHookState.
         ValueError: a sparse bucket with an enabled scaler.
 
     A failed all-reduce fails the returned future; DDP raises it from ``backward()`` as a RuntimeError.
 
     Example::
-        >>> state = paracomm.hooks.RingHookState(wire_dtype=torch.bfloat16, scaler=scaler)
-        >>> ddp_model.register_comm_hook(state, paracomm.hooks.ring_hook)
+        >>> state = paracomm.hooks.FusedHookState(wire_dtype=torch.bfloat16, scaler=scaler)
+        >>> ddp_model.register_comm_hook(state, paracomm.hooks.fused_hook)
     """
-    if not isinstance(state, RingHookState):
-        raise TypeError(f"paracomm.hooks.ring_hook: state must be a RingHookState, got {type(state).__name__}")
+    return _fused(state, bucket, "fused_hook")
+
+
+def ring_hook(state: FusedHookState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    """Deprecated alias of :func:`fused_hook` (it runs any algorithm, not only the ring)."""
+    return _fused(state, bucket, "ring_hook")
+
+
+def _fused(state, bucket, where: str) -> torch.futures.Future:
+    if not isinstance(state, FusedHookState):
+        raise TypeError(f"paracomm.hooks.{where}: state must be a FusedHookState, got {type(state).__name__}")
     buffer = bucket.buffer()
     scaler_on = state.scaler is not None and state.scaler.is_enabled()
     if buffer.layout != torch.strided:
         if scaler_on:
-            raise ValueError("paracomm.hooks.ring_hook: a sparse bucket (sparse gradients) cannot be unscaled "
-                             "inside the hook; use RingHookState without a scaler (or allreduce_hook) and let "
+            raise ValueError(f"paracomm.hooks.{where}: a sparse bucket (sparse gradients) cannot be unscaled "
+                             "inside the hook; use FusedHookState without a scaler (or allreduce_hook) and let "
                              "the GradScaler unscale after backward")
         return _sparse_avg_future(state.process_group, buffer)
     wire = state.wire_dtype if buffer.dtype == torch.float32 else None

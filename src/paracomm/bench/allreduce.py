@@ -39,7 +39,7 @@ import torch
 
 from . import launch as launch_mod
 from .cli import SIZE_SUFFIXES, parse_size  # noqa: F401  (parse_size: also this module's public helper)
-from .timing import barrier, gbps, median, slowest_rank, sum_over_ranks, time_iterations
+from .timing import barrier, gbps, load_average, median, quantile, slowest_rank, sum_over_ranks, time_iterations
 
 DTYPES = {
     "float": torch.float32, "half": torch.float16, "bfloat16": torch.bfloat16,
@@ -111,6 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", metavar="FILE", default=None, help="write the header and every row as JSON")
     g.add_argument("--plot", metavar="FILE.png", default=None,
                    help="plot busbw and time against size (log-log) with the busbw ratio (needs matplotlib)")
+    g.add_argument("--check-cost", action="store_true",
+                   help="also time paracomm with PARACOMM_CHECK_SHAPES=0 (no per-call signature header), "
+                        "alternating with the checked runs in the same sweep, and print what the check costs")
+    g.add_argument("--stats", action="store_true",
+                   help="print each row's spread: p10 / p90 of the timed runs (slowest rank) for paracomm and the "
+                        "baseline, and the ratio's range; the JSON always has them")
     return p
 
 
@@ -270,8 +276,11 @@ def measure(reduce_fn, *, src, inplace: bool, args, ctx) -> dict:
     times = time_iterations(run, device=device, warmup=args.warmup_iters, iters=args.iters, before_each=before)
     seconds = slowest_rank(median(times), device)
     algbw = gbps(nbytes, seconds)
+    # The spread, as the slowest rank sees it: each rank's 10th and 90th percentile, the largest over ranks.
     result = {"time_us": seconds * 1e6, "algbw_gbps": algbw,
-              "busbw_gbps": bus_bandwidth(algbw, ctx.world_size), "wrong": None}
+              "busbw_gbps": bus_bandwidth(algbw, ctx.world_size), "wrong": None,
+              "time_p10_us": slowest_rank(quantile(times, 0.1), device) * 1e6,
+              "time_p90_us": slowest_rank(quantile(times, 0.9), device) * 1e6}
     if args.check:
         x, expected = check_data(count, ctx.rank, ctx.world_size, src.dtype, args.op, device)
         if inplace:
@@ -283,6 +292,36 @@ def measure(reduce_fn, *, src, inplace: bool, args, ctx) -> dict:
             wrong = int((buf != expected).sum())
         result["wrong"] = sum_over_ranks(wrong, device)
     return result
+
+
+def _checked_and_unchecked(reduce_fn, *, src, inplace: bool, args, ctx, rounds: int = 4) -> tuple:
+    """Time ``reduce_fn`` with the signature check on and off, alternating in ``rounds`` blocks of
+    ``args.iters`` runs each (so drifting machine load hits both alike); returns (checked, unchecked), each a
+    ``measure`` result whose times are the medians over the blocks."""
+    import os
+
+    blocks = {"1": [], "0": []}
+    saved = os.environ.get("PARACOMM_CHECK_SHAPES")
+    try:
+        for _ in range(rounds):
+            for mode in ("1", "0"):
+                os.environ["PARACOMM_CHECK_SHAPES"] = mode
+                blocks[mode].append(measure(reduce_fn, src=src, inplace=inplace, args=args, ctx=ctx))
+    finally:
+        if saved is None:
+            os.environ.pop("PARACOMM_CHECK_SHAPES", None)
+        else:
+            os.environ["PARACOMM_CHECK_SHAPES"] = saved
+    out = []
+    for mode in ("1", "0"):
+        ms = blocks[mode]
+        result = dict(ms[0])
+        for key in ("time_us", "time_p10_us", "time_p90_us"):
+            result[key] = median([m[key] for m in ms])
+        result["algbw_gbps"] = src.numel() * src.element_size() / (result["time_us"] * 1e-6) / 1e9
+        result["busbw_gbps"] = bus_bandwidth(result["algbw_gbps"], ctx.world_size)
+        out.append(result)
+    return tuple(out)
 
 
 def relative_error(reduce_fn, count: int, *, args, ctx) -> float:
@@ -374,15 +413,37 @@ def table_head(header: dict) -> str:
         f"algorithm {s['algorithm']}, iters {s['iters']}, warm-up {s['warmup_iters']}, check {s['check']}",
         f"#  baseline: {header['baseline']}",
         "#  time: median over iters of the slowest rank; algbw = size / time; busbw = algbw * 2(n-1)/n; "
-        "ratio = paracomm busbw / baseline busbw; algo: the algorithm paracomm ran"
+        "ratio = paracomm busbw / baseline busbw (= baseline time / paracomm time; at one rank, where busbw is 0, "
+        "the time ratio); algo: the algorithm paracomm ran"
         + ("; relerr: ||result - ref|| / ||ref|| vs float64 on random normal data" if s["wire_dtype"] != "none"
            else ""),
+    ]
+    load = header.get("loadavg_start")
+    if load is not None:
+        lines.append(f"#  load average at start: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} (1/5/15 min)"
+                     + _load_warning(load[0], cores))
+    lines += [
         "#",
         "#" + _join([c[0] for c in cols], cols)[1:],
         "#" + _join([c[1] for c in cols], cols)[1:],
         "#" + _join([c[2] for c in cols], cols)[1:],
     ]
     return "\n".join(lines)
+
+
+def _load_warning(load1: float, cores) -> str:
+    if cores and load1 > cores:
+        return (f"  WARNING: above the {cores} cores: other work is running, figures (and ratios) are not "
+                "reliable; note it with any result")
+    return ""
+
+
+def format_spread(row: dict) -> str:
+    """The --stats line under a row: p10 / p90 of both sides and the ratio's range."""
+    p, q = row["paracomm"], row["baseline"]
+    return (f"#   ^ spread p10/p90 (us): paracomm {fmt_time(p['time_p10_us'])}/{fmt_time(p['time_p90_us'])}, "
+            f"baseline {fmt_time(q['time_p10_us'])}/{fmt_time(q['time_p90_us'])}; ratio between "
+            f"{row['ratio_p90_p10']:.2f} and {row['ratio_p10_p90']:.2f}")
 
 
 def _wrong_str(w):
@@ -518,6 +579,7 @@ def run_rank(ctx, args) -> int:
     gen = torch.Generator(device=ctx.device).manual_seed(1234 + ctx.rank)
     lead = ctx.rank == 0
     header = launch_mod.run_header(ctx)
+    header["loadavg_start"] = list(load_average())
     if ctx.device.type == "cpu":  # shm or gloo (paracomm/_shm.py); collective: every rank asks
         from paracomm._shm import transport_of
         header["cpu_transport"] = transport_of(comm)
@@ -526,7 +588,7 @@ def run_rank(ctx, args) -> int:
                              if ctx.backend == "gloo" and args.op == "avg" else ""))
     header["settings"] = {k: getattr(args, k) for k in (
         "minbytes", "maxbytes", "stepfactor", "iters", "warmup_iters", "check", "datatype", "op",
-        "wire_dtype", "algorithm", "inplace")}
+        "wire_dtype", "algorithm", "inplace", "stats", "check_cost")}
     header["settings"]["algorithms"] = algorithms
     if lead:
         print(table_head(header), flush=True)
@@ -543,17 +605,38 @@ def run_rank(ctx, args) -> int:
             row = {"size": nbytes, "count": count, "type": args.datatype, "redop": args.op, "inplace": inplace,
                    "algorithm_requested": algo, "algorithm": plan["algorithm"], "plan": plan}
             row["paracomm"] = measure(paracomm_ops[algo], src=src, inplace=inplace, args=args, ctx=ctx)
+            if args.check_cost:
+                row["paracomm"], row["paracomm_unchecked"] = _checked_and_unchecked(
+                    paracomm_ops[algo], src=src, inplace=inplace, args=args, ctx=ctx)
+                row["check_cost"] = row["paracomm"]["time_us"] / row["paracomm_unchecked"]["time_us"] - 1
             if wire is not None:
                 row["paracomm"]["relerr"] = relative_error(paracomm_ops[algo], count, args=args, ctx=ctx)
             row["baseline"] = baseline
-            row["busbw_ratio"] = row["paracomm"]["busbw_gbps"] / row["baseline"]["busbw_gbps"]
+            # busbw ratio = baseline time / paracomm time (the same bytes on both sides); also at one rank,
+            # where busbw is 0 for both.
+            p_t, b_t = row["paracomm"], row["baseline"]
+            row["busbw_ratio"] = b_t["time_us"] / p_t["time_us"]
+            # The ratio's range from the spreads: pessimistic (slow paracomm, fast baseline) and optimistic.
+            row["ratio_p90_p10"] = b_t["time_p10_us"] / p_t["time_p90_us"]
+            row["ratio_p10_p90"] = b_t["time_p90_us"] / p_t["time_p10_us"]
             rows.append(row)
             if lead:
                 print(format_row(row), flush=True)
+                if args.stats:
+                    print(format_spread(row), flush=True)
+                if args.check_cost:
+                    u = row["paracomm_unchecked"]
+                    print(f"#   ^ signature check: {fmt_time(u['time_us'])} us without it "
+                          f"(p10/p90 {fmt_time(u['time_p10_us'])}/{fmt_time(u['time_p90_us'])}): "
+                          f"the check costs {100 * row['check_cost']:+.1f}%", flush=True)
         del src
     summary = summarize(rows)
+    summary["loadavg_end"] = list(load_average())
     if lead:
         print(table_tail(summary), flush=True)
+        end = summary["loadavg_end"]
+        print(f"#  load average at end: {end[0]:.2f} {end[1]:.2f} {end[2]:.2f} (1/5/15 min)"
+              + _load_warning(end[0], header.get("cpu_cores")), flush=True)
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"benchmark": "allreduce", "header": header, "rows": rows, "summary": summary}, f,

@@ -12,9 +12,9 @@ torch-bf16             torch's ``default_hooks.bf16_compress_hook`` (torch allow
 paracomm-allreduce     ``paracomm.hooks.allreduce_hook`` (the ring, avg fused into the reduction)
 paracomm-fp16          ``paracomm.hooks.fp16_compress_hook``
 paracomm-bf16          ``paracomm.hooks.bf16_compress_hook`` (works on gloo too)
-ring                   ``paracomm.hooks.ring_hook``, no compression, no scaler
+ring                   ``paracomm.hooks.fused_hook``, no compression, no scaler
 default+scaler         no hook, ``paracomm.amp.GradScaler`` unscaling after backward (reference for the next)
-ring-bf16+scaler       ``ring_hook`` with a bf16 wire and the scaler: unscale and inf/nan check happen
+ring-bf16+scaler       ``fused_hook`` with a bf16 wire and the scaler: unscale and inf/nan check happen
                        inside the all-reduce
 =====================  ==========================================================================
 
@@ -156,11 +156,11 @@ def _register(ddp, variant: str, device):
         ddp.register_comm_hook(None, hooks.bf16_compress_hook)
         return None
     if variant == "ring":
-        ddp.register_comm_hook(hooks.RingHookState(), hooks.ring_hook)
+        ddp.register_comm_hook(hooks.FusedHookState(), hooks.fused_hook)
         return None
     if variant == "ring-bf16+scaler":
         scaler = GradScaler(device.type)
-        ddp.register_comm_hook(hooks.RingHookState(wire_dtype=torch.bfloat16, scaler=scaler), hooks.ring_hook)
+        ddp.register_comm_hook(hooks.FusedHookState(wire_dtype=torch.bfloat16, scaler=scaler), hooks.fused_hook)
         return scaler
     raise ValueError(f"unknown variant {variant!r}")
 

@@ -56,6 +56,25 @@ def median(xs: List[float]) -> float:
     return statistics.median(xs)
 
 
+def quantile(xs: List[float], q: float) -> float:
+    """The q-quantile (0 <= q <= 1) of per-iteration times, linearly interpolated (numpy's default)."""
+    ys = sorted(xs)
+    if not ys:
+        raise ValueError("quantile: no values")
+    pos = q * (len(ys) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(ys) - 1)
+    return ys[lo] + (ys[hi] - ys[lo]) * (pos - lo)
+
+
+def load_average() -> tuple:
+    """(1, 5, 15)-minute load averages of this machine, or (nan, nan, nan) where the OS has none."""
+    try:
+        return os.getloadavg()
+    except (OSError, AttributeError):
+        return (float("nan"),) * 3
+
+
 _L2_FLUSH = {}
 
 
