@@ -554,6 +554,7 @@ class Communicator:
             return
         executor = self._cpu_executor()
         if isinstance(executor, ShmExecutor):  # checks the signature in every call, before any data moves
+            _check_shapes_mode()  # refuses a bad PARACOMM_CHECK_SHAPES as the gloo path does (shm ignores it)
             signature = _signature(call)
             executor.all_reduce(call, signature, _chunk_bytes(), deadline, _mismatch_error, on_error)
             self._seen.add(signature)
