@@ -197,3 +197,11 @@ class ShmExecutor:
     def fail(self) -> None:
         """Give up on the transport: this rank's peers raise in their current or next call."""
         self._comm.fail()
+
+    def abort(self) -> None:
+        """As the gloo executor's abort (the Communicator failed): fail the transport, so peers waiting on this
+        rank raise within one sleep slice, and close the gloo fallback if one was made. Idempotent; never
+        creates anything."""
+        self._comm.fail()
+        if self._gloo is not None:
+            self._gloo.abort()
