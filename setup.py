@@ -8,7 +8,7 @@ One install path (``pip install --no-build-isolation .``, or ``-e .``), two flav
   nothing is stubbed.
 
 Sources are picked by directory, so a file added under one of these folders is built without editing this file:
-  both builds:  csrc/*.cpp, csrc/cpu/*.cpp, csrc/allreduce/*.cpp (except nccl_*.cpp)
+  both builds:  csrc/*.cpp, csrc/cpu/*.cpp, csrc/allreduce/*.cpp (except nccl_*.cpp), csrc/shm/*.cpp
   CUDA only:    csrc/cuda/*.cpp, csrc/cuda/*.cu, csrc/kernels/*.cu, csrc/allreduce/nccl_*.cpp
 
 The C++ standard is left to torch's BuildExtension, which adds the one its headers need (C++20 for torch 2.13
@@ -149,8 +149,8 @@ def _want_cuda():
 DEBUG_INFO = os.environ.get("PARACOMM_DEBUG_INFO", "0") == "1"
 CXX_FLAGS = ["-O3", "-Wall", "-Wno-unused-function", "-fopenmp"] + ([] if DEBUG_INFO else ["-g0"])
 LINK_FLAGS = ["-fopenmp"]
-# Torch-free CPU + plan sources, and the torch glue of both backends' shared pieces (ops.cpp, validate*.cpp).
-common_sources = _sources("*.cpp", "cpu/*.cpp", "allreduce/*.cpp", exclude=("nccl_*.cpp",))
+# Torch-free CPU + plan + shared-memory sources, and the torch glue of both backends' shared pieces (ops.cpp, validate*.cpp).
+common_sources = _sources("*.cpp", "cpu/*.cpp", "allreduce/*.cpp", "shm/*.cpp", exclude=("nccl_*.cpp",))
 cuda_sources = _sources("cuda/*.cpp", "cuda/*.cu", "kernels/*.cu", "allreduce/nccl_*.cpp")
 
 

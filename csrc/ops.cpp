@@ -13,6 +13,7 @@
 
 namespace paracomm {
 void bind_plans(pybind11::module_& m);  // csrc/plan_binding.cpp
+void bind_shm(pybind11::module_& m);    // csrc/shm/shm_binding.cpp
 }
 
 #ifdef PARACOMM_WITH_CUDA
@@ -86,6 +87,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "True when the CPU ops convert float16/bfloat16 with AVX2/F16C (csrc/cpu/half_convert.h).");
 
   paracomm::bind_plans(m);
+  paracomm::bind_shm(m);
   py::register_exception<paracomm::Error>(m, "ParacommError", PyExc_RuntimeError);
 
 #ifdef PARACOMM_WITH_CUDA

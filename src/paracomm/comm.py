@@ -30,6 +30,7 @@ from torch.distributed import distributed_c10d as c10d
 
 from . import _C
 from ._cpu_executor import CpuExecutor, PreparedPlan, HeaderMismatch as _HeaderMismatch, deadline_wait
+from ._shm import ShmExecutor, make_cpu_executor
 from ._ops import reduce_
 from ._validate import check_process_group, check_wire_dtype
 
@@ -670,7 +671,11 @@ class Communicator:
             if self._cpu is None:
                 prefix = self._prefix if self._cpu_generation == 0 else f"{self._prefix}/g{self._cpu_generation}"
                 try:
-                    self._cpu = CpuExecutor(self._group_store(), prefix, self.rank, self.world_size, self.timeout)
+                    # shared memory or gloo: PARACOMM_CPU_TRANSPORT and the ranks' placement (paracomm/_shm.py)
+                    self._cpu = make_cpu_executor(self._group_store(), prefix, self.rank, self.world_size,
+                                                  self.timeout)
+                except ValueError:
+                    raise
                 except Exception as e:  # noqa: BLE001
                     raise self._fail(
                         f"creating paracomm's private gloo group failed within the timeout "
@@ -704,6 +709,16 @@ class Communicator:
         wait = deadline_wait(deadline, lambda what, e, peer: self._transport_error(what, e, peer, call.collective))
         executor = self._cpu_executor()
         call.node_map = self._cpu_node_map()  # part of the signature, so of the header every rank checks
+        # The shared-memory transport runs flat all-reduce plans in one C++ call and checks the signature in every
+        # call, before any data moves. What it does not run (the out-of-place collectives, a hierarchical plan
+        # over several nodes) goes to its gloo fallback below, through the same header check.
+        if (isinstance(executor, ShmExecutor) and call.collective == "all_reduce" and not call.node_map
+                and call.algorithm != "hierarchical"):
+            _check_shapes_mode()  # refuses a bad PARACOMM_CHECK_SHAPES as the gloo path does (shm ignores it)
+            executor.all_reduce(call, _signature(call), call.chunk_bytes, deadline,
+                                lambda sigs: _mismatch_error(sigs, self._where(call.collective)),
+                                lambda what, e: self._transport_error(what, e, None, call.collective))
+            return
         plan = self._plans.get(call, self.world_size, self.rank, "gloo", call.chunk_bytes)
         check = None
         if _check_shapes_mode() != 0:

@@ -414,6 +414,8 @@ def table_head(header: dict) -> str:
         lines.append(f"#  {local} local ranks on a machine with {cores} cores"
                      + (" (more ranks than cores: ranks wait for a core, and figures jump from size to size)"
                         if header["backend"] == "gloo" and local > cores else ""))
+    if header.get("cpu_transport"):
+        lines.append(f"#  paracomm CPU transport: {header['cpu_transport']} (PARACOMM_CPU_TRANSPORT=auto|shm|gloo)")
     lines += [
         f"#  paracomm {b.get('version')} (torch {b.get('torch')}, cuda build {b.get('cuda')}, "
         f"cuda {b.get('cuda_version')}, nccl {b.get('nccl_version')}, archs {b.get('archs')})",
@@ -594,6 +596,9 @@ def run_rank(ctx, args) -> int:
     lead = ctx.rank == 0
     header = launch_mod.run_header(ctx)
     header["loadavg_start"] = list(load_average())
+    if ctx.device.type == "cpu":  # shm or gloo (paracomm/_shm.py); collective: every rank asks
+        from paracomm._shm import transport_of
+        header["cpu_transport"] = transport_of(comm)
     header["baseline"] = ("torch.distributed.all_reduce"
                           + (" (gloo has no AVG: SUM, then divide by the world size)"
                              if ctx.backend == "gloo" and args.op == "avg" else ""))

@@ -1,0 +1,718 @@
+// The shared-memory transport and plan executor (contract: shm_comm.h; protocol: docs/ARCHITECTURE.md).
+#include "shm/shm_comm.h"
+
+#include <fcntl.h>
+#include <linux/futex.h>
+#include <poll.h>
+#include <sched.h>
+#include <signal.h>
+#include <sys/mman.h>
+#include <sys/random.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <climits>
+#include <cstdlib>
+#include <cstring>
+
+#include "checks.h"
+#include "cpu/reduce_core.h"
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#define PARACOMM_CPU_RELAX() _mm_pause()
+#else
+#define PARACOMM_CPU_RELAX() ((void)0)
+#endif
+
+namespace paracomm {
+namespace shm {
+
+namespace {
+
+constexpr uint64_t kMagic = 0x314d48534d4f4350ull;  // "PCOMSHM1"
+constexpr int64_t kHeaderBytes = 4096;
+constexpr int64_t kPage = 4096;
+constexpr int64_t kSlots = 4;                          // pieces in flight per channel
+constexpr int64_t kMaxSlotBytes = 64 * 1024;           // a piece: well inside L2 with its reduction's inputs
+constexpr int64_t kMinSlotBytes = 4 * 1024;
+constexpr int64_t kChannelBudget = 64 * 1024 * 1024;   // all channels' slots together, before kMinSlotBytes
+constexpr double kSleepSlice = 0.02;                   // seconds per futex sleep between liveness checks
+constexpr double kPureSpin = 5e-6;                     // seconds of pause-only spinning before yielding
+
+struct Header {
+  std::atomic<uint64_t> magic;
+  int32_t world_size;
+  int32_t slots;
+  int64_t slot_bytes;
+  int64_t bytes;
+};
+
+double now() {
+  timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return static_cast<double>(ts.tv_sec) + 1e-9 * static_cast<double>(ts.tv_nsec);
+}
+
+int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
+
+// Futexes on the shared mapping: not FUTEX_PRIVATE (the waker is another process).
+void futex_wait(std::atomic<uint32_t>* word, uint32_t expected, double seconds) {
+  timespec ts;
+  ts.tv_sec = static_cast<time_t>(seconds);
+  ts.tv_nsec = static_cast<long>((seconds - static_cast<double>(ts.tv_sec)) * 1e9);
+  syscall(SYS_futex, reinterpret_cast<uint32_t*>(word), FUTEX_WAIT, expected, &ts, nullptr, 0);
+}
+
+void futex_wake(std::atomic<uint32_t>* word) {
+  syscall(SYS_futex, reinterpret_cast<uint32_t*>(word), FUTEX_WAKE, INT_MAX, nullptr, nullptr, 0);
+}
+
+int pidfd_open(int pid) {
+#ifdef SYS_pidfd_open
+  return static_cast<int>(syscall(SYS_pidfd_open, pid, 0));
+#else
+  errno = ENOSYS;
+  return -1;
+#endif
+}
+
+std::string random_name() {
+  unsigned char bytes[16];
+  ssize_t got = getrandom(bytes, sizeof(bytes), 0);
+  PARACOMM_CHECK(got == static_cast<ssize_t>(sizeof(bytes)), "getrandom failed: ", std::strerror(errno));
+  static const char* hex = "0123456789abcdef";
+  std::string name = "/paracomm-";
+  for (unsigned char b : bytes) {
+    name += hex[b >> 4];
+    name += hex[b & 15];
+  }
+  return name;
+}
+
+int64_t env_int(const char* name, int64_t fallback) {
+  const char* v = std::getenv(name);
+  if (v == nullptr || *v == '\0') return fallback;
+  char* end = nullptr;
+  const long long x = std::strtoll(v, &end, 10);
+  PARACOMM_CHECK(end != v && *end == '\0' && x >= 0, name, " must be a non-negative integer, got '", v, "'");
+  return static_cast<int64_t>(x);
+}
+
+enum Poll : int { kNothing = 0, kProgress = 1, kDone = 2 };
+
+}  // namespace
+
+// Written only by its rank, except wake/sleeping (own cache lines: peers write them to wake the rank).
+struct ShmComm::RankCtl {
+  alignas(128) std::atomic<uint64_t> seq;
+  std::atomic<int32_t> pid;
+  std::atomic<uint32_t> failed;
+  int32_t sig_len[2];
+  int64_t sig[2][kMaxSignature];
+  alignas(128) std::atomic<uint32_t> wake;
+  std::atomic<uint32_t> sleeping;
+};
+
+// head: pieces written by src; tail: pieces consumed by dst (each on its own cache lines).
+struct ShmComm::ChannelCtl {
+  alignas(128) std::atomic<uint64_t> head;
+  alignas(128) std::atomic<uint64_t> tail;
+};
+
+ShmComm::ShmComm(const std::string& name, bool create, int rank, int world_size)
+    : rank_(rank), world_(world_size) {
+  PARACOMM_CHECK(world_size >= 1 && world_size <= 4096, "shm: world_size must be in [1, 4096], got ", world_size);
+  PARACOMM_CHECK(rank >= 0 && rank < world_size, "shm: rank must be in [0, ", world_size, "), got ", rank);
+  spin_s_ = static_cast<double>(env_int("PARACOMM_SHM_SPIN_US", 50)) * 1e-6;
+  const int64_t n = world_size;
+  int fd = -1;
+  if (create) {
+    int64_t slot = env_int("PARACOMM_SHM_SLOT_BYTES", 0);
+    if (slot == 0) slot = std::clamp<int64_t>(kChannelBudget / (n * n * kSlots) / kPage * kPage, kMinSlotBytes,
+                                              kMaxSlotBytes);
+    PARACOMM_CHECK(slot >= 64 && slot % 64 == 0, "PARACOMM_SHM_SLOT_BYTES must be a multiple of 64, got ", slot);
+    slot_bytes_ = slot;
+    name_ = random_name();
+    fd = shm_open(name_.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+    PARACOMM_CHECK(fd >= 0, "shm: shm_open(", name_, ", O_CREAT | O_EXCL) failed: ", std::strerror(errno));
+  } else {
+    name_ = name;
+    fd = shm_open(name_.c_str(), O_RDWR | O_CLOEXEC, 0);
+    PARACOMM_CHECK(fd >= 0, "shm: shm_open(", name_, ") failed: ", std::strerror(errno));
+  }
+  struct Closer {
+    int fd;
+    ~Closer() { close(fd); }
+  } closer{fd};
+  // Layout: header page, control blocks, channel controls, then each channel's slots on its own pages.
+  ctl_offset_ = kHeaderBytes;
+  channel_offset_ = ctl_offset_ + n * static_cast<int64_t>(sizeof(RankCtl));
+  data_offset_ = round_up(channel_offset_ + n * n * static_cast<int64_t>(sizeof(ChannelCtl)), kPage);
+  if (create) {
+    channel_stride_ = round_up(kSlots * slot_bytes_, kPage);
+    bytes_ = data_offset_ + n * n * channel_stride_;
+    if (fchmod(fd, 0600) != 0 || posix_fallocate(fd, 0, bytes_) != 0) {
+      const int err = errno;
+      shm_unlink(name_.c_str());
+      PARACOMM_THROW("shm: could not reserve ", bytes_, " bytes in /dev/shm for ", name_, ": ", std::strerror(err));
+    }
+  } else {
+    struct stat st;
+    PARACOMM_CHECK(fstat(fd, &st) == 0, "shm: fstat(", name_, ") failed: ", std::strerror(errno));
+    // The segment must be this user's own, private one (rank 0 created it O_EXCL with mode 0600).
+    PARACOMM_CHECK(st.st_uid == geteuid() && (st.st_mode & 0777) == 0600, "shm: ", name_,
+                   " is not a private segment of this user (uid ", st.st_uid, ", mode ", (st.st_mode & 0777), ")");
+    PARACOMM_CHECK(st.st_size >= data_offset_, "shm: ", name_, " is too small (", st.st_size, " bytes)");
+    bytes_ = st.st_size;
+  }
+  void* p = mmap(nullptr, static_cast<size_t>(bytes_), PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+  if (p == MAP_FAILED) {
+    const int err = errno;
+    if (create) shm_unlink(name_.c_str());
+    PARACOMM_THROW("shm: mmap of ", bytes_, " bytes failed: ", std::strerror(err));
+  }
+  base_ = static_cast<char*>(p);
+  auto* h = reinterpret_cast<Header*>(base_);
+  if (create) {
+    h->world_size = world_size;
+    h->slots = static_cast<int32_t>(kSlots);
+    h->slot_bytes = slot_bytes_;
+    h->bytes = bytes_;
+    h->magic.store(kMagic, std::memory_order_release);
+  } else {
+    const bool ok = h->magic.load(std::memory_order_acquire) == kMagic && h->world_size == world_size &&
+                    h->slots == kSlots && h->bytes == bytes_;
+    if (!ok) {
+      munmap(base_, static_cast<size_t>(bytes_));
+      base_ = nullptr;
+      PARACOMM_THROW("shm: ", name_, " does not hold a paracomm segment for ", world_size, " ranks");
+    }
+    slot_bytes_ = h->slot_bytes;
+    channel_stride_ = round_up(kSlots * slot_bytes_, kPage);
+  }
+  ctl(rank_).pid.store(static_cast<int32_t>(getpid()), std::memory_order_release);
+  pidfds_.assign(static_cast<size_t>(n), -1);
+  pids_.assign(static_cast<size_t>(n), 0);
+}
+
+ShmComm::~ShmComm() {
+  for (int fd : pidfds_) {
+    if (fd >= 0) close(fd);
+  }
+  if (base_ != nullptr) munmap(base_, static_cast<size_t>(bytes_));
+}
+
+bool ShmComm::unlink_name(const std::string& name) { return shm_unlink(name.c_str()) == 0; }
+
+ShmComm::RankCtl& ShmComm::ctl(int r) const {
+  return reinterpret_cast<RankCtl*>(base_ + ctl_offset_)[r];
+}
+
+ShmComm::ChannelCtl& ShmComm::channel(int src, int dst) const {
+  return reinterpret_cast<ChannelCtl*>(base_ + channel_offset_)[static_cast<int64_t>(src) * world_ + dst];
+}
+
+char* ShmComm::slot(int src, int dst, uint64_t piece) const {
+  return base_ + data_offset_ + (static_cast<int64_t>(src) * world_ + dst) * channel_stride_ +
+         static_cast<int64_t>(piece % kSlots) * slot_bytes_;
+}
+
+void ShmComm::attach_peers(double timeout_s) {
+  const double deadline = now() + timeout_s;
+  for (int r = 0; r < world_; ++r) {
+    if (r == rank_) continue;
+    int pid = 0;
+    while ((pid = ctl(r).pid.load(std::memory_order_acquire)) == 0) {
+      PARACOMM_CHECK(now() < deadline, "shm: rank ", r, " did not attach to ", name_, " in time");
+      usleep(1000);
+    }
+    pids_[static_cast<size_t>(r)] = pid;
+    pidfds_[static_cast<size_t>(r)] = pidfd_open(pid);  // -1: fall back to kill(pid, 0)
+    PARACOMM_CHECK(pidfds_[static_cast<size_t>(r)] >= 0 || errno != ESRCH, "shm: rank ", r, " (pid ", pid,
+                   ") is not running (ranks must share one pid namespace)");
+  }
+}
+
+// The waker's half of the sleep protocol (the waiter's: wait_until). The caller has just stored what the peer
+// may wait for; the fence orders that store before reading the peer's `sleeping`, and the waiter sets
+// `sleeping` before re-polling, so either the waiter sees the store or the waker sees `sleeping`.
+void ShmComm::notify(int peer) const {
+  std::atomic_thread_fence(std::memory_order_seq_cst);
+  RankCtl& c = ctl(peer);
+  if (c.sleeping.load(std::memory_order_relaxed) != 0) {
+    c.wake.fetch_add(1, std::memory_order_release);
+    futex_wake(&c.wake);
+  }
+}
+
+void ShmComm::notify_all() const {
+  for (int r = 0; r < world_; ++r) {
+    if (r != rank_) notify(r);
+  }
+}
+
+void ShmComm::fail() {
+  if (base_ == nullptr) return;
+  failed_ = true;
+  ctl(rank_).failed.store(1, std::memory_order_release);
+  notify_all();
+}
+
+void ShmComm::raise(const std::string& what) {
+  fail();
+  PARACOMM_THROW("shared-memory transport (rank ", rank_, " of ", world_, "): ", what);
+}
+
+void ShmComm::check_peers(const char* what) {
+  for (int r = 0; r < world_; ++r) {
+    if (r == rank_) continue;
+    if (ctl(r).failed.load(std::memory_order_acquire) != 0) {
+      raise(concat("peer rank ", r, " failed while this rank waited for ", what));
+    }
+    const int fd = pidfds_[static_cast<size_t>(r)];
+    bool dead = false;
+    if (fd >= 0) {
+      pollfd pfd{fd, POLLIN, 0};
+      dead = ::poll(&pfd, 1, 0) > 0;  // a pidfd polls readable once its process has exited (zombie or reaped)
+    } else if (pids_[static_cast<size_t>(r)] > 0) {
+      dead = kill(pids_[static_cast<size_t>(r)], 0) != 0 && errno == ESRCH;
+    }
+    if (dead) raise(concat("peer rank ", r, " (pid ", pids_[static_cast<size_t>(r)], ") died while this rank waited for ", what));
+  }
+}
+
+// Spin while `poll` makes no progress for spin_s_, then sleep on this rank's futex word in slices, checking the
+// peers and the deadline after each. poll() returns kDone, kProgress or kNothing.
+template <typename PollFn>
+void ShmComm::wait_until(PollFn&& poll, const char* what, double deadline) {
+  RankCtl& me = ctl(rank_);
+  double idle_since = -1.0;
+  for (;;) {
+    int r = poll();
+    if (r == kDone) return;
+    if (r == kProgress) {
+      idle_since = -1.0;
+      continue;
+    }
+    const double t = now();
+    if (idle_since < 0) idle_since = t;
+    if (t - idle_since < spin_s_) {
+      // Spin: a few microseconds of pause, then yield between polls, so a peer (or anything else) waiting for
+      // this core runs instead of being starved by the spin on a loaded machine.
+      if (t - idle_since < kPureSpin) {
+        for (int i = 0; i < 16; ++i) PARACOMM_CPU_RELAX();
+      } else {
+        sched_yield();
+      }
+      continue;
+    }
+    const uint32_t w = me.wake.load(std::memory_order_acquire);
+    me.sleeping.store(1, std::memory_order_seq_cst);
+    std::atomic_thread_fence(std::memory_order_seq_cst);
+    r = poll();
+    if (r == kNothing) futex_wait(&me.wake, w, std::max(1e-4, std::min(kSleepSlice, deadline - t)));
+    me.sleeping.store(0, std::memory_order_relaxed);
+    if (r == kDone) return;
+    check_peers(what);
+    if (now() > deadline) {
+      raise(concat("timed out waiting for ", what, " (a peer may be stalled)"));
+    }
+    idle_since = -1.0;
+  }
+}
+
+int32_t ShmComm::resolve_algorithm(int64_t numel, DType dtype, int32_t wire_dtype, int32_t algorithm) const {
+  if (algorithm >= 0) return algorithm;
+  return static_cast<int32_t>(choose_algorithm(numel, dtype, wire_dtype, world_, Backend::kGloo));
+}
+
+const ShmComm::Prepared& ShmComm::plan_for(const CallArgs& a) {
+  const int32_t algo = resolve_algorithm(a.numel, a.dtype, a.wire_dtype, a.algorithm);
+  const auto key = std::make_tuple(a.numel, static_cast<int>(a.dtype), a.wire_dtype, algo, a.found_inf != nullptr,
+                                   a.has_final_op, a.chunk_bytes);
+  auto it = plans_.find(key);
+  if (it != plans_.end()) return it->second;
+  PlanSpec s;
+  s.numel = a.numel;
+  s.dtype = a.dtype;
+  s.wire_dtype = a.wire_dtype;
+  s.world_size = world_;
+  s.rank = rank_;
+  // The gloo path's plans (chunk policy and thresholds included): the same algorithm gives the same bits.
+  s.algorithm = static_cast<Algorithm>(algo);
+  s.backend = Backend::kGloo;
+  s.has_found_inf = a.found_inf != nullptr;
+  s.has_final_op = a.has_final_op;
+  s.chunk_bytes = a.chunk_bytes;
+  Prepared prepared;
+  prepared.plan = make_plan(s);
+  prepared.fusion = analyse_fusion(prepared.plan);
+  if (plans_.size() >= 64) plans_.clear();
+  return plans_.emplace(key, std::move(prepared)).first->second;
+}
+
+std::vector<std::vector<int64_t>> ShmComm::all_reduce(const CallArgs& a, const std::vector<int64_t>& signature) {
+  std::lock_guard<std::mutex> lock(mu_);
+  PARACOMM_CHECK(!failed_, "shared-memory transport: this communicator failed earlier");
+  PARACOMM_CHECK(signature.size() <= static_cast<size_t>(kMaxSignature), "shm: a signature holds at most ",
+                 kMaxSignature, " values, got ", signature.size());
+  const Prepared& plan = plan_for(a);  // validates before anything is published
+  const double deadline = now() + a.timeout_s;
+  // 1. Enter call seq_ + 1: signature first, then the release store of seq (peers acquire seq, then read it).
+  const uint64_t seq = ++seq_;
+  RankCtl& me = ctl(rank_);
+  const int parity = static_cast<int>(seq % 2);
+  me.sig_len[parity] = static_cast<int32_t>(signature.size());
+  std::copy(signature.begin(), signature.end(), me.sig[parity]);
+  me.seq.store(seq, std::memory_order_release);
+  notify_all();
+  // 2. Wait for every peer to enter it. A peer can be at most one call ahead (it cannot finish call seq + 1
+  //    without this rank), so slot seq % 2 still holds its signature of call seq.
+  int waiting_for = 0;
+  wait_until(
+      [&]() -> int {
+        for (; waiting_for < world_; ++waiting_for) {
+          if (waiting_for != rank_ && ctl(waiting_for).seq.load(std::memory_order_acquire) < seq) return kNothing;
+        }
+        return kDone;
+      },
+      "the peers to enter the call", deadline);
+  // 3. Signatures: any difference and every rank returns all of them (each rank sees the same set).
+  bool same = true;
+  for (int r = 0; r < world_ && same; ++r) {
+    const RankCtl& c = ctl(r);
+    same = c.sig_len[parity] == me.sig_len[parity] &&
+           std::equal(me.sig[parity], me.sig[parity] + me.sig_len[parity], c.sig[parity]);
+  }
+  if (!same) {
+    std::vector<std::vector<int64_t>> all(static_cast<size_t>(world_));
+    for (int r = 0; r < world_; ++r) {
+      const RankCtl& c = ctl(r);
+      const int len = std::clamp(c.sig_len[parity], 0, kMaxSignature);
+      all[static_cast<size_t>(r)].assign(c.sig[parity], c.sig[parity] + len);
+    }
+    return all;
+  }
+  // 4. The plan.
+  try {
+    run_plan(plan, a, deadline);
+  } catch (...) {
+    fail();
+    throw;
+  }
+  return {};
+}
+
+// ---- receive-in-place ("fusion") ----
+// A receive whose bytes are read once, by the single reduction of its own step, and never again before they
+// are overwritten, need not be copied into its workspace span at all: that reduction can read each piece
+// straight from the sender's channel slot, piece by piece as they arrive, and release the slot after. This
+// saves one copy of every such byte (one_shot's and direct's reduce-scatter receives, the ring's
+// reduce-scatter hops). The analysis below decides it per step from the plan alone (no algorithm names):
+//   * the step has exactly one reduction, and the receive's span is exactly one of its inputs (same count);
+//   * the span is in a workspace buffer (kWire / kRecv: dead after the call, unlike the caller's data) and no
+//     later step reads any of its bytes before a later receive or reduction overwrites all of them;
+//   * the sender is this step's only receive from that peer (so the channel's next pieces are this transfer's);
+//   * the reduction's output does not overlap another receive of the step, and its other inputs are not
+//     received in this step. A send of the step that reads what the reduction writes (one_shot sends the data
+//     it reduces into) is allowed: a piece is reduced only once every such send has copied past it.
+// PARACOMM_SHM_FUSE=0 turns it off (the benchmark compares both; results are the same bits either way: the
+// reduction's arithmetic does not depend on where its inputs live or how its range is cut).
+namespace {
+
+bool overlaps(const PlanSpan& a, int64_t na, const PlanSpan& b, int64_t nb) {
+  return a.buffer == b.buffer && a.offset < b.offset + nb && b.offset < a.offset + na;
+}
+bool covers(const PlanSpan& a, int64_t na, const PlanSpan& b, int64_t nb) {
+  return a.buffer == b.buffer && a.offset <= b.offset && b.offset + nb <= a.offset + na;
+}
+
+// True when nothing after step i reads [sp, sp + n) before it is entirely overwritten (or the call ends).
+bool dead_after(const Plan& plan, size_t i, const PlanSpan& sp, int64_t n) {
+  for (size_t j = i + 1; j < plan.steps.size(); ++j) {
+    const PlanStep& st = plan.steps[j];
+    bool overwritten = false;
+    for (const PlanTransfer& t : st.transfers) {
+      if (t.send && overlaps(t.span, t.count, sp, n)) return false;
+      if (!t.send && covers(t.span, t.count, sp, n)) overwritten = true;
+      else if (!t.send && overlaps(t.span, t.count, sp, n)) return false;
+    }
+    if (overwritten) return true;
+    for (const PlanReduction& r : st.reductions) {
+      for (const PlanSpan& in : r.inputs) {
+        if (overlaps(in, r.count, sp, n)) return false;
+      }
+      if (covers(r.out, r.count, sp, n)) return true;
+      if (overlaps(r.out, r.count, sp, n)) return false;
+      if (r.round_to_wire && r.has_wire_out && overlaps(r.wire_out, r.count, sp, n)) return false;
+    }
+  }
+  return true;
+}
+
+}  // namespace
+
+std::vector<ShmComm::StepFusion> ShmComm::analyse_fusion(const Plan& plan) {
+  std::vector<StepFusion> out(plan.steps.size());
+  const bool enabled = env_int("PARACOMM_SHM_FUSE", 1) != 0;
+  for (size_t i = 0; i < plan.steps.size(); ++i) {
+    const PlanStep& st = plan.steps[i];
+    StepFusion& f = out[i];
+    f.input_of.assign(st.transfers.size(), -1);
+    if (!enabled || st.reductions.size() != 1) continue;
+    const PlanReduction& rd = st.reductions[0];
+    std::map<int, int> receives;
+    for (const PlanTransfer& t : st.transfers) {
+      if (!t.send) ++receives[t.peer];
+    }
+    bool any = false;
+    for (size_t k = 0; k < st.transfers.size(); ++k) {
+      const PlanTransfer& t = st.transfers[k];
+      const bool workspace = t.span.buffer == PlanBuffer::kWire || t.span.buffer == PlanBuffer::kRecv;
+      if (t.send || !workspace || receives[t.peer] != 1 || t.count != rd.count) continue;
+      int pos = -1, hits = 0;
+      for (size_t j = 0; j < rd.inputs.size(); ++j) {
+        if (rd.inputs[j].buffer == t.span.buffer && rd.inputs[j].offset == t.span.offset) {
+          pos = static_cast<int>(j);
+          ++hits;
+        } else if (overlaps(rd.inputs[j], rd.count, t.span, t.count)) {
+          hits += 2;
+        }
+      }
+      if (hits != 1 || !dead_after(plan, i, t.span, t.count)) continue;
+      f.input_of[k] = pos;
+      any = true;
+    }
+    if (!any) continue;
+    bool ok = true;
+    for (size_t k = 0; k < st.transfers.size() && ok; ++k) {
+      const PlanTransfer& t = st.transfers[k];
+      if (t.send || f.input_of[k] >= 0) continue;
+      // A receive that stays a copy: the reduction must neither write nor read its bytes while it lands.
+      ok = !overlaps(rd.out, rd.count, t.span, t.count) &&
+           !(rd.round_to_wire && rd.has_wire_out && overlaps(rd.wire_out, rd.count, t.span, t.count));
+      for (const PlanSpan& in : rd.inputs) ok = ok && !overlaps(in, rd.count, t.span, t.count);
+    }
+    if (!ok) {
+      f.input_of.assign(st.transfers.size(), -1);
+      continue;
+    }
+    f.reduction = 0;
+  }
+  return out;
+}
+
+void ShmComm::run_plan(const Prepared& prepared, const CallArgs& a, double deadline) {
+  const Plan& plan = prepared.plan;
+  const PlanSpec& s = plan.spec;
+  const DType travel = s.travel_dtype();
+  const size_t ws_bytes = static_cast<size_t>(plan.workspace_bytes()) + 256;
+  if (workspace_.size() < ws_bytes) workspace_.assign(ws_bytes, 0);
+  char* ws = workspace_.data() + (256 - reinterpret_cast<uintptr_t>(workspace_.data()) % 256) % 256;
+  // The plan's buffers by PlanBuffer code: base pointer and element type. A new plan buffer is one more row.
+  struct Buffer {
+    char* base;
+    DType dtype;
+  };
+  const Buffer buffers[] = {
+      {static_cast<char*>(a.data), s.dtype},               // kData: the caller's tensor
+      {ws + plan.wire_offset_bytes(), travel},             // kWire
+      {ws + plan.recv_offset_bytes(), travel},             // kRecv
+  };
+  constexpr int kBuffers = static_cast<int>(sizeof(buffers) / sizeof(buffers[0]));
+  auto buffer = [&](const PlanSpan& sp) -> const Buffer& {
+    const int b = static_cast<int>(sp.buffer);
+    PARACOMM_CHECK(b >= 0 && b < kBuffers, "shm: plan buffer ", b, " is not bound by this executor");
+    return buffers[b];
+  };
+  auto esize = [&](const PlanSpan& sp) { return dtype_size(buffer(sp).dtype); };
+  auto ptr = [&](const PlanSpan& sp) { return buffer(sp).base + sp.offset * esize(sp); };
+
+  struct Xfer {
+    bool send;
+    bool fused;  // a receive the step's reduction reads in place (analyse_fusion)
+    int peer;
+    char* p;
+    int64_t bytes;
+    int64_t done;
+  };
+  std::vector<Xfer> xs;
+  std::vector<uint8_t> busy(static_cast<size_t>(2 * world_));
+  std::vector<const void*> inputs, piece_inputs;
+  bool found = false;
+  const uint64_t K = static_cast<uint64_t>(kSlots);
+  const int64_t S = slot_bytes_;
+
+  // Copies as many pieces of x as the channel allows; true if any moved. Sends fill slots while fewer than K are
+  // unconsumed; receives drain slots the sender has published. Acquire/release on head and tail order the
+  // slot bytes against the counters.
+  auto push = [&](Xfer& x) -> bool {
+    ChannelCtl& ch = channel(rank_, x.peer);
+    uint64_t h = ch.head.load(std::memory_order_relaxed);  // only this rank writes it
+    uint64_t t = ch.tail.load(std::memory_order_acquire);
+    bool moved = false;
+    while (x.done < x.bytes && h - t < K) {
+      const int64_t n = std::min(S, x.bytes - x.done);
+      std::memcpy(slot(rank_, x.peer, h), x.p + x.done, static_cast<size_t>(n));
+      x.done += n;
+      ch.head.store(++h, std::memory_order_release);
+      notify(x.peer);
+      moved = true;
+      if (h - t >= K) t = ch.tail.load(std::memory_order_acquire);
+    }
+    return moved;
+  };
+  auto pull = [&](Xfer& x) -> bool {
+    ChannelCtl& ch = channel(x.peer, rank_);
+    uint64_t t = ch.tail.load(std::memory_order_relaxed);  // only this rank writes it
+    uint64_t h = ch.head.load(std::memory_order_acquire);
+    bool moved = false;
+    while (x.done < x.bytes && t < h) {
+      const int64_t n = std::min(S, x.bytes - x.done);
+      std::memcpy(x.p + x.done, slot(x.peer, rank_, t), static_cast<size_t>(n));
+      x.done += n;
+      ch.tail.store(++t, std::memory_order_release);
+      notify(x.peer);
+      moved = true;
+      if (t >= h) h = ch.head.load(std::memory_order_acquire);
+    }
+    return moved;
+  };
+
+  // The reduction's arguments for its elements [begin, begin + n): inputs[j] points at element begin of input j
+  // (for a fused input: at the start of the channel slot holding that piece).
+  auto reduce_piece = [&](const PlanReduction& r, const std::vector<const void*>& in, int64_t begin, int64_t n) {
+    ReduceArgs ra;
+    ra.n = n;
+    ra.out = ptr(r.out) + begin * esize(r.out);
+    ra.out_dtype = buffer(r.out).dtype;
+    ra.num_inputs = static_cast<int32_t>(in.size());
+    ra.inputs = in.data();
+    ra.first_dtype = buffer(r.inputs[0]).dtype;
+    ra.rest_dtype = r.inputs.size() > 1 ? buffer(r.inputs[1]).dtype : ra.first_dtype;
+    ra.divisor = r.final ? a.divisor : 1.0;
+    ra.scale = r.final ? a.scale : nullptr;
+    ra.round = r.round_to_wire;
+    if (ra.round) ra.wire_dtype = static_cast<DType>(s.wire_dtype);
+    ra.wire_out = r.round_to_wire && r.has_wire_out ? ptr(r.wire_out) + begin * esize(r.wire_out) : nullptr;
+    ra.check_inf = r.check_inf && a.found_inf != nullptr;
+    found |= reduce_range(ra, 0, n);
+  };
+
+  for (size_t si = 0; si < plan.steps.size(); ++si) {
+    const PlanStep& step = plan.steps[si];
+    const StepFusion& fusion = prepared.fusion[si];
+    const PlanReduction* fused = fusion.reduction >= 0 ? &step.reductions[static_cast<size_t>(fusion.reduction)]
+                                                       : nullptr;
+    // Transfers: all of the step's progress together (the peers run the matching ones now; sends and receives
+    // in both directions interleave, so a full channel never blocks a receive). Per (direction, peer) only the
+    // first unfinished transfer moves: the channel is a FIFO in plan order.
+    if (!step.transfers.empty()) {
+      xs.clear();
+      for (size_t k = 0; k < step.transfers.size(); ++k) {
+        const PlanTransfer& t = step.transfers[k];
+        xs.push_back(Xfer{t.send, fusion.input_of[k] >= 0, t.peer, ptr(t.span), t.count * esize(t.span), 0});
+      }
+      // The fused reduction, piece by piece: piece_elems elements of the received dtype per channel slot.
+      int64_t reduced = 0;
+      int64_t piece_elems = 0;
+      if (fused != nullptr) {
+        inputs.clear();
+        for (const PlanSpan& in : fused->inputs) inputs.push_back(ptr(in));
+        piece_inputs.assign(inputs.size(), nullptr);
+        for (size_t k = 0; k < xs.size(); ++k) {
+          if (xs[k].fused) piece_elems = S / esize(step.transfers[k].span);
+        }
+      }
+      auto reduce_ready_pieces = [&]() -> bool {
+        bool moved = false;
+        while (reduced < fused->count) {
+          const int64_t n = std::min(piece_elems, fused->count - reduced);
+          // Every fused input's next piece must be in its slot ...
+          for (size_t k = 0; k < xs.size(); ++k) {
+            if (!xs[k].fused) continue;
+            const ChannelCtl& ch = channel(xs[k].peer, rank_);
+            if (ch.head.load(std::memory_order_acquire) <= ch.tail.load(std::memory_order_relaxed)) return moved;
+          }
+          // ... and every send that reads what this piece writes must have copied past it (exactly past it: a
+          // send waits for its peer's reduction to free slots, so waiting for more could close a cycle).
+          for (size_t k = 0; k < xs.size(); ++k) {
+            const PlanTransfer& t = step.transfers[k];
+            if (!t.send || xs[k].done == xs[k].bytes) continue;
+            int64_t need = 0;  // elements of the send that must have been copied
+            auto require = [&](const PlanSpan& written) {
+              const PlanSpan piece{written.buffer, written.offset + reduced};
+              if (overlaps(t.span, t.count, piece, n)) {
+                need = std::max(need, std::min(t.span.offset + t.count, piece.offset + n) - t.span.offset);
+              }
+            };
+            require(fused->out);
+            if (fused->round_to_wire && fused->has_wire_out) require(fused->wire_out);
+            if (xs[k].done < need * esize(t.span)) return moved;
+          }
+          for (size_t j = 0; j < inputs.size(); ++j) {
+            piece_inputs[j] = static_cast<const char*>(inputs[j]) + reduced * esize(fused->inputs[j]);
+          }
+          for (size_t k = 0; k < xs.size(); ++k) {
+            if (!xs[k].fused) continue;
+            const ChannelCtl& ch = channel(xs[k].peer, rank_);
+            piece_inputs[static_cast<size_t>(fusion.input_of[k])] =
+                slot(xs[k].peer, rank_, ch.tail.load(std::memory_order_relaxed));
+          }
+          reduce_piece(*fused, piece_inputs, reduced, n);
+          for (size_t k = 0; k < xs.size(); ++k) {
+            if (!xs[k].fused) continue;
+            ChannelCtl& ch = channel(xs[k].peer, rank_);
+            ch.tail.store(ch.tail.load(std::memory_order_relaxed) + 1, std::memory_order_release);
+            notify(xs[k].peer);
+            xs[k].done = std::min(xs[k].bytes, xs[k].done + S);
+          }
+          reduced += n;
+          moved = true;
+        }
+        return moved;
+      };
+      wait_until(
+          [&]() -> int {
+            std::fill(busy.begin(), busy.end(), 0);
+            bool progressed = false, left = false;
+            for (Xfer& x : xs) {
+              if (x.done == x.bytes) continue;
+              left = true;
+              if (x.fused) continue;  // consumed by the reduction below
+              uint8_t& b = busy[static_cast<size_t>(x.send ? x.peer : world_ + x.peer)];
+              if (!b) {
+                b = 1;
+                progressed |= x.send ? push(x) : pull(x);
+              }
+            }
+            if (fused != nullptr && reduced < fused->count) {
+              left = true;
+              progressed |= reduce_ready_pieces();
+            }
+            if (!left) return kDone;
+            left = fused != nullptr && reduced < fused->count;
+            for (const Xfer& x : xs) left |= x.done < x.bytes;
+            return !left ? kDone : progressed ? kProgress : kNothing;
+          },
+          "a transfer", deadline);
+    }
+    // Reductions, in order, after every transfer of this step and the earlier ones (all complete by now).
+    for (size_t ri = 0; ri < step.reductions.size(); ++ri) {
+      if (fused != nullptr && static_cast<int>(ri) == fusion.reduction) continue;  // done piece by piece above
+      const PlanReduction& r = step.reductions[ri];
+      inputs.clear();
+      for (const PlanSpan& in : r.inputs) inputs.push_back(ptr(in));
+      reduce_piece(r, inputs, 0, r.count);
+    }
+  }
+  if (found) *a.found_inf = 1.0f;
+}
+
+}  // namespace shm
+}  // namespace paracomm

@@ -1,0 +1,358 @@
+"""The shared-memory CPU transport (csrc/shm/, paracomm/_shm.py) on real processes (tests/dist_utils.run_ranks).
+
+Each spawn costs seconds, so every test batches its cases into one run and checks them inside the ranks; what
+must agree across ranks comes back as digests.
+"""
+import glob
+import hashlib
+import os
+import signal
+import stat
+import threading
+import time
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from dist_utils import run_ranks
+
+ALGOS = ("ring", "direct", "one_shot")
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int32, torch.int64]
+TOL = {torch.float32: 1e-5, torch.float64: 1e-12, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+
+
+def _digest(t):
+    return hashlib.sha256(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def _data(rank, numel, dtype, salt=0):
+    g = torch.Generator().manual_seed(7919 * (rank + 1) + 31 * numel + salt)
+    if dtype.is_floating_point:
+        return torch.randn(numel, generator=g, dtype=torch.float64).to(dtype)
+    return torch.randint(-(1 << 20), 1 << 20, (numel,), generator=g).to(dtype)
+
+
+def _segment_path(name):
+    return "/dev/shm" + name
+
+
+def _comm_pair(world_size):
+    """A shm Communicator and a gloo one over the same ranks (PARACOMM_CPU_TRANSPORT is read at creation)."""
+    import paracomm
+    from paracomm import _shm
+
+    os.environ["PARACOMM_CPU_TRANSPORT"] = "shm"
+    shm = paracomm.Communicator(timeout=timedelta(seconds=60))
+    assert _shm.transport_of(shm) == ("shm" if world_size > 1 else "none (world size 1)")
+    os.environ["PARACOMM_CPU_TRANSPORT"] = "gloo"
+    gloo = paracomm.Communicator(timeout=timedelta(seconds=60))
+    assert _shm.transport_of(gloo) == ("gloo" if world_size > 1 else "none (world size 1)")
+    os.environ["PARACOMM_CPU_TRANSPORT"] = "auto"
+    return shm, gloo
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Every algorithm x N = 1..8: float64 reference, the gloo path's bits, bitwise identical on every rank
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _matrix(rank, world_size):
+    shm, gloo = _comm_pair(world_size)
+    n = world_size
+    digests = {}
+    if n > 1:
+        # Unlinked as soon as every rank mapped it: nothing of this job is visible in /dev/shm while it runs.
+        assert not os.path.exists(_segment_path(shm._cpu.name))
+    for algo in ALGOS:
+        for numel in (0, 1, 37, 1000, 10_007, 300_001):
+            for dtype in DTYPES if numel <= 10_007 else (torch.float32, torch.int64):
+                x = _data(rank, numel, dtype)
+                exact = sum(_data(r, numel, dtype).double() for r in range(n))
+                for op in ("sum", "avg") if dtype.is_floating_point else ("sum",):
+                    ref = exact / n if op == "avg" else exact
+                    y, z = x.clone(), x.clone()
+                    shm.all_reduce(y, op, algorithm=algo)
+                    gloo.all_reduce(z, op, algorithm=algo)
+                    assert torch.equal(y, z), f"shm differs from gloo: {algo} {numel} {dtype} {op}"
+                    if dtype.is_floating_point:
+                        tol = TOL[dtype]
+                        assert torch.allclose(y.double(), ref, rtol=tol, atol=tol * n), (algo, numel, dtype, op)
+                    else:
+                        assert torch.equal(y.double(), ref), (algo, numel, dtype, op)
+                    digests[f"{algo}/{numel}/{dtype}/{op}"] = _digest(y)
+        # Compressed wire, scale and found_inf, small pieces (many steps, many channel slots per transfer).
+        numel = 70_001
+        x = _data(rank, numel, torch.float32, salt=3)
+        exact = sum(_data(r, numel, torch.float32, salt=3).double() for r in range(n))
+        for chunk in ("", "4096"):
+            os.environ["PARACOMM_CHUNK_BYTES"] = chunk
+            for wire in (None, torch.float16, torch.bfloat16):
+                y, z = x.clone(), x.clone()
+                fy, fz = torch.zeros(1), torch.zeros(1)
+                half = torch.tensor([0.5])
+                shm.all_reduce(y, "avg", wire_dtype=wire, scale=half, found_inf=fy, algorithm=algo)
+                gloo.all_reduce(z, "avg", wire_dtype=wire, scale=half, found_inf=fz, algorithm=algo)
+                assert torch.equal(y, z) and fy.item() == fz.item() == 0.0, (algo, chunk, wire)
+                tol = 2e-2 if wire is not None and n > 1 else 1e-5
+                assert torch.allclose(y.double(), exact / n * 0.5, rtol=tol, atol=tol), (algo, chunk, wire)
+                digests[f"{algo}/wire/{wire}/{chunk}"] = _digest(y)
+                # inf on the last rank flags found_inf on every rank
+                y = x.clone()
+                if rank == n - 1:
+                    y[numel // 2] = float("inf")
+                found = torch.zeros(1)
+                shm.all_reduce(y, wire_dtype=wire, found_inf=found, algorithm=algo)
+                assert found.item() == 1.0, (algo, chunk, wire)
+        os.environ.pop("PARACOMM_CHUNK_BYTES")
+    return digests
+
+
+@pytest.mark.parametrize("world_size,fuse", [(1, "1"), (2, "1"), (3, "1"), (3, "0"), (4, "1"), (5, "1"), (6, "1"),
+                                             (7, "1"), (8, "1")])
+def test_shm_matches_gloo_bitwise_and_float64_for_every_algorithm(world_size, fuse):
+    # fuse "0": every receive copied into its workspace span (PARACOMM_SHM_FUSE=0); "1" (default): reductions
+    # read received pieces in place from the channel slots where the plan allows it.
+    digests = run_ranks(world_size, _matrix, timeout=900, env={"PARACOMM_SHM_FUSE": fuse})
+    for r in range(1, world_size):
+        assert digests[r] == digests[0], f"rank {r} differs from rank 0"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Two Communicators in one job, interleaved (each on its own worker thread), and mismatches
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _two_comms(rank, world_size, salt):
+    import paracomm
+
+    a = paracomm.Communicator(timeout=timedelta(seconds=60))
+    b = paracomm.Communicator(timeout=timedelta(seconds=60))
+    n = world_size
+    for i in range(60):
+        xa = _data(rank, 5000 + i, torch.float32, salt=salt + i)
+        xb = _data(rank, 900 + 3 * i, torch.int64, salt=salt - i)
+        wa = a.all_reduce(xa, "avg", async_op=True, algorithm=ALGOS[i % 3])
+        wb = b.all_reduce(xb, async_op=True, algorithm=ALGOS[(i + 1) % 3])
+        wb.wait()
+        wa.wait()
+        ea = sum(_data(r, 5000 + i, torch.float32, salt=salt + i).double() for r in range(n)) / n
+        eb = sum(_data(r, 900 + 3 * i, torch.int64, salt=salt - i) for r in range(n))
+        assert torch.allclose(xa.double(), ea, rtol=1e-5, atol=1e-5), i
+        assert torch.equal(xb, eb), i
+    assert a._cpu.name != b._cpu.name
+    # A mismatch is caught on every call on shm, even with the first-sight check off, before any data moves:
+    # every rank raises naming the field, nothing is written, and the communicator stays usable.
+    os.environ["PARACOMM_CHECK_SHAPES"] = "0"
+    for t in (torch.ones(64 + rank), torch.ones(64, dtype=torch.float64 if rank else torch.float32)):
+        before = t.clone()
+        with pytest.raises(RuntimeError, match="different arguments"):
+            a.all_reduce(t)
+        assert torch.equal(t, before)
+    with pytest.raises(RuntimeError, match="PARACOMM_CHUNK_BYTES"):
+        os.environ["PARACOMM_CHUNK_BYTES"] = str(1024 * (rank + 1))
+        a.all_reduce(torch.ones(100_000))
+    os.environ.pop("PARACOMM_CHUNK_BYTES")
+    ok = torch.full((33,), float(rank))
+    a.all_reduce(ok)
+    assert torch.equal(ok, torch.full((33,), float(sum(range(n)))))
+    # What shm does not run goes to a gloo CpuExecutor created on first use (collective: every rank asks).
+    t = torch.tensor([float(rank)])
+    a._cpu.pg.allreduce([t]).wait()
+    assert t.item() == sum(range(n))
+    return _digest(xa)
+
+
+def test_two_communicators_interleaved_and_two_jobs_at_once():
+    results = {}
+
+    def job(key, world_size, salt):
+        results[key] = run_ranks(world_size, _two_comms, salt, timeout=600)
+
+    threads = [threading.Thread(target=job, args=(k, w, s)) for k, w, s in (("a", 2, 11), ("b", 3, 97))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for key, world_size in (("a", 2), ("b", 3)):
+        assert key in results, f"job {key} failed (see its traceback above)"
+        assert len(set(results[key])) == 1
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Segments: 0600, unguessable, refused when not private; transport selection
+# ------------------------------------------------------------------------------------------------------------
+
+
+def test_segment_is_private_and_refused_otherwise():
+    from paracomm import _C
+
+    c = _C.ShmComm("", True, 0, 2)
+    path = _segment_path(c.name)
+    try:
+        st = os.stat(path)
+        assert stat.S_IMODE(st.st_mode) == 0o600 and st.st_uid == os.geteuid()
+        assert len(c.name) == len("/paracomm-") + 32  # 128 random bits
+        other = _C.ShmComm("", True, 0, 2)
+        assert other.name != c.name
+        assert _C.ShmComm.unlink(other.name)
+        peer = _C.ShmComm(c.name, False, 1, 2)  # the opener checks owner, mode and layout
+        assert peer.segment_bytes == c.segment_bytes
+        with pytest.raises(RuntimeError, match="does not hold a paracomm segment"):
+            _C.ShmComm(c.name, False, 1, 3)
+        os.chmod(path, 0o644)
+        with pytest.raises(RuntimeError, match="not a private segment"):
+            _C.ShmComm(c.name, False, 1, 2)
+    finally:
+        assert _C.ShmComm.unlink(c.name)
+    assert not _C.ShmComm.unlink(c.name)
+    with pytest.raises(RuntimeError, match="shm_open"):
+        _C.ShmComm(c.name, False, 1, 2)
+
+
+def _selection(rank, world_size, setting):
+    import paracomm
+    from paracomm import _shm
+
+    os.environ["PARACOMM_CPU_TRANSPORT"] = setting
+    comm = paracomm.Communicator(timeout=timedelta(seconds=30))
+    try:
+        return _shm.transport_of(comm)
+    except ValueError as e:
+        return f"ValueError: {e}"
+
+
+def test_transport_selection():
+    assert run_ranks(2, _selection, "auto") == ["shm", "shm"]
+    assert run_ranks(2, _selection, "gloo") == ["gloo", "gloo"]
+    for out in run_ranks(2, _selection, "fast"):
+        assert "PARACOMM_CPU_TRANSPORT must be one of" in out
+
+
+def _inconsistent(rank, world_size):
+    import paracomm
+    from paracomm import _shm
+
+    os.environ["PARACOMM_CPU_TRANSPORT"] = "gloo" if rank else "shm"
+    comm = paracomm.Communicator(timeout=timedelta(seconds=30))
+    with pytest.raises(ValueError, match="differs between ranks"):
+        _shm.transport_of(comm)
+    return True
+
+
+def test_inconsistent_transport_setting_raises_on_every_rank():
+    assert run_ranks(2, _inconsistent) == [True, True]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# A peer killed with SIGKILL mid-call, or stalled
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _killed(rank, world_size, stamp_file):
+    import paracomm
+
+    comm = paracomm.Communicator(timeout=timedelta(seconds=60))
+    x = torch.ones(1 << 22)
+    comm.all_reduce(x)
+    name = comm._cpu.name
+    victim = world_size - 1
+    if rank == victim:
+        def kill():
+            with open(stamp_file, "w") as f:
+                f.write(repr(time.time()))
+            os.kill(os.getpid(), signal.SIGKILL)
+        threading.Timer(0.5, kill).start()
+    calls = 0
+    try:
+        while True:  # back-to-back large calls (several steps each): the kill lands inside one of them
+            comm.all_reduce(x, algorithm=ALGOS[calls % 3])
+            calls += 1
+    except RuntimeError as e:
+        raised = time.time()
+        message = str(e)
+    with pytest.raises(RuntimeError, match="failed earlier"):
+        comm.all_reduce(x)
+    return name, raised, message, calls
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_peer_killed_mid_call_every_survivor_raises_within_a_second(world_size, tmp_path):
+    stamp = str(tmp_path / "killed_at")
+    results = run_ranks(world_size, _killed, stamp, timeout=300, allow_missing=(world_size - 1,))
+    assert results[-1] is None
+    with open(stamp) as f:
+        killed_at = float(f.read())
+    for name, raised, message, calls in results[:-1]:
+        assert "paracomm" in message and ("died" in message or "failed" in message), message
+        assert calls > 0
+        delay = raised - killed_at
+        print(f"world size {world_size}: survivor raised {delay * 1e3:.0f} ms after the kill")
+        # Detection is a 20 ms sleep slice plus a pidfd poll; generous slack for a loaded machine.
+        assert delay < 5.0, f"took {delay:.2f} s to notice the kill"
+        assert not os.path.exists(_segment_path(name))
+    assert not glob.glob(_segment_path(results[0][0]) + "*")
+
+
+def _stalled(rank, world_size, timeout_s):
+    import paracomm
+
+    comm = paracomm.Communicator(timeout=timedelta(seconds=timeout_s))
+    comm.all_reduce(torch.ones(1000))
+    if rank == world_size - 1:
+        time.sleep(timeout_s + 3)  # alive but silent
+        return None
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match="timed out"):
+        comm.all_reduce(torch.ones(1000))
+    return time.monotonic() - start
+
+
+def test_stalled_peer_raises_at_the_timeout():
+    timeout_s = 2.0
+    results = run_ranks(3, _stalled, timeout_s, timeout=120)
+    for elapsed in results[:-1]:
+        assert timeout_s - 0.1 <= elapsed < timeout_s + 5, elapsed
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Exit: no "terminate called without an active exception", nothing left behind
+# ------------------------------------------------------------------------------------------------------------
+
+_EXIT_SCRIPT = r"""
+import os, sys
+from datetime import timedelta
+import torch, torch.distributed as dist
+import paracomm
+rank, world, init = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+dist.init_process_group("gloo", init_method="file://" + init, rank=rank, world_size=world,
+                        timeout=timedelta(seconds=60))
+comm = paracomm.Communicator(timeout=timedelta(seconds=60))
+works = [comm.all_reduce(torch.full((1000 + i,), float(rank)), async_op=True) for i in range(20)]
+works[-1].wait()
+x = torch.ones(1 << 16)
+comm.all_reduce(x)
+assert x[0].item() == world
+print("name", comm._cpu.name, flush=True)
+# exit without destroy_process_group and with the worker thread still alive
+"""
+
+
+def test_exit_is_clean_and_leaves_nothing(tmp_path):
+    import subprocess
+    import sys
+
+    script = tmp_path / "exit_rank.py"
+    script.write_text(_EXIT_SCRIPT)
+    env = dict(os.environ)
+    for run in range(3):
+        init = str(tmp_path / f"rdzv{run}")
+        procs = [subprocess.Popen([sys.executable, str(script), str(r), "2", init], env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+        outs = [p.communicate(timeout=180) for p in procs]
+        for p, (out, err) in zip(procs, outs):
+            assert p.returncode == 0, err
+            assert "terminate called" not in err, err
+            name = out.split("name ", 1)[1].split()[0]
+            assert not os.path.exists(_segment_path(name))
