@@ -31,6 +31,7 @@ int64_t buffer_elems(const Plan& plan, PlanBuffer b) {
     case PlanBuffer::kInput: return plan.input_elems;
     case PlanBuffer::kWire: return plan.spec.compressed() ? plan.wire_elems : 0;
     case PlanBuffer::kRecv: return plan.recv_elems;
+    case PlanBuffer::kStage: return plan.stage_elems;
   }
   return -1;
 }
@@ -41,6 +42,7 @@ const char* buffer_name(PlanBuffer b) {
     case PlanBuffer::kWire: return "wire";
     case PlanBuffer::kRecv: return "recv";
     case PlanBuffer::kInput: return "input";
+    case PlanBuffer::kStage: return "stage";
   }
   return "unknown";
 }
@@ -196,6 +198,7 @@ void enqueue_plan(const NcclExecContext& ctx, const Plan& plan, const std::vecto
       case PlanBuffer::kInput: return input + s.offset * dtype_size(T);
       case PlanBuffer::kWire: return ws + plan.wire_offset_bytes() + s.offset * dtype_size(W);
       case PlanBuffer::kRecv: return ws + plan.recv_offset_bytes() + s.offset * dtype_size(W);
+      case PlanBuffer::kStage: return ws + plan.stage_offset_bytes() + s.offset * dtype_size(T);  // T-typed (plan.h)
     }
     return nullptr;
   };
