@@ -304,16 +304,19 @@ def _stalled(rank, world_size, timeout_s):
         time.sleep(timeout_s + 3)  # alive but silent
         return None
     start = time.monotonic()
-    with pytest.raises(RuntimeError, match="timed out"):
+    # The first rank whose deadline passes times out and fails the transport; a rank still waiting then
+    # raises because that peer failed (every rank raises, none hangs), at about the same moment.
+    with pytest.raises(RuntimeError, match=r"timed out|peer rank \d+ failed") as info:
         comm.all_reduce(torch.ones(1000))
-    return time.monotonic() - start
+    return time.monotonic() - start, str(info.value)
 
 
 def test_stalled_peer_raises_at_the_timeout():
     timeout_s = 2.0
     results = run_ranks(3, _stalled, timeout_s, timeout=120)
-    for elapsed in results[:-1]:
-        assert timeout_s - 0.1 <= elapsed < timeout_s + 5, elapsed
+    assert any("timed out" in message for _, message in results[:-1]), results
+    for elapsed, message in results[:-1]:
+        assert timeout_s - 0.5 <= elapsed < timeout_s + 5, (elapsed, message)
 
 
 # ------------------------------------------------------------------------------------------------------------
