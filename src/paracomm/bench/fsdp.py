@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from typing import Callable, Optional
 
 import torch
@@ -254,9 +253,4 @@ def run_rank(ctx, args) -> int:
 
 def main(argv=None) -> int:
     """Entry point for ``python -m paracomm.bench fsdp``; returns the exit code (2 for bad flags)."""
-    try:
-        args = parse_args(sys.argv[1:] if argv is None else list(argv))
-    except SystemExit as e:
-        return e.code if isinstance(e.code, int) else 2
-    return launch_mod.launch(run_rank, args, nproc=args.nproc, device=args.device,
-                             ranks_per_gpu=args.ranks_per_gpu, timeout_s=args.timeout)
+    return launch_mod.run_mode(parse_args, run_rank, argv)

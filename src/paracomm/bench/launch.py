@@ -329,3 +329,15 @@ def run_header(ctx: RankContext) -> dict:
         "git_commit": git_commit(),
         "date": now_iso(),
     }
+
+
+def run_mode(parse_args, run_rank, argv=None) -> int:
+    """The ``main()`` of a launched benchmark mode: parse ``argv`` (sys.argv[1:] when None) with ``parse_args``
+    (which exits through argparse on a bad flag: returned here as its exit code, 2 by default) and run
+    ``run_rank`` on the ranks the flags ask for (:func:`launch`). Returns the exit code."""
+    try:
+        args = parse_args(sys.argv[1:] if argv is None else list(argv))
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 2
+    return launch(run_rank, args, nproc=args.nproc, device=args.device, ranks_per_gpu=args.ranks_per_gpu,
+                  timeout_s=args.timeout)
