@@ -16,25 +16,13 @@
 #include <optional>
 
 #include "allreduce/nccl_comm.h"
+#include "glue.h"
 
 namespace py = pybind11;
 
 namespace paracomm {
 
 namespace {
-
-DType code_of(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return DType::kFloat32;
-    case at::kHalf: return DType::kFloat16;
-    case at::kBFloat16: return DType::kBFloat16;
-    case at::kDouble: return DType::kFloat64;
-    case at::kInt: return DType::kInt32;
-    case at::kLong: return DType::kInt64;
-    default: break;
-  }
-  PARACOMM_THROW("nccl_all_reduce: unsupported dtype ", c10::toString(t));
-}
 
 // The services of one call (nccl_executor.h, NcclCallServices).
 class TorchCallServices final : public NcclCallServices {
@@ -91,7 +79,7 @@ void bind_nccl_tensor(py::module_& m) {
         NcclAllReduceCall call;
         call.data = data.data_ptr();
         call.numel = data.numel();
-        call.dtype = code_of(data.scalar_type());
+        call.dtype = to_dtype(data.scalar_type(), "nccl_all_reduce", "tensor");
         call.wire_dtype = static_cast<int32_t>(wire_dtype);
         call.divisor = divisor;
         call.scale = scale.has_value() ? scale->const_data_ptr<float>() : nullptr;
