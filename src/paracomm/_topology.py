@@ -19,7 +19,7 @@ from datetime import timedelta
 from typing import List, Optional
 
 __all__ = ["host_identity", "node_map_from_size", "canonical_node_map", "discover_node_map", "check_node_size",
-           "env_node_size", "node_map_code", "describe_node_map"]
+           "env_node_size", "explain_node_map", "node_map_code", "describe_node_map"]
 
 
 def host_identity() -> str:
@@ -53,6 +53,19 @@ def env_node_size(world_size: int) -> Optional[int]:
     if not value.isdigit() or int(value) < 1:
         raise ValueError(f"paracomm: PARACOMM_NODE_SIZE must be a positive integer (ranks per node), got {value!r}")
     return min(int(value), world_size)
+
+
+def explain_node_map(node_size, world_size: int, name: str) -> List[int]:
+    """The node map the ``explain_*`` functions plan for: ``node_size`` when given (checked, naming the argument),
+    else ``PARACOMM_NODE_SIZE`` as a Communicator without ``node_size`` would read it, else [] (one node, no
+    topology keys). Pure: nothing is exchanged (host identities need a process group)."""
+    if node_size is None:
+        node_size = env_node_size(world_size)
+        if node_size is None:
+            return []
+    else:
+        node_size = check_node_size(node_size, world_size, name)
+    return node_map_from_size(world_size, node_size)
 
 
 def node_map_from_size(world_size: int, node_size: int) -> List[int]:

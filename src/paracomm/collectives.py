@@ -30,6 +30,7 @@ import torch.distributed as dist
 from torch.distributed import distributed_c10d as c10d
 
 from . import _C
+from . import _topology
 from . import comm as _comm
 from ._signature import ALGORITHMS, DTYPE_CODES
 from ._validate import check_wire_dtype
@@ -280,8 +281,20 @@ def all_gather(output, input, *, group=None, async_op: bool = False, algorithm: 
         output, input, async_op=async_op, algorithm=algorithm)
 
 
+def _check_equal_nodes(node_map: list, world_size: int, name: str) -> None:
+    """hierarchical reduce_scatter / all_gather plan nodes of equal size only (csrc/allreduce/hierarchical.h):
+    refuse another node map here with a ValueError naming node_size, instead of the generator's RuntimeError."""
+    if node_map and world_size % (node_map.count(0)) != 0:
+        raise ValueError(f"{name}: algorithm='hierarchical' needs nodes of equal size, but node_size "
+                         f"{node_map.count(0)} does not divide world_size {world_size} (the last node would have "
+                         f"{node_map.count(node_map[-1])} ranks)")
+
+
 def _explain(collective: str, name: str, numel, dtype, world_size, wire_dtype, algorithm, backend,
-             allowed: tuple) -> dict:
+             allowed: tuple, node_size) -> dict:
+    """explain_reduce_scatter / explain_all_gather: the arguments checked as explain_all_reduce checks them, then
+    the counts of rank 0's plan from the same pure generator a call uses (_C.plan_summary), for the node map of
+    ``node_size`` / PARACOMM_NODE_SIZE (_topology.explain_node_map). Nothing is communicated."""
     if isinstance(numel, bool) or not isinstance(numel, int) or numel < 0:
         raise ValueError(f"{name}: numel must be an int >= 0, got {numel!r}")
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
@@ -307,26 +320,51 @@ def _explain(collective: str, name: str, numel, dtype, world_size, wire_dtype, a
         raise ValueError(f"{name}: backend must be 'nccl' or 'gloo', got {backend!r}")
     if collective == "reduce_scatter":
         _comm._check_rank_limit(algorithm, world_size, name)
+    node_map = _topology.explain_node_map(node_size, world_size, name)
+    if algorithm == "hierarchical":
+        _check_equal_nodes(node_map, world_size, name)
     wire = -1 if wire_dtype is None else DTYPE_CODES[wire_dtype]
     return dict(_C.plan_summary(numel, DTYPE_CODES[dtype], wire, world_size, 0, algorithm, backend, False, False,
-                                _comm._chunk_bytes(), collective))
+                                _comm._chunk_bytes(), collective, node_map))
 
 
 def explain_reduce_scatter(numel: int, dtype: torch.dtype, world_size: int, *, wire_dtype=None,
-                           algorithm: Optional[str] = None, backend: Optional[str] = None) -> dict:
+                           algorithm: Optional[str] = None, backend: Optional[str] = None,
+                           node_size: Optional[int] = None) -> dict:
     """What a reduce-scatter with ``numel`` output elements per rank (input: world_size x numel) would do; no
-    communication. Arguments and keys as :func:`paracomm.explain_all_reduce` (``algorithm``, ``chunk_bytes``,
-    ``num_chunks``, ``steps``, ``transfer_groups``, ``reductions``, ``bytes_sent``, ``bytes_received``,
-    ``workspace_bytes``; rank 0, without scale or found_inf). Raises TypeError / ValueError naming the argument."""
+    communication.
+
+    Arguments and keys as :func:`paracomm.explain_all_reduce` (``algorithm``, ``chunk_bytes``, ``num_chunks``,
+    ``steps``, ``transfer_groups``, ``reductions``, ``bytes_sent``, ``bytes_received``, ``workspace_bytes``;
+    rank 0, without scale or found_inf). ``algorithm``: "auto", "ring", "direct", "one_shot" or "hierarchical";
+    None: ``PARACOMM_ALGORITHM``, else "auto".
+
+    ``node_size``: ranks per node (ranks [0, K) on node 0, ...); None: ``PARACOMM_NODE_SIZE`` when set, else one
+    node. With a node map "auto" is topology-aware (hierarchical for nodes of equal size above the one-shot
+    sizes) and the result also has ``nodes``, ``inter_node_bytes`` / ``intra_node_bytes`` (bytes one rank sends
+    to other nodes / within its node, the busiest rank's; in the wire dtype where the plan sends it),
+    ``inter_node_steps`` and ``choice_reason``, counted over the same plans the call would run.
+
+    Raises:
+        TypeError / ValueError naming the argument (``node_size`` outside [1, world_size]; "hierarchical" with
+        nodes of different sizes).
+    """
     return _explain("reduce_scatter", "paracomm.explain_reduce_scatter", numel, dtype, world_size, wire_dtype,
-                    algorithm, backend, _RS_ALGORITHMS)
+                    algorithm, backend, _RS_ALGORITHMS, node_size)
 
 
 def explain_all_gather(numel: int, dtype: torch.dtype, world_size: int, *, algorithm: Optional[str] = None,
-                       backend: Optional[str] = None) -> dict:
+                       backend: Optional[str] = None, node_size: Optional[int] = None) -> dict:
     """What an all-gather of ``numel`` input elements per rank (output: world_size x numel) would do; no
-    communication. Keys as :func:`paracomm.explain_all_reduce`; ``algorithm`` "auto", "ring" or "direct" (None:
-    ``PARACOMM_ALGORITHM``, "one_shot" there meaning "direct"). Raises TypeError / ValueError naming the
-    argument."""
+    communication.
+
+    Keys as :func:`paracomm.explain_all_reduce`; ``algorithm`` "auto", "ring", "direct" or "hierarchical" (None:
+    ``PARACOMM_ALGORITHM``, "one_shot" there meaning "direct"). ``node_size`` as in
+    :func:`explain_reduce_scatter` (None: ``PARACOMM_NODE_SIZE`` when set): the result then also has ``nodes``,
+    ``inter_node_bytes``, ``intra_node_bytes``, ``inter_node_steps`` and ``choice_reason``.
+
+    Raises:
+        TypeError / ValueError naming the argument.
+    """
     return _explain("all_gather", "paracomm.explain_all_gather", numel, dtype, world_size, None, algorithm,
-                    backend, _AG_ALGORITHMS)
+                    backend, _AG_ALGORITHMS, node_size)

@@ -896,7 +896,8 @@ def explain_all_reduce(numel: int, dtype: torch.dtype, world_size: int, *, wire_
         backend: "nccl" (CUDA tensors) or "gloo" (CPU tensors): the chunk policy and the "auto" thresholds
             differ. None: the one this machine would use ("nccl" when paracomm has CUDA and a GPU is
             visible, else "gloo").
-        node_size: None (one node, as before) or ranks per node (ranks [0, K) on node 0, ...; the last node may
+        node_size: None (``PARACOMM_NODE_SIZE`` when set, as a Communicator without ``node_size`` reads it; else
+            one node, as before) or ranks per node (ranks [0, K) on node 0, ...; the last node may
             be smaller): "auto" is then topology-aware and the result also has ``nodes``, ``inter_node_bytes`` and
             ``intra_node_bytes`` (bytes one rank sends to other nodes / its own node; the busiest rank's),
             ``inter_node_steps`` (its steps with a transfer to another node) and ``choice_reason``.
@@ -930,8 +931,7 @@ def explain_all_reduce(numel: int, dtype: torch.dtype, world_size: int, *, wire_
     if backend not in ("nccl", "gloo"):
         raise ValueError(f"{name}: backend must be 'nccl' or 'gloo', got {backend!r}")
     _check_rank_limit(algorithm, world_size, name)
-    node_map = [] if node_size is None else _topology.node_map_from_size(
-        world_size, _topology.check_node_size(node_size, world_size, name))
+    node_map = _topology.explain_node_map(node_size, world_size, name)
     wire = -1 if wire_dtype is None else _DTYPE_CODES[wire_dtype]
     return dict(_C.plan_summary(numel, _DTYPE_CODES[dtype], wire, world_size, 0, algorithm, backend, False, False,
                                 _chunk_bytes(), node_map=node_map))
