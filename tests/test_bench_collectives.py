@@ -43,10 +43,12 @@ def test_fsdp_cli(tmp_path):
                 "-n", "2", "-w", "1", "--json", str(out)], timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     data = json.loads(out.read_text())
-    assert [r["variant"] for r in data["rows"]] == list(fsdp.VARIANTS)
+    assert [r["variant"] for r in data["rows"]] == list(fsdp.VARIANTS)  # 2 ranks: the HSDP rows too (2 x 1)
     losses = [r["loss"] for r in data["rows"]]
     assert abs(losses[1] - losses[0]) <= 1e-5 * abs(losses[0]) + 1e-7  # paracomm fp32 trains as torch does
     assert abs(losses[2] - losses[0]) <= 0.01 * abs(losses[0])
+    assert abs(losses[4] - losses[3]) <= 1e-5 * abs(losses[3]) + 1e-7  # paracomm's HSDP as torch's
+    assert data["header"]["hsdp_mesh"] == {"replicate": 2, "shard": 1}
 
 
 @pytest.mark.parametrize("argv", [

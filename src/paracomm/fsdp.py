@@ -39,12 +39,52 @@ from . import comm as _comm
 from ._signature import DTYPE_CODES
 from ._validate import check_wire_dtype
 
-__all__ = ["ReduceScatter", "AllGather", "use_paracomm", "all_reduce_hook"]
+__all__ = ["ReduceScatter", "AllGather", "TorchWork", "use_paracomm", "all_reduce_hook"]
 
 
 def _allocate(size: Sequence[int], dtype: torch.dtype, device) -> torch.Tensor:
     # torch.empty draws from the device's caching allocator (CUDA) or the CPU allocator, on the device asked for.
     return torch.empty(*size, dtype=dtype, device=device)
+
+
+class TorchWork(dist.Work):
+    """A ``torch.distributed.Work`` over a :class:`paracomm.comm.Work`: what the Comm objects return with
+    ``async_op=True``.
+
+    FSDP2 waits on an asynchronous all-gather only when the Comm returns a ``dist.Work`` (``isinstance`` check in
+    ``foreach_all_gather_copy_out``), so paracomm's own Work is wrapped in this subclass. ``wait()`` blocks until
+    the collective is done, raises its error (a failed peer, a signature mismatch) and returns True, as torch's
+    Work does; ``is_completed()`` and ``get_future()`` (a Future completed with the output tensor, or with the
+    error) are paracomm's Work's.
+    """
+
+    def __init__(self, work: "_comm.Work"):
+        super().__init__()
+        self._work = work
+
+    def wait(self, timeout=None) -> bool:  # noqa: D401  (torch's signature)
+        """Block until done; raise the collective's error; True."""
+        self._work.wait(timeout)
+        return True
+
+    def is_completed(self) -> bool:
+        """True once the collective has finished (successfully or not)."""
+        return self._work.is_completed()
+
+    def is_success(self) -> bool:
+        """True once the collective has finished without an error."""
+        fut = self._work.get_future()
+        if not fut.done():
+            return False
+        try:
+            fut.value()
+        except Exception:  # noqa: BLE001
+            return False
+        return True
+
+    def get_future(self) -> torch.futures.Future:
+        """A Future completed with the output tensor (or with the collective's error)."""
+        return self._work.get_future()
 
 
 def _check_algorithm(algorithm, allowed: tuple, name: str) -> str:
@@ -87,8 +127,8 @@ class ReduceScatter(_TorchReduceScatter):
                 raise TypeError(f"{name}: scaler must be None or a paracomm.amp.GradScaler, got "
                                 f"{type(scaler).__module__}.{type(scaler).__qualname__}")
         self.scaler = scaler
-        self.calls = 0
-        self.fused_calls = 0  # calls that unscaled and checked for the scaler  # reduce-scatters run so far (FSDP2 calls one per unit per backward)
+        self.calls = 0  # reduce-scatters run so far (FSDP2 calls one per unit per backward)
+        self.fused_calls = 0  # of which unscaled and checked for the scaler
 
     def allocate(self, size: Sequence[int], *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """An uninitialised tensor of ``size`` from the allocator of ``device``."""
@@ -98,29 +138,46 @@ class ReduceScatter(_TorchReduceScatter):
                  op=dist.ReduceOp.SUM, async_op: bool = False):
         """Reduce-scatter ``input_tensor`` into ``output_tensor`` over ``group`` with FSDP2's ``op``.
 
-        Runs to completion before it returns (the CPU executor is host-side), so it returns None whether or
-        not ``async_op`` is set: FSDP2 then has nothing to wait for. Errors as :func:`paracomm.reduce_scatter`.
+        Returns None once done (``async_op=False``, how FSDP2 calls it), or at once a :class:`TorchWork`
+        (``async_op=True``, as ``dist.reduce_scatter_tensor``): ``output_tensor`` (and, with the scaler, its
+        found_inf) is valid after ``wait()``. Errors as :func:`paracomm.reduce_scatter` (argument errors at the
+        call; collective errors at the call or, asynchronously, in ``wait()``).
         """
+        _comm._check_bool(async_op, "async_op", "paracomm.fsdp.ReduceScatter")
         wire = self.wire_dtype if output_tensor.dtype == torch.float32 else None
-        self.calls += 1
         if self.scaler is None or not self.scaler.is_enabled():
-            _coll.reduce_scatter(output_tensor, input_tensor, op, group=group, wire_dtype=wire,
-                                 algorithm=self.algorithm)
-            return None
+            work = _coll.reduce_scatter(output_tensor, input_tensor, op, group=group, wire_dtype=wire,
+                                        algorithm=self.algorithm, async_op=async_op)
+            self.calls += 1
+            return TorchWork(work) if async_op else None
         # AMP fusion: the shard comes out unscaled and checked; PREMUL_SUM's factor joins the inverse scale.
-        self.fused_calls += 1
         inv_scale, found_inf = self.scaler.comm_hook_unscale(output_tensor.device)
         scale = inv_scale.reshape(1)
         if isinstance(op, dist.ReduceOp) and op == dist.ReduceOp.PREMUL_SUM:
             scale = scale * float(op.factor)
             op = "sum"
         flag = torch.zeros(1, dtype=torch.float32, device=output_tensor.device)
-        _coll.reduce_scatter(output_tensor, input_tensor, op, group=group, wire_dtype=wire,
-                             algorithm=self.algorithm, scale=scale, found_inf=flag)
-        # Each rank checked its own shard: sum the flags so every rank skips the step alike.
-        _comm.all_reduce(flag, "sum", group)
-        found_inf.add_(flag.reshape(found_inf.shape))
-        return None
+        rs = _coll.reduce_scatter(output_tensor, input_tensor, op, group=group, wire_dtype=wire,
+                                  algorithm=self.algorithm, scale=scale, found_inf=flag, async_op=async_op)
+        self.calls += 1
+        self.fused_calls += 1
+        # Each rank checked its own shard: sum the flags so every rank skips the step alike. Both calls go to the
+        # group's one Communicator, whose calls run in issue order (one FIFO worker once any call is async), so
+        # the flag all-reduce always follows the reduce-scatter that set the flag.
+        ar = _comm.all_reduce(flag, "sum", group, async_op)
+        if not async_op:
+            found_inf.add_(flag.reshape(found_inf.shape))
+            return None
+
+        def finish(both: torch.futures.Future):
+            rs_done, ar_done = both.value()
+            rs_done.value()  # raise the reduce-scatter's error first, then the all-reduce's
+            ar_done.value()
+            found_inf.add_(flag.reshape(found_inf.shape))
+            return output_tensor
+
+        future = torch.futures.collect_all([rs.get_future(), ar.get_future()]).then(finish)
+        return TorchWork(_comm.Work(future, output_tensor, keep=(scale, flag, input_tensor)))
 
 
 class AllGather(_TorchAllGather):
@@ -135,8 +192,9 @@ class AllGather(_TorchAllGather):
 
     def __init__(self, algorithm: str = "auto"):
         self.algorithm = _check_algorithm(algorithm, ("auto", "ring", "direct"), "paracomm.fsdp.AllGather")
-        self.calls = 0
-        self.fallbacks = 0
+        self.calls = 0  # all-gathers run so far (FSDP2: one per unit per unshard)
+        self.async_calls = 0  # of which issued with async_op=True (returned a TorchWork)
+        self.fallbacks = 0  # of which uint8 (torch's all_gather_into_tensor)
 
     def allocate(self, size: Sequence[int], *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """An uninitialised tensor of ``size`` from the allocator of ``device``."""
@@ -145,13 +203,24 @@ class AllGather(_TorchAllGather):
     def __call__(self, output_tensor: torch.Tensor, input_tensor: torch.Tensor, group: dist.ProcessGroup,
                  async_op: bool = False):
         """All-gather ``input_tensor`` (this rank's segment of ``output_tensor``, or a separate tensor) into
-        ``output_tensor`` over ``group``; complete on return, so returns None (see :class:`ReduceScatter`)."""
-        self.calls += 1
+        ``output_tensor`` over ``group``.
+
+        Returns None once done (``async_op=False``), or at once a ``dist.Work`` (``async_op=True``, as
+        ``FSDPModule.unshard(async_op=True)`` asks): a :class:`TorchWork`, or torch's own Work for the uint8
+        fallback. FSDP2 waits on it before it reads the output.
+        """
+        _comm._check_bool(async_op, "async_op", "paracomm.fsdp.AllGather")
         if output_tensor.dtype not in DTYPE_CODES:
+            work = dist.all_gather_into_tensor(output_tensor, input_tensor, group=group, async_op=async_op)
+            self.calls += 1
             self.fallbacks += 1
-            dist.all_gather_into_tensor(output_tensor, input_tensor, group=group)
-            return None
-        _coll.all_gather(output_tensor, input_tensor, group=group, algorithm=self.algorithm)
+            return work
+        work = _coll.all_gather(output_tensor, input_tensor, group=group, algorithm=self.algorithm,
+                                async_op=async_op)
+        self.calls += 1
+        if async_op:
+            self.async_calls += 1
+            return TorchWork(work)
         return None
 
 

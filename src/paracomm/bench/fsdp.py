@@ -5,7 +5,14 @@ collectives and with paracomm's, on the same ranks in one run.
 torch              FSDP2's own reduce-scatter and all-gather (torch.distributed on the group's backend)
 paracomm           ``paracomm.fsdp.use_paracomm(model, all_gather=True)``: both collectives on paracomm, fp32
 paracomm-bf16      the same with ``wire_dtype=torch.bfloat16``: gradients travel in bf16, summed in fp32
+torch-hsdp         torch's own HSDP: ``fully_shard(mesh=(2 replicas) x (world / 2 shards))``
+paracomm-hsdp      the same HSDP from paracomm: 1-D FSDP over the shard dim with ``use_paracomm(all_gather=True)``
+                   and ``all_reduce_hook`` averaging over the replicas (tests/test_fsdp_combos.py: the parameters
+                   equal torch's HSDP run); its "vs torch" is against the torch-hsdp row
 =================  =======================================================================================
+
+The two HSDP rows need an even world size (at 2 ranks the shard dim has one rank: pure replication); "all"
+leaves them out otherwise.
 
 Every variant trains the same model (``layers`` x ``TransformerEncoderLayer``, dropout off, one ``fully_shard``
 per layer and one at the root, the same seed) on the same per-rank batches with SGD. Timing: warm-up steps,
@@ -26,7 +33,8 @@ import torch
 from . import launch as launch_mod
 from .timing import barrier, median, slowest_rank, time_iterations
 
-VARIANTS = ("torch", "paracomm", "paracomm-bf16")
+VARIANTS = ("torch", "paracomm", "paracomm-bf16", "torch-hsdp", "paracomm-hsdp")
+HSDP_VARIANTS = ("torch-hsdp", "paracomm-hsdp")
 
 
 class Net(torch.nn.Module):
@@ -59,7 +67,9 @@ def train(*, steps: int, layers: int = 2, d_model: int = 32, heads: int = 4, ff:
           reshard_after_forward: bool = True, divide_factor: Optional[float] = None, force_sum: bool = False,
           accumulate: int = 1, reduce_scatter_comm=None, device="cpu", scaler=None, fuse_scaler: bool = False,
           data_hook: Optional[Callable[[int, list], None]] = None,
-          step_hook: Optional[Callable[[], None]] = None, time_steps: Optional[tuple] = None) -> dict:
+          step_hook: Optional[Callable[[], None]] = None, time_steps: Optional[tuple] = None,
+          mesh=None, offload_policy=None, all_reduce_hook: Optional[Callable[[torch.Tensor], None]] = None,
+          unshard_async: bool = False) -> dict:
     """Train :class:`Net` under FSDP2 on this rank (the process group must be up) and report.
 
     Args:
@@ -74,6 +84,12 @@ def train(*, steps: int, layers: int = 2, d_model: int = 32, heads: int = 4, ff:
         data_hook: ``data_hook(step, batches)`` may alter this rank's batches before the run (tests: inject
             a nan).
         time_steps: (warmup, iters): time the steps instead (the result then has ``step_ms``).
+        mesh: the DeviceMesh for ``fully_shard`` (None: the default group; a 2-D (replicate, shard) mesh: HSDP).
+        offload_policy: ``fully_shard``'s offload_policy (e.g. ``CPUOffloadPolicy(pin_memory=False)``).
+        all_reduce_hook: installed on every FSDP unit with ``set_all_reduce_hook`` (after the reduce-scatter in
+            1-D FSDP, after the replicas' all-reduce in HSDP).
+        unshard_async: before each forward, ``unshard(async_op=True)`` every FSDP unit (all-gathers in flight
+            together; FSDP2 waits on each one's Work before the unit's forward).
 
     Returns:
         dict: ``losses`` (per step, this rank), ``params`` (full parameters after training, float64 copies),
@@ -88,6 +104,10 @@ def train(*, steps: int, layers: int = 2, d_model: int = 32, heads: int = 4, ff:
     kwargs = {"reshard_after_forward": reshard_after_forward}
     if mp_policy is not None:
         kwargs["mp_policy"] = mp_policy
+    if mesh is not None:
+        kwargs["mesh"] = mesh
+    if offload_policy is not None:
+        kwargs["offload_policy"] = offload_policy
     for layer in model.layers:
         fully_shard(layer, **kwargs)
     fully_shard(model, **kwargs)
@@ -101,12 +121,14 @@ def train(*, steps: int, layers: int = 2, d_model: int = 32, heads: int = 4, ff:
         for m in model.modules():
             if hasattr(m, "set_custom_reduce_scatter"):
                 m.set_custom_reduce_scatter(reduce_scatter_comm)
-    for m in model.modules():
-        if hasattr(m, "set_gradient_divide_factor"):
-            if divide_factor is not None:
-                m.set_gradient_divide_factor(divide_factor)
-            if force_sum:
-                m.set_force_sum_reduction_for_comms(True)
+    units_all = [m for m in model.modules() if hasattr(m, "set_gradient_divide_factor")]  # the FSDP units
+    for m in units_all:
+        if divide_factor is not None:
+            m.set_gradient_divide_factor(divide_factor)
+        if force_sum:
+            m.set_force_sum_reduction_for_comms(True)
+        if all_reduce_hook is not None:
+            m.set_all_reduce_hook(all_reduce_hook)
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     rank = torch.distributed.get_rank()
     data = batches_for(rank, max(steps, 1) * accumulate, batch, seq, device=device)
@@ -117,6 +139,8 @@ def train(*, steps: int, layers: int = 2, d_model: int = 32, heads: int = 4, ff:
     def step(i):
         opt.zero_grad(set_to_none=True)
         total = 0.0
+        if unshard_async:
+            handles = [m.unshard(async_op=True) for m in units_all]  # noqa: F841  (FSDP2 waits on them)
         for k in range(accumulate):
             x, y = data[(i * accumulate + k) % len(data)]
             model.set_requires_gradient_sync(k == accumulate - 1)
@@ -144,10 +168,15 @@ def train(*, steps: int, layers: int = 2, d_model: int = 32, heads: int = 4, ff:
         result["step_ms"] = slowest_rank(median(times), dev) * 1e3
     result["losses"] = losses
     result["scales"] = scales
-    # Calls paracomm's ReduceScatter made with the AMP fusion (FSDP2 keeps the comm on its param groups).
-    result["fused_calls"] = sum(getattr(g._reduce_scatter_comm, "fused_calls", 0)
-                                for m in model.modules() if hasattr(m, "_get_fsdp_state")
-                                for g in m._get_fsdp_state()._fsdp_param_groups)
+    # What paracomm's Comm objects ran (FSDP2 keeps them on its param groups): reduce-scatters, those with the
+    # AMP fusion, all-gathers and those issued async. 0 for torch's own comms (they keep no counts).
+    groups = [g for m in model.modules() if hasattr(m, "_get_fsdp_state")
+              for g in m._get_fsdp_state()._fsdp_param_groups]
+    for key, attr, counter in (("rs_calls", "_reduce_scatter_comm", "calls"),
+                               ("fused_calls", "_reduce_scatter_comm", "fused_calls"),
+                               ("ag_calls", "_all_gather_comm", "calls"),
+                               ("ag_async_calls", "_all_gather_comm", "async_calls")):
+        result[key] = sum(getattr(getattr(g, attr, None), counter, 0) for g in groups)
     result["params"] = [p.full_tensor().detach().double().cpu() for p in model.parameters()]
     return result
 
@@ -224,20 +253,41 @@ def run_rank(ctx, args) -> int:
             f"ff={m['ff']}), {m['params'] / 1e6:.2f} M params, fully_shard per layer + root, batch "
             f"{m['batch_per_rank']} x seq {m['seq']} per rank",
             f"#  step: median of {args.iters} after {args.warmup_iters} warm-up, slowest rank; "
-            "vs torch = torch step time / this step time",
+            "vs torch = torch step time / this step time (HSDP rows: torch-hsdp's)",
             "#",
             "#" + fmt.format("variant", "step (ms)", "vs torch", "loss (last)")[1:],
         ]), flush=True)
     rows = []
-    for variant in args.variants:
-        comms = "torch" if variant == "torch" else "paracomm"
+    variants = list(args.variants)
+    if ctx.world_size % 2:
+        skipped = [v for v in variants if v in HSDP_VARIANTS]
+        variants = [v for v in variants if v not in HSDP_VARIANTS]
+        if lead and skipped:
+            print(f"# skipped {', '.join(skipped)}: HSDP needs an even world size (2 replicas), got "
+                  f"{ctx.world_size}", flush=True)
+    mesh = None
+    if any(v in HSDP_VARIANTS for v in variants):
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh(ctx.device.type, (2, ctx.world_size // 2), mesh_dim_names=("replicate", "shard"))
+        header["hsdp_mesh"] = {"replicate": 2, "shard": ctx.world_size // 2}
+    for variant in variants:
+        comms = "torch" if variant.startswith("torch") else "paracomm"
         wire = torch.bfloat16 if variant == "paracomm-bf16" else None
+        extra = {}
+        if variant == "torch-hsdp":
+            extra = {"mesh": mesh}
+        elif variant == "paracomm-hsdp":
+            from paracomm.fsdp import all_reduce_hook
+
+            extra = {"mesh": mesh["shard"], "all_reduce_hook": all_reduce_hook(group=mesh.get_group("replicate"))}
         r = train(steps=args.warmup_iters + args.iters, layers=args.layers, d_model=args.d_model,
                   heads=args.heads, ff=args.ff, seq=args.seq, batch=args.batch, lr=args.lr, comms=comms,
                   wire_dtype=wire,
-                  device=ctx.device, time_steps=(args.warmup_iters, args.iters))
+                  device=ctx.device, time_steps=(args.warmup_iters, args.iters), **extra)
         row = {"variant": variant, "step_ms": r["step_ms"], "loss": r["losses"][-1]}
-        ref = next((x for x in rows if x["variant"] == "torch"), None)
+        baseline = "torch-hsdp" if variant in HSDP_VARIANTS else "torch"
+        ref = next((x for x in rows if x["variant"] == baseline), None)
         row["vs_torch"] = ref["step_ms"] / row["step_ms"] if ref is not None else None
         rows.append(row)
         if lead:
