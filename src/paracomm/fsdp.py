@@ -17,7 +17,12 @@ Why: with ``reduce_dtype=torch.float32`` and ``wire_dtype=torch.bfloat16`` the g
 the bytes) yet each input is rounded once and summed in fp32 at the owner, with the fp32 shard never rounded,
 so the error does not grow with the number of ranks (a bf16 ring re-rounds at every hop). With
 ``reduce_dtype=torch.bfloat16`` the tensors are bf16 already and paracomm still accumulates in fp32 and rounds
-once. Which combinations are checked: tests/test_fsdp.py and docs/ARCHITECTURE.md ("FSDP2").
+once. Which combinations are checked (HSDP, all_reduce_hook, CPU offload, async unshard, mixed precision, ...):
+the table in docs/ARCHITECTURE.md ("Which FSDP2 combinations are checked"); tests/test_fsdp.py and
+tests/test_fsdp_combos.py.
+
+``async_op=True`` returns a :class:`TorchWork` (a ``torch.distributed.Work``, which FSDP2 waits on); False, how
+FSDP2 calls the reduce-scatter, runs the collective to completion and returns None.
 
 AMP: ``use_paracomm(model, scaler=paracomm.amp.GradScaler("cpu"))`` unscales and checks every shard inside its
 reduce-scatter; ``scaler.step`` skips on inf/nan on every rank alike, as with DDP's ``ring_hook``.
