@@ -9,13 +9,20 @@
 //   * a channel per ordered pair (src, dst): a FIFO of kSlots pieces of slot_bytes, `head` (pieces written,
 //     only src writes it) and `tail` (pieces consumed, only dst writes it), monotonic over the Communicator's life.
 //
-// A call (all_reduce) is one C++ call: publish (seq + 1, signature) and wait for every peer to reach that seq;
-// compare signatures (a mismatch returns every rank's signature before any data moves, so every rank raises and
-// the channels stay aligned); then run the plan step by step: a step's transfers progress together (a send copies
-// pieces into the channel while there is room, a receive copies them out as they arrive; per channel in plan order),
-// then its reductions (reduce_range, cpu/reduce_core.h). Plans are matched across ranks (plan.h's invariants), so
-// the channels' FIFOs line up piece for piece and need no headers. Where the plan allows it (analyse_fusion), a
-// reduction reads received pieces in place from the channel slots instead of from a copy ("receive in place").
+// A call (any collective: the executor binds the plan's buffers and knows no collective) is one C++ call: copy
+// the first transfer step's sends into this rank's eager area when they fit ("eager sends"), publish
+// (seq + 1, signature, eager step) and wait for every peer to reach that seq; compare signatures (a mismatch
+// returns every rank's signature before anything of the caller's is written, so every rank raises and the
+// channels stay aligned); then run the plan step by step: eager receives are read in place from the sender's
+// eager area, the other transfers progress together (a send copies pieces into the channel while there is
+// room, a receive copies them out as they arrive; per channel in plan order), then the step's reductions
+// (reduce_range, cpu/reduce_core.h). Plans are matched across ranks (plan.h's invariants), so the channels'
+// FIFOs line up piece for piece and need no headers. Where the plan allows it (analyse_fusion), a reduction
+// reads received pieces in place from the channel slots instead of from a copy ("receive in place"). A one_shot
+// call thus synchronises once: its data travels with the entry.
+//
+// The segment also holds, per rank and call parity, an eager area (a table of world_size payload offsets, then
+// the payload), written only by its rank before it publishes seq.
 //
 // Waiting: spin (PARACOMM_SHM_SPIN_US, default 50 us), then sleep on the rank's futex in slices of at most 20 ms;
 // at every slice the peers' `failed` flags and liveness (pidfd, or kill(pid, 0)) are checked, and the deadline.
