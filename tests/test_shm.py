@@ -485,3 +485,48 @@ def test_shm_collectives_and_node_maps_match_gloo_and_float64(world_size, node_s
     digests = run_ranks(world_size, _collectives, node_size, timeout=900, env={"PARACOMM_SHM_EAGER": eager})
     for r in range(1, world_size):
         assert digests[r] == digests[0], f"rank {r} differs from rank 0"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The cached all_reduce fast path (comm.py, Communicator._all_reduce_shm_fast): the full path's errors
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _fast_path(rank, world_size):
+    import paracomm
+
+    n = world_size
+    comm = paracomm.Communicator(timeout=timedelta(seconds=60))
+    x = _data(rank, 1000, torch.float32, salt=1)
+    want = sum(_data(r, 1000, torch.float32, salt=1).double() for r in range(n))
+    for _ in range(3):
+        y = x.clone()
+        comm.all_reduce(y)
+        assert torch.allclose(y.double(), want, rtol=1e-6, atol=1e-6)
+    assert comm._shm_fast, "the fast path was not filled"
+    first = y.clone()
+    y = x.clone()
+    paracomm.all_reduce(y)  # the module-level call: its own cached Communicator, the same bits
+    assert torch.equal(y, first)
+    # Arguments the fast path's key cannot see are still refused by the full validation, nothing written.
+    strided = torch.ones(2000)[::2]
+    with pytest.raises(ValueError, match="contiguous"):
+        comm.all_reduce(strided)
+    assert torch.equal(strided, torch.ones(1000))
+    os.environ["PARACOMM_CHUNK_BYTES"] = "lots"
+    with pytest.raises(ValueError, match="PARACOMM_CHUNK_BYTES"):
+        comm.all_reduce(x.clone())
+    os.environ.pop("PARACOMM_CHUNK_BYTES")
+    # A mismatch where one rank takes the fast path (a known call) and the other the full one (a new op).
+    y = x.clone()
+    with pytest.raises(RuntimeError, match="different arguments"):
+        comm.all_reduce(y, "avg" if rank == 0 else "sum")
+    assert torch.equal(y, x)
+    comm.all_reduce(y)
+    assert torch.equal(y, first)
+    return _digest(first)
+
+
+def test_fast_path_keeps_every_check():
+    digests = run_ranks(2, _fast_path, timeout=300)
+    assert digests[0] == digests[1]

@@ -83,7 +83,13 @@ void bind_shm(py::module_& m) {
       .def_property_readonly("algorithm", [](const shm::ShmComm::Prepared& p) {
         return static_cast<int>(p.plan.spec.algorithm);
       })
-      .def_property_readonly("eager_step", [](const shm::ShmComm::Prepared& p) { return p.eager.step; });
+      .def_property_readonly("eager_steps", [](const shm::ShmComm::Prepared& p) {
+        std::vector<int> steps;
+        for (size_t i = 0; i < p.eager.is_step.size(); ++i) {
+          if (p.eager.is_step[i]) steps.push_back(static_cast<int>(i));
+        }
+        return steps;
+      });
 }
 
 }  // namespace paracomm

@@ -44,7 +44,8 @@ constexpr int64_t kMinSlotBytes = 4 * 1024;
 constexpr int64_t kChannelBudget = 64 * 1024 * 1024;   // all channels' slots together, before kMinSlotBytes
 constexpr double kSleepSlice = 0.02;                   // seconds per futex sleep between liveness checks
 constexpr double kPureSpin = 5e-6;                     // seconds of pause-only spinning before yielding
-constexpr int64_t kEagerMaxRanks = 64;                 // eager areas hold a table of world_size offsets
+constexpr int64_t kEagerMaxRanks = 64;                 // eager areas hold a table of (step, peer, offset) entries
+constexpr int64_t kEagerEntriesPerRank = 4;            // table entries per rank of the world, at most
 constexpr int64_t kMaxEagerBytes = 1024 * 1024;        // one rank's eager payload per parity, at most
 constexpr int64_t kEagerBudget = 32 * 1024 * 1024;     // all ranks' eager areas (both parities) together
 
@@ -118,7 +119,8 @@ struct ShmComm::RankCtl {
   std::atomic<int32_t> pid;
   std::atomic<uint32_t> failed;
   int32_t sig_len[2];
-  int32_t eager_step[2];  // call parity -> the plan step whose sends this rank published at entry, -1: none
+  int32_t eager_first[2];  // call parity -> the first and last plan step whose sends this rank published at
+  int32_t eager_last[2];   //   entry (its eager table lists them), -1: none
   int64_t sig[2][kMaxSignature];
   alignas(128) std::atomic<uint32_t> wake;
   std::atomic<uint32_t> sleeping;
@@ -166,11 +168,11 @@ ShmComm::ShmComm(const std::string& name, bool create, int rank, int world_size)
   ctl_offset_ = kHeaderBytes;
   channel_offset_ = ctl_offset_ + n * static_cast<int64_t>(sizeof(RankCtl));
   data_offset_ = round_up(channel_offset_ + n * n * static_cast<int64_t>(sizeof(ChannelCtl)), kPage);
-  // After the channels: per rank and call parity an eager area (a table of world_size payload offsets, then
-  // the payload); absent when eager_bytes is 0.
+  // After the channels: per rank and call parity an eager area (a table: the number of entries, then
+  // (step, destination, payload offset) triples; then the payload); absent when eager_bytes is 0.
   auto eager_layout = [&]() {
     eager_offset_ = data_offset_ + n * n * channel_stride_;
-    eager_table_bytes_ = round_up(n * 8, 128);
+    eager_table_bytes_ = round_up(8 + 24 * kEagerEntriesPerRank * n, 128);  // count, then (step, peer, offset)
     eager_stride_ = eager_bytes_ > 0 ? round_up(eager_table_bytes_ + eager_bytes_, kPage) : 0;
     return eager_offset_ + n * 2 * eager_stride_;
   };
@@ -428,11 +430,12 @@ std::vector<std::vector<int64_t>> ShmComm::run(const Prepared& p, const CallBuff
   seq_ = seq;
   me.sig_len[parity] = static_cast<int32_t>(p.signature.size());
   std::copy(p.signature.begin(), p.signature.end(), me.sig[parity]);
-  me.eager_step[parity] = p.eager.step;
+  me.eager_first[parity] = p.eager.first;
+  me.eager_last[parity] = p.eager.last;
   me.seq.store(seq, std::memory_order_release);
   notify_all();
   // 3. Wait for every peer to enter it. A peer can be at most one call ahead (it cannot finish call seq + 1
-  //    without this rank), so its parity-seq % 2 signature, eager step and eager area still hold call seq's.
+  //    without this rank), so its parity-seq % 2 signature, eager steps and eager area still hold call seq's.
   //    For a plan whose transfers are all eager (one_shot, small direct) this is the call's only wait.
   int waiting_for = 0;
   wait_until(
@@ -471,60 +474,99 @@ std::vector<std::vector<int64_t>> ShmComm::run(const Prepared& p, const CallBuff
 }
 
 // ---- eager sends ----
-// The first step with transfers normally costs a second synchronisation after the entry barrier (pieces pass
-// through the channels, each publish/consume a cache-line handshake). When its sends fit in this rank's eager
-// area, they are instead copied there *before* entry and published by the entry's own seq store: a receiver
-// that has seen the sender's seq reads them in place (the step's fused reduction straight from the eager area,
-// any other receive by one memcpy). A one_shot call then synchronises exactly once. Conditions (per plan, from
-// the plan alone, the same on every rank for the same signature):
-//   * the step's transfers may start after steps [0, transfers_after] only, and those steps have no transfers
-//     (it is the first transfer step) and their reductions write only workspace (kWire / kRecv / kStage), so
-//     running them before the signature check writes nothing of the caller's;
-//   * each destination receives at most one send of the step (the table holds one offset per destination);
-//   * the distinct send spans fit in eager_bytes (one_shot sends one span to everyone: one copy).
-// The receiver decides from the sender's published eager step and table, not from its own plan, so a sender
+// The first steps with transfers normally cost a synchronisation each after the entry barrier (pieces pass
+// through the channels, each publish/consume a cache-line handshake). The sends of every step that depends on
+// nothing the call computes after entry are instead copied into the sender's eager area *before* entry and
+// published by the entry's own seq store: a receiver that has seen the sender's seq reads them in place (the
+// step's fused reduction straight from the eager area, any other receive by one memcpy). A one_shot call then
+// synchronises exactly once; direct's reduce-scatter pieces all travel with the entry. Conditions (per plan,
+// from the plan alone, the same on every rank for the same signature):
+//   * a step is eager when it has transfers and may start them after steps [0, transfers_after] only, all of
+//     which come before the first step with transfers and have reductions that write only workspace
+//     (kWire / kRecv / kStage): those run before entry, so nothing of the caller's is written before the
+//     signature check. (The plan allows such a step's transfers to go out before any later step's
+//     reductions, so copying its bytes at entry is one of the orders the plan permits.)
+//   * each destination receives at most one send of an eager step (the table holds one entry per (step, peer));
+//   * the distinct send spans fit in eager_bytes (one_shot sends one span to everyone: one copy), the entries
+//     in the table; steps are taken in order while both fit.
+// The receiver decides from the sender's published step range and table, not from its own plan, so a sender
 // whose plan did not qualify simply sends through its channel. Eager areas are double-buffered by call parity;
 // see run() for why parity seq % 2 is free when call seq starts. Bits are unchanged: the same bytes arrive,
 // only from another address.
 ShmComm::Eager ShmComm::analyse_eager(const Plan& plan, int64_t eager_bytes, int world) {
   Eager e;
-  e.table.assign(static_cast<size_t>(world), -1);
   if (eager_bytes <= 0 || env_int("PARACOMM_SHM_EAGER", 1) == 0) return e;
+  const size_t steps = plan.steps.size();
   size_t first = 0;
-  while (first < plan.steps.size() && plan.steps[first].transfers.empty()) ++first;
-  if (first == plan.steps.size()) return e;
-  const PlanStep& st = plan.steps[first];
-  const int64_t pre = st.transfers_after + 1;
-  for (int64_t i = 0; i < pre; ++i) {
-    for (const PlanReduction& r : plan.steps[static_cast<size_t>(i)].reductions) {
-      if (r.out.buffer == PlanBuffer::kData || r.out.buffer == PlanBuffer::kInput) return e;
-      if (r.round_to_wire && r.has_wire_out &&
-          (r.wire_out.buffer == PlanBuffer::kData || r.wire_out.buffer == PlanBuffer::kInput)) return e;
+  while (first < steps && plan.steps[first].transfers.empty()) ++first;
+  if (first == steps) return e;
+  // Steps before the first transfer step from which on a reduction writes the caller's memory: eager steps may
+  // depend only on steps before it.
+  int64_t limit = static_cast<int64_t>(first);
+  for (size_t i = 0; i < first && limit == static_cast<int64_t>(first); ++i) {
+    for (const PlanReduction& r : plan.steps[i].reductions) {
+      const bool user = r.out.buffer == PlanBuffer::kData || r.out.buffer == PlanBuffer::kInput ||
+                        (r.round_to_wire && r.has_wire_out &&
+                         (r.wire_out.buffer == PlanBuffer::kData || r.wire_out.buffer == PlanBuffer::kInput));
+      if (user) limit = static_cast<int64_t>(i);
     }
   }
+  const int64_t max_entries = kEagerEntriesPerRank * world;
   int64_t used = 0;
-  std::vector<int64_t> table(static_cast<size_t>(world), -1);
   std::vector<Eager::Copy> copies;
-  for (const PlanTransfer& t : st.transfers) {
-    if (!t.send) continue;
-    if (table[static_cast<size_t>(t.peer)] >= 0) return e;  // two sends to one destination
-    const int64_t bytes = t.count * dtype_size(plan_buffer_dtype(plan.spec, t.span.buffer));
-    int64_t offset = -1;
-    for (const Eager::Copy& c : copies) {
-      if (c.span.buffer == t.span.buffer && c.span.offset == t.span.offset && c.bytes == bytes) offset = c.offset;
+  std::vector<int64_t> entries;
+  std::vector<uint8_t> is_step(steps, 0);
+  std::vector<int64_t> offsets;
+  std::vector<uint8_t> to(static_cast<size_t>(world));
+  int32_t pre = 0, last = -1;
+  for (size_t si = first; si < steps; ++si) {
+    const PlanStep& st = plan.steps[si];
+    if (st.transfers.empty() || st.transfers_after >= limit) continue;
+    // This step's entries and new copies, kept only if all of it fits.
+    std::fill(to.begin(), to.end(), 0);
+    std::vector<Eager::Copy> add;
+    std::vector<int64_t> add_entries;
+    int64_t add_used = used;
+    bool ok = true;
+    for (const PlanTransfer& t : st.transfers) {
+      if (!t.send) continue;
+      if (to[static_cast<size_t>(t.peer)]) {
+        ok = false;  // two sends to one destination in one step
+        break;
+      }
+      to[static_cast<size_t>(t.peer)] = 1;
+      const int64_t bytes = t.count * dtype_size(plan_buffer_dtype(plan.spec, t.span.buffer));
+      int64_t offset = -1;
+      for (const auto* list : {&copies, &add}) {
+        for (const Eager::Copy& c : *list) {
+          if (c.span.buffer == t.span.buffer && c.span.offset == t.span.offset && c.bytes == bytes) offset = c.offset;
+        }
+      }
+      if (offset < 0) {
+        offset = add_used;
+        add_used = round_up(add_used + bytes, 64);
+        add.push_back(Eager::Copy{t.span, bytes, offset});
+      }
+      add_entries.insert(add_entries.end(), {static_cast<int64_t>(si), static_cast<int64_t>(t.peer), offset});
     }
-    if (offset < 0) {
-      offset = used;
-      used = round_up(used + bytes, 64);
-      if (used > eager_bytes) return e;
-      copies.push_back(Eager::Copy{t.span, bytes, offset});
+    if (!ok || add_used > eager_bytes ||
+        static_cast<int64_t>(entries.size() + add_entries.size()) / 3 > max_entries) {
+      break;  // steps are taken in order: a later one may reuse slots an earlier non-eager one frees
     }
-    table[static_cast<size_t>(t.peer)] = offset;
+    used = add_used;
+    copies.insert(copies.end(), add.begin(), add.end());
+    entries.insert(entries.end(), add_entries.begin(), add_entries.end());
+    is_step[si] = 1;
+    pre = std::max<int32_t>(pre, static_cast<int32_t>(st.transfers_after + 1));
+    last = static_cast<int32_t>(si);
   }
-  e.step = static_cast<int32_t>(first);
-  e.pre_steps = static_cast<int32_t>(pre);
+  if (last < 0) return e;
+  e.first = static_cast<int32_t>(first);
+  e.last = last;
+  e.pre_steps = pre;
+  e.is_step = std::move(is_step);
   e.copies = std::move(copies);
-  e.table = std::move(table);
+  e.entries = std::move(entries);
   return e;
 }
 
@@ -633,7 +675,7 @@ void ShmComm::run_plan(const Prepared& prepared, const CallBuffers& b, double de
   const PlanSpec& s = plan.spec;
   const CallArgs& a = prepared.args;
   const Eager& eager = prepared.eager;
-  if (stage == 0 && eager.step < 0) return;
+  if (stage == 0 && eager.first < 0) return;
   const DType travel = s.travel_dtype();
   const size_t ws_bytes = static_cast<size_t>(plan.workspace_bytes()) + 256;
   if (workspace_.size() < ws_bytes) workspace_.assign(ws_bytes, 0);
@@ -708,7 +750,9 @@ void ShmComm::run_plan(const Prepared& prepared, const CallBuffers& b, double de
     for (const Eager::Copy& c : eager.copies) {
       std::memcpy(payload + c.offset, ptr(c.span), static_cast<size_t>(c.bytes));
     }
-    std::memcpy(eager_table(rank_, parity), eager.table.data(), eager.table.size() * sizeof(int64_t));
+    auto* table = reinterpret_cast<int64_t*>(eager_table(rank_, parity));
+    table[0] = static_cast<int64_t>(eager.entries.size() / 3);
+    std::memcpy(table + 1, eager.entries.data(), eager.entries.size() * sizeof(int64_t));
     return;
   }
 
@@ -718,7 +762,7 @@ void ShmComm::run_plan(const Prepared& prepared, const CallBuffers& b, double de
     const StepFusion& fusion = prepared.fusion[si];
     const PlanReduction* fused = fusion.reduction >= 0 ? &step.reductions[static_cast<size_t>(fusion.reduction)]
                                                        : nullptr;
-    const bool my_eager = static_cast<int32_t>(si) == eager.step;
+    const bool my_eager = eager.first >= 0 && eager.is_step[si] != 0;
     // Transfers: all of the step's progress together (the peers run the matching ones now; sends and receives
     // in both directions interleave, so a full channel never blocks a receive). Per (direction, peer) only the
     // first unfinished transfer moves: the channel is a FIFO in plan order. Eager ones are already there.
@@ -728,8 +772,16 @@ void ShmComm::run_plan(const Prepared& prepared, const CallBuffers& b, double de
         const PlanTransfer& t = step.transfers[k];
         Xfer x{t.send, fusion.input_of[k] >= 0, t.peer, ptr(t.span), t.count * esize(t.span), 0, nullptr};
         if (t.send && my_eager) x.done = x.bytes;  // published with the entry
-        if (!t.send && ctl(t.peer).eager_step[parity] == static_cast<int32_t>(si)) {
-          const int64_t off = reinterpret_cast<const int64_t*>(eager_table(t.peer, parity))[rank_];
+        const RankCtl& pc = ctl(t.peer);
+        const int32_t step_index = static_cast<int32_t>(si);
+        if (!t.send && pc.eager_first[parity] >= 0 && pc.eager_first[parity] <= step_index &&
+            step_index <= pc.eager_last[parity]) {
+          const auto* table = reinterpret_cast<const int64_t*>(eager_table(t.peer, parity));
+          const int64_t entries = std::min<int64_t>(table[0], kEagerEntriesPerRank * world_);
+          int64_t off = -1;
+          for (int64_t k = 0; k < entries && off < 0; ++k) {
+            if (table[1 + 3 * k] == step_index && table[2 + 3 * k] == rank_) off = table[3 + 3 * k];
+          }
           if (off >= 0) {
             PARACOMM_CHECK(off + x.bytes <= eager_bytes_, "shm: peer rank ", t.peer, " published an eager send of ",
                            x.bytes, " bytes at ", off, ", outside its area of ", eager_bytes_);
@@ -874,7 +926,7 @@ void ShmComm::run_plan(const Prepared& prepared, const CallBuffers& b, double de
     }
     // Reductions, in order, after every transfer of this step and the earlier ones (all complete by now); the
     // eager step's pre-steps ran before entry.
-    if (eager.step >= 0 && static_cast<int32_t>(si) < eager.pre_steps) continue;
+    if (eager.first >= 0 && static_cast<int32_t>(si) < eager.pre_steps) continue;
     for (size_t ri = 0; ri < step.reductions.size(); ++ri) {
       if (fused != nullptr && static_cast<int>(ri) == fusion.reduction) continue;  // done piece by piece above
       reduce_all(step.reductions[ri]);

@@ -114,17 +114,19 @@ class ShmComm {
     int32_t reduction = -1;
     std::vector<int32_t> input_of;
   };
-  // The first transfer step's sends, published with the call's entry (shm_comm.cpp, "eager sends").
+  // The sends published with the call's entry (shm_comm.cpp, "eager sends").
   struct Eager {
-    int32_t step = -1;       // the step whose sends go out at entry; -1: none
+    int32_t first = -1;      // the first and last eager step; -1: none
+    int32_t last = -1;
     int32_t pre_steps = 0;   // steps [0, pre_steps) have only workspace-writing reductions, run before entry
+    std::vector<uint8_t> is_step;  // per plan step: its sends are eager
     struct Copy {
       PlanSpan span;
       int64_t bytes = 0;
       int64_t offset = 0;    // in this rank's eager payload
     };
-    std::vector<Copy> copies;    // distinct send spans (one_shot sends one span to every peer: one copy)
-    std::vector<int64_t> table;  // per destination rank: payload offset of its send, -1: none
+    std::vector<Copy> copies;      // distinct send spans (one_shot sends one span to every peer: one copy)
+    std::vector<int64_t> entries;  // (step, destination rank, payload offset) triples, the published table
   };
   static Eager analyse_eager(const Plan& plan, int64_t eager_bytes, int world);
 

@@ -445,7 +445,7 @@ class Communicator:
         if (type(tensor) is torch.Tensor and async_op is False and scale is None and found_inf is None
                 and type(op) is str and (wire_dtype is None or type(wire_dtype) is torch.dtype)
                 and (algorithm is None or type(algorithm) is str)):
-            fast_key = (tensor.dtype, tensor.numel(), op, wire_dtype, algorithm,
+            fast_key = (tensor.dtype, tensor.numel(), op, wire_dtype, algorithm, self.algorithm,
                         _environ_get("PARACOMM_CHUNK_BYTES"), _environ_get("PARACOMM_CHECK_SHAPES"))
             prepared = self._shm_fast.get(fast_key)
             if prepared is not None and tensor.is_cpu and tensor.is_contiguous():
@@ -877,11 +877,17 @@ def _store_has(store, key: str) -> bool:
 
 _communicators: dict = {}
 _communicators_lock = threading.Lock()
+# The last (group argument, timeout argument, Communicator) _communicator_for returned: the same arguments again
+# (the same objects) while that Communicator's group is alive skip the lookup (the all_reduce fast path).
+_last_communicator: list = [None]
 
 
 def _communicator_for(group, timeout: Optional[timedelta] = None, where: str = "paracomm.all_reduce"
                       ) -> Communicator:
     """The cached Communicator of ``group`` (None: the default group) and ``timeout`` (None: the group's)."""
+    last = _last_communicator[0]
+    if last is not None and last[0] is group and last[1] is timeout and last[2].group in c10d._world.pg_map:
+        return last[2]
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError(f"{where}: torch.distributed is not initialised (call "
                            "torch.distributed.init_process_group first)")
@@ -899,6 +905,7 @@ def _communicator_for(group, timeout: Optional[timedelta] = None, where: str = "
         if comm is None:
             comm = Communicator(group, timeout=timeout)
             _communicators[(group, timeout)] = comm
+        _last_communicator[0] = (group, timeout, comm)
         return comm
 
 
