@@ -5,7 +5,9 @@ must agree across ranks comes back as digests.
 """
 import glob
 import hashlib
+import itertools
 import os
+import re
 import signal
 import stat
 import threading
@@ -157,10 +159,8 @@ def _two_comms(rank, world_size, salt):
     ok = torch.full((33,), float(rank))
     a.all_reduce(ok)
     assert torch.equal(ok, torch.full((33,), float(sum(range(n)))))
-    # What shm does not run goes to a gloo CpuExecutor created on first use (collective: every rank asks).
-    t = torch.tensor([float(rank)])
-    a._cpu.pg.allreduce([t]).wait()
-    assert t.item() == sum(range(n))
+    # Every collective runs on shm: there is no gloo fallback behind the executor.
+    assert not hasattr(a._cpu, "pg")
     return _digest(xa)
 
 
@@ -284,8 +284,13 @@ def test_peer_killed_mid_call_every_survivor_raises_within_a_second(world_size, 
     assert results[-1] is None
     with open(stamp) as f:
         killed_at = float(f.read())
+    victim = world_size - 1
+    # Every survivor names a peer: the victim (it died) or a survivor that noticed first (it failed).
+    assert any(f"rank {victim} (pid" in message and "died" in message for _, _, message, _ in results[:-1]), \
+        [message for _, _, message, _ in results[:-1]]
     for name, raised, message, calls in results[:-1]:
         assert "paracomm" in message and ("died" in message or "failed" in message), message
+        assert re.search(r"peer rank \d+", message), message
         assert calls > 0
         delay = raised - killed_at
         print(f"world size {world_size}: survivor raised {delay * 1e3:.0f} ms after the kill")
@@ -314,7 +319,9 @@ def _stalled(rank, world_size, timeout_s):
 def test_stalled_peer_raises_at_the_timeout():
     timeout_s = 2.0
     results = run_ranks(3, _stalled, timeout_s, timeout=120)
-    assert any("timed out" in message for _, message in results[:-1]), results
+    # The rank that times out names the stalled peer it waited for (rank 2), in comm.py's words and the transport's.
+    assert any("timed out" in message and "no answer from rank 2" in message and "peer rank 2" in message
+               for _, message in results[:-1]), results
     for elapsed, message in results[:-1]:
         assert timeout_s - 0.5 <= elapsed < timeout_s + 5, (elapsed, message)
 
@@ -359,3 +366,167 @@ def test_exit_is_clean_and_leaves_nothing(tmp_path):
             assert "terminate called" not in err, err
             name = out.split("name ", 1)[1].split()[0]
             assert not os.path.exists(_segment_path(name))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# reduce_scatter / all_gather and node-map (hierarchical) plans on shm: every algorithm, float64 reference,
+# the gloo path's bits (the same plans), bitwise identical across ranks where the collective says so
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _collectives(rank, world_size, node_size):
+    import paracomm
+    from paracomm import _shm
+
+    n = world_size
+    os.environ["PARACOMM_CPU_TRANSPORT"] = "shm"  # read when the CPU executor is made (transport_of makes it)
+    shm = paracomm.Communicator(timeout=timedelta(seconds=60), node_size=node_size)
+    assert _shm.transport_of(shm) == ("shm" if n > 1 else "none (world size 1)")
+    os.environ["PARACOMM_CPU_TRANSPORT"] = "gloo"
+    gloo = paracomm.Communicator(timeout=timedelta(seconds=60), node_size=node_size)
+    assert _shm.transport_of(gloo) == ("gloo" if n > 1 else "none (world size 1)")
+    os.environ["PARACOMM_CPU_TRANSPORT"] = "auto"
+    nodes = node_size is not None and 1 < node_size < n
+    equal = nodes and n % node_size == 0
+    digests = {}
+    rs_algos = ("auto", "ring", "direct", "one_shot") + (("hierarchical",) if equal else ())
+    ag_algos = ("auto", "ring", "direct") + (("hierarchical",) if equal else ())
+    ar_algos = ("auto",) + (("hierarchical",) if nodes else ())
+    half = torch.tensor([0.5])
+    for numel in (0, 1, 37, 4099, 65_537):
+        for dtype in DTYPES if numel in (37, 4099) else (torch.float32,):
+            xs = [_data(r, n * numel, dtype, salt=5) for r in range(n)]
+            exact = sum(x[rank * numel:(rank + 1) * numel].double() for x in xs)
+            for algo, op in itertools.product(rs_algos, ("sum", "avg", "scale") if dtype.is_floating_point
+                                              else ("sum",)):
+                kwargs = {"scale": half} if op == "scale" else {}
+                outs = []
+                for comm in (shm, gloo):
+                    out = torch.full((numel,), 7, dtype=dtype)
+                    comm.reduce_scatter(out, xs[rank].clone(), "avg" if op == "avg" else "sum", algorithm=algo,
+                                        **kwargs)
+                    outs.append(out)
+                assert torch.equal(outs[0], outs[1]), ("reduce_scatter", numel, dtype, algo, op)
+                want = {"sum": exact, "avg": exact / n, "scale": exact * 0.5}[op]
+                if dtype.is_floating_point:
+                    tol = TOL[dtype] * (4 if dtype in (torch.float16, torch.bfloat16) else 1)
+                    assert torch.allclose(outs[0].double(), want, rtol=tol, atol=tol * n), (numel, dtype, algo, op)
+                else:
+                    assert torch.equal(outs[0].double(), want), (numel, dtype, algo, op)
+            inp = _data(rank, numel, dtype, salt=9)
+            for algo in ag_algos:
+                outs = []
+                for comm in (shm, gloo):
+                    out = torch.full((n * numel,), 3, dtype=dtype)
+                    comm.all_gather(out, inp.clone(), algorithm=algo)
+                    outs.append(out)
+                want = torch.cat([_data(r, numel, dtype, salt=9) for r in range(n)])
+                assert torch.equal(outs[0], want) and torch.equal(outs[1], want), ("all_gather", numel, dtype, algo)
+                digests[f"ag/{algo}/{numel}/{dtype}"] = _digest(outs[0])
+            # In place, as FSDP2 gathers: the input is this rank's segment of the output.
+            out = torch.full((n * numel,), 3, dtype=dtype)
+            out[rank * numel:(rank + 1) * numel] = inp
+            shm.all_gather(out, out[rank * numel:(rank + 1) * numel])
+            assert torch.equal(out, want), ("all_gather in place", numel, dtype)
+            for algo in ar_algos:
+                y, z = xs[rank][:numel].clone(), xs[rank][:numel].clone()
+                shm.all_reduce(y, algorithm=algo)
+                gloo.all_reduce(z, algorithm=algo)
+                assert torch.equal(y, z), ("all_reduce", numel, dtype, algo)
+                digests[f"ar/{algo}/{numel}/{dtype}"] = _digest(y)
+    # Compressed wire with scale and found_inf (reduce_scatter: this rank's shard only; all_reduce: every rank).
+    numel = 20_011
+    xs = [_data(r, n * numel, torch.float32, salt=11) for r in range(n)]
+    exact = sum(x[rank * numel:(rank + 1) * numel].double() for x in xs)
+    for wire, algo in itertools.product((torch.float16, torch.bfloat16), rs_algos):
+        outs, flags = [], []
+        for comm in (shm, gloo):
+            out, found = torch.zeros(numel), torch.zeros(1)
+            comm.reduce_scatter(out, xs[rank].clone(), "avg", wire_dtype=wire, scale=half, found_inf=found,
+                                algorithm=algo)
+            outs.append(out)
+            flags.append(found.item())
+        assert torch.equal(outs[0], outs[1]) and flags == [0.0, 0.0], ("rs wire", wire, algo)
+        tol = 2e-2 if n > 1 else 1e-6
+        assert torch.allclose(outs[0].double(), exact / n * 0.5, rtol=tol, atol=tol), ("rs wire", wire, algo)
+        bad = xs[rank].clone()
+        if rank == n - 1:
+            bad[-1] = float("inf")  # in the last rank's shard only
+        out, found = torch.zeros(numel), torch.zeros(1)
+        shm.reduce_scatter(out, bad, wire_dtype=wire, found_inf=found, algorithm=algo)
+        assert found.item() == (1.0 if rank == n - 1 else 0.0), ("rs found_inf", wire, algo)
+        for ar in ar_algos:
+            y, z = xs[rank][:numel].clone(), xs[rank][:numel].clone()
+            fy, fz = torch.zeros(1), torch.zeros(1)
+            if rank == 0:
+                y[3] = z[3] = float("nan")
+            shm.all_reduce(y, "avg", wire_dtype=wire, scale=half, found_inf=fy, algorithm=ar)
+            gloo.all_reduce(z, "avg", wire_dtype=wire, scale=half, found_inf=fz, algorithm=ar)
+            assert torch.equal(y.nan_to_num(), z.nan_to_num()) and fy.item() == fz.item() == 1.0, ("ar wire", ar)
+            digests[f"ar/wire/{wire}/{ar}"] = _digest(y.nan_to_num())
+    # A reduce_scatter signature mismatch raises on every rank and writes nothing; the communicator stays usable.
+    if n > 1:
+        out = torch.full((8,), 5.0)
+        with pytest.raises(RuntimeError, match="different arguments"):
+            shm.reduce_scatter(out, torch.ones(n * 8), "avg" if rank == 0 else "sum")
+        assert torch.equal(out, torch.full((8,), 5.0))
+        shm.reduce_scatter(out, torch.ones(n * 8))
+        assert torch.equal(out, torch.full((8,), float(n)))
+    return digests
+
+
+@pytest.mark.parametrize("world_size,node_size,eager", [
+    (1, None, "1"), (2, None, "1"), (2, None, "0"), (3, None, "1"), (4, 2, "1"), (4, 2, "0"),
+    pytest.param(5, 2, "1", marks=pytest.mark.slow), pytest.param(6, 3, "1", marks=pytest.mark.slow),
+    pytest.param(7, None, "1", marks=pytest.mark.slow), pytest.param(8, 4, "1", marks=pytest.mark.slow)])
+def test_shm_collectives_and_node_maps_match_gloo_and_float64(world_size, node_size, eager):
+    # eager "0": the first transfer step goes through the channels like every other (PARACOMM_SHM_EAGER=0);
+    # "1" (default): its sends are published with the call's entry (csrc/shm/shm_comm.cpp, "eager sends").
+    digests = run_ranks(world_size, _collectives, node_size, timeout=900, env={"PARACOMM_SHM_EAGER": eager})
+    for r in range(1, world_size):
+        assert digests[r] == digests[0], f"rank {r} differs from rank 0"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The cached all_reduce fast path (comm.py, Communicator._all_reduce_shm_fast): the full path's errors
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _fast_path(rank, world_size):
+    import paracomm
+
+    n = world_size
+    comm = paracomm.Communicator(timeout=timedelta(seconds=60))
+    x = _data(rank, 1000, torch.float32, salt=1)
+    want = sum(_data(r, 1000, torch.float32, salt=1).double() for r in range(n))
+    for _ in range(3):
+        y = x.clone()
+        comm.all_reduce(y)
+        assert torch.allclose(y.double(), want, rtol=1e-6, atol=1e-6)
+    assert comm._shm_fast, "the fast path was not filled"
+    first = y.clone()
+    y = x.clone()
+    paracomm.all_reduce(y)  # the module-level call: its own cached Communicator, the same bits
+    assert torch.equal(y, first)
+    # Arguments the fast path's key cannot see are still refused by the full validation, nothing written.
+    strided = torch.ones(2000)[::2]
+    with pytest.raises(ValueError, match="contiguous"):
+        comm.all_reduce(strided)
+    assert torch.equal(strided, torch.ones(1000))
+    os.environ["PARACOMM_CHUNK_BYTES"] = "lots"
+    with pytest.raises(ValueError, match="PARACOMM_CHUNK_BYTES"):
+        comm.all_reduce(x.clone())
+    os.environ.pop("PARACOMM_CHUNK_BYTES")
+    # A mismatch where one rank takes the fast path (a known call) and the other the full one (a new op).
+    y = x.clone()
+    with pytest.raises(RuntimeError, match="different arguments"):
+        comm.all_reduce(y, "avg" if rank == 0 else "sum")
+    assert torch.equal(y, x)
+    comm.all_reduce(y)
+    assert torch.equal(y, first)
+    return _digest(first)
+
+
+def test_fast_path_keeps_every_check():
+    digests = run_ranks(2, _fast_path, timeout=300)
+    assert digests[0] == digests[1]

@@ -66,7 +66,10 @@ def _exact(rank, world_size, node_size, via_env):
 @pytest.mark.parametrize("world,node_size,via_env", [(4, 2, True), (6, 3, False), (6, 2, True), (8, 4, False)],
                          ids=["2x2-env", "2x3-arg", "3x2-env", "2x4-arg"])
 def test_exact_and_identical_on_real_processes(world, node_size, via_env):
+    # Over gloo: the test reads the resolved algorithm from the gloo path's plan cache (the shm transport runs
+    # the same plans from its own cache; tests/test_shm.py checks node maps there).
     env = {"PARACOMM_NODE_SIZE": str(node_size)} if via_env else {}
+    env["PARACOMM_CPU_TRANSPORT"] = "gloo"
     results = run_ranks(world, _exact, node_size, via_env, timeout=300, env=env)
     want_map = [r // node_size for r in range(world)]
     for r, res in enumerate(results):
@@ -183,7 +186,7 @@ def _collectives(rank, world_size):
 def test_hierarchical_reduce_scatter_and_all_gather_on_real_processes():
     from paracomm import _C
 
-    results = run_ranks(4, _collectives, timeout=300)
+    results = run_ranks(4, _collectives, timeout=300, env={"PARACOMM_CPU_TRANSPORT": "gloo"})  # as above
     assert all(r == results[0] for r in results)
     ran = dict(results[0]["algorithms"])
     assert ran["all_gather"] == "hierarchical", ran

@@ -160,11 +160,11 @@ def rank_main(args) -> int:
     comm = paracomm.Communicator(timeout=timedelta(seconds=120))
     names = [n.strip() for n in args.libs.split(",") if n.strip()]
     libs = make_libs(names, comm, rank, world)
-    shm = comm._cpu._comm if hasattr(comm._cpu, "_comm") else None
+    shm = comm._cpu if hasattr(comm._cpu, "barrier") else None
 
     if shm is not None:
         def barrier():  # paracomm's shared-memory entry barrier: a zero-element call
-            shm.all_reduce(0, 0, 0, -1, 2, 1.0, 0, 0, False, 0, [-1], 60.0)
+            shm.barrier(60.0)
         barrier_name = "paracomm shared-memory entry barrier (zero-element call)"
     else:
         def barrier():

@@ -20,6 +20,7 @@
 #include <cstring>
 
 #include "checks.h"
+#include "allreduce/hierarchical.h"
 #include "cpu/reduce_core.h"
 
 #if defined(__x86_64__)
@@ -34,7 +35,7 @@ namespace shm {
 
 namespace {
 
-constexpr uint64_t kMagic = 0x314d48534d4f4350ull;  // "PCOMSHM1"
+constexpr uint64_t kMagic = 0x324d48534d4f4350ull;  // "PCOMSHM2"
 constexpr int64_t kHeaderBytes = 4096;
 constexpr int64_t kPage = 4096;
 constexpr int64_t kSlots = 4;                          // pieces in flight per channel
@@ -43,12 +44,17 @@ constexpr int64_t kMinSlotBytes = 4 * 1024;
 constexpr int64_t kChannelBudget = 64 * 1024 * 1024;   // all channels' slots together, before kMinSlotBytes
 constexpr double kSleepSlice = 0.02;                   // seconds per futex sleep between liveness checks
 constexpr double kPureSpin = 5e-6;                     // seconds of pause-only spinning before yielding
+constexpr int64_t kEagerMaxRanks = 64;                 // eager areas hold a table of (step, peer, offset) entries
+constexpr int64_t kEagerEntriesPerRank = 4;            // table entries per rank of the world, at most
+constexpr int64_t kMaxEagerBytes = 1024 * 1024;        // one rank's eager payload per parity, at most
+constexpr int64_t kEagerBudget = 32 * 1024 * 1024;     // all ranks' eager areas (both parities) together
 
 struct Header {
   std::atomic<uint64_t> magic;
   int32_t world_size;
   int32_t slots;
   int64_t slot_bytes;
+  int64_t eager_bytes;
   int64_t bytes;
 };
 
@@ -113,6 +119,8 @@ struct ShmComm::RankCtl {
   std::atomic<int32_t> pid;
   std::atomic<uint32_t> failed;
   int32_t sig_len[2];
+  int32_t eager_first[2];  // call parity -> the first and last plan step whose sends this rank published at
+  int32_t eager_last[2];   //   entry (its eager table lists them), -1: none
   int64_t sig[2][kMaxSignature];
   alignas(128) std::atomic<uint32_t> wake;
   std::atomic<uint32_t> sleeping;
@@ -137,6 +145,13 @@ ShmComm::ShmComm(const std::string& name, bool create, int rank, int world_size)
                                               kMaxSlotBytes);
     PARACOMM_CHECK(slot >= 64 && slot % 64 == 0, "PARACOMM_SHM_SLOT_BYTES must be a multiple of 64, got ", slot);
     slot_bytes_ = slot;
+    int64_t eager = world_size > kEagerMaxRanks ? 0 : std::min(kMaxEagerBytes, kEagerBudget / (2 * n)) / kPage * kPage;
+    eager = env_int("PARACOMM_SHM_EAGER_BYTES", eager);
+    PARACOMM_CHECK(eager == 0 || world_size <= kEagerMaxRanks, "PARACOMM_SHM_EAGER_BYTES: eager sends serve at most ",
+                   kEagerMaxRanks, " ranks, got world_size ", world_size, " (set it to 0)");
+    PARACOMM_CHECK(eager % 64 == 0 && eager <= (int64_t{1} << 32), "PARACOMM_SHM_EAGER_BYTES must be a multiple of 64 "
+                   "and at most 4 GiB, got ", eager);
+    eager_bytes_ = eager;
     name_ = random_name();
     fd = shm_open(name_.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
     PARACOMM_CHECK(fd >= 0, "shm: shm_open(", name_, ", O_CREAT | O_EXCL) failed: ", std::strerror(errno));
@@ -153,9 +168,17 @@ ShmComm::ShmComm(const std::string& name, bool create, int rank, int world_size)
   ctl_offset_ = kHeaderBytes;
   channel_offset_ = ctl_offset_ + n * static_cast<int64_t>(sizeof(RankCtl));
   data_offset_ = round_up(channel_offset_ + n * n * static_cast<int64_t>(sizeof(ChannelCtl)), kPage);
+  // After the channels: per rank and call parity an eager area (a table: the number of entries, then
+  // (step, destination, payload offset) triples; then the payload); absent when eager_bytes is 0.
+  auto eager_layout = [&]() {
+    eager_offset_ = data_offset_ + n * n * channel_stride_;
+    eager_table_bytes_ = round_up(8 + 24 * kEagerEntriesPerRank * n, 128);  // count, then (step, peer, offset)
+    eager_stride_ = eager_bytes_ > 0 ? round_up(eager_table_bytes_ + eager_bytes_, kPage) : 0;
+    return eager_offset_ + n * 2 * eager_stride_;
+  };
   if (create) {
     channel_stride_ = round_up(kSlots * slot_bytes_, kPage);
-    bytes_ = data_offset_ + n * n * channel_stride_;
+    bytes_ = eager_layout();
     if (fchmod(fd, 0600) != 0 || posix_fallocate(fd, 0, bytes_) != 0) {
       const int err = errno;
       shm_unlink(name_.c_str());
@@ -182,6 +205,7 @@ ShmComm::ShmComm(const std::string& name, bool create, int rank, int world_size)
     h->world_size = world_size;
     h->slots = static_cast<int32_t>(kSlots);
     h->slot_bytes = slot_bytes_;
+    h->eager_bytes = eager_bytes_;
     h->bytes = bytes_;
     h->magic.store(kMagic, std::memory_order_release);
   } else {
@@ -193,7 +217,13 @@ ShmComm::ShmComm(const std::string& name, bool create, int rank, int world_size)
       PARACOMM_THROW("shm: ", name_, " does not hold a paracomm segment for ", world_size, " ranks");
     }
     slot_bytes_ = h->slot_bytes;
+    eager_bytes_ = h->eager_bytes;
     channel_stride_ = round_up(kSlots * slot_bytes_, kPage);
+    if (eager_layout() != bytes_) {
+      munmap(base_, static_cast<size_t>(bytes_));
+      base_ = nullptr;
+      PARACOMM_THROW("shm: ", name_, " has an inconsistent layout (", bytes_, " bytes)");
+    }
   }
   ctl(rank_).pid.store(static_cast<int32_t>(getpid()), std::memory_order_release);
   pidfds_.assign(static_cast<size_t>(n), -1);
@@ -221,6 +251,12 @@ char* ShmComm::slot(int src, int dst, uint64_t piece) const {
   return base_ + data_offset_ + (static_cast<int64_t>(src) * world_ + dst) * channel_stride_ +
          static_cast<int64_t>(piece % kSlots) * slot_bytes_;
 }
+
+char* ShmComm::eager_table(int r, int parity) const {
+  return base_ + eager_offset_ + (static_cast<int64_t>(r) * 2 + parity) * eager_stride_;
+}
+
+char* ShmComm::eager_payload(int r, int parity) const { return eager_table(r, parity) + eager_table_bytes_; }
 
 void ShmComm::attach_peers(double timeout_s) {
   const double deadline = now() + timeout_s;
@@ -289,7 +325,7 @@ void ShmComm::check_peers(const char* what) {
 // Spin while `poll` makes no progress for spin_s_, then sleep on this rank's futex word in slices, checking the
 // peers and the deadline after each. poll() returns kDone, kProgress or kNothing.
 template <typename PollFn>
-void ShmComm::wait_until(PollFn&& poll, const char* what, double deadline) {
+void ShmComm::wait_until(PollFn&& poll, const char* what, double deadline, const int* peer) {
   RankCtl& me = ctl(rank_);
   double idle_since = -1.0;
   for (;;) {
@@ -320,59 +356,87 @@ void ShmComm::wait_until(PollFn&& poll, const char* what, double deadline) {
     if (r == kDone) return;
     check_peers(what);
     if (now() > deadline) {
+      if (peer != nullptr && *peer >= 0 && *peer < world_) {
+        raise(concat("timed out waiting for ", what, " from peer rank ", *peer, " (pid ",
+                     pids_[static_cast<size_t>(*peer)], "; stalled, or its calls differ from this rank's)"));
+      }
       raise(concat("timed out waiting for ", what, " (a peer may be stalled)"));
     }
     idle_since = -1.0;
   }
 }
 
-int32_t ShmComm::resolve_algorithm(int64_t numel, DType dtype, int32_t wire_dtype, int32_t algorithm) const {
-  if (algorithm >= 0) return algorithm;
-  return static_cast<int32_t>(choose_algorithm(numel, dtype, wire_dtype, world_, Backend::kGloo));
+int32_t ShmComm::resolve_algorithm(const CallArgs& a) const {
+  if (a.algorithm >= 0) return a.algorithm;
+  const Collective c = static_cast<Collective>(a.collective);
+  if (a.node_of.empty()) return static_cast<int32_t>(choose_algorithm(c, a.numel, a.dtype, a.wire_dtype, world_,
+                                                                      Backend::kGloo));
+  return static_cast<int32_t>(choose_algorithm_topology(c, a.numel, a.dtype, a.wire_dtype, world_, Backend::kGloo,
+                                                        a.node_of, nullptr));
 }
 
-const ShmComm::Prepared& ShmComm::plan_for(const CallArgs& a) {
-  const int32_t algo = resolve_algorithm(a.numel, a.dtype, a.wire_dtype, a.algorithm);
-  const auto key = std::make_tuple(a.numel, static_cast<int>(a.dtype), a.wire_dtype, algo, a.found_inf != nullptr,
-                                   a.has_final_op, a.chunk_bytes);
-  auto it = plans_.find(key);
-  if (it != plans_.end()) return it->second;
+std::shared_ptr<ShmComm::Prepared> ShmComm::prepare(const CallArgs& a, const std::vector<int64_t>& signature) {
+  PARACOMM_CHECK(signature.size() <= static_cast<size_t>(kMaxSignature), "shm: a signature holds at most ",
+                 kMaxSignature, " values, got ", signature.size());
+  PARACOMM_CHECK(a.collective >= 0 && a.collective <= static_cast<int32_t>(Collective::kAllGather),
+                 "shm: bad collective code ", a.collective);
+  if (!a.node_of.empty()) check_node_map(a.node_of, world_);
+  auto p = std::make_shared<Prepared>();
+  p->args = a;
+  p->signature = signature;
   PlanSpec s;
+  s.collective = static_cast<Collective>(a.collective);
   s.numel = a.numel;
   s.dtype = a.dtype;
   s.wire_dtype = a.wire_dtype;
   s.world_size = world_;
   s.rank = rank_;
   // The gloo path's plans (chunk policy and thresholds included): the same algorithm gives the same bits.
-  s.algorithm = static_cast<Algorithm>(algo);
+  s.algorithm = static_cast<Algorithm>(resolve_algorithm(a));
   s.backend = Backend::kGloo;
-  s.has_found_inf = a.found_inf != nullptr;
+  s.has_found_inf = a.has_found_inf;
   s.has_final_op = a.has_final_op;
   s.chunk_bytes = a.chunk_bytes;
-  Prepared prepared;
-  prepared.plan = make_plan(s);
-  prepared.fusion = analyse_fusion(prepared.plan);
-  if (plans_.size() >= 64) plans_.clear();
-  return plans_.emplace(key, std::move(prepared)).first->second;
+  s.node_of = a.node_of;
+  p->plan = make_plan(s);  // validates the spec
+  p->fusion = analyse_fusion(p->plan);
+  p->eager = analyse_eager(p->plan, eager_bytes_, world_);
+  return p;
 }
 
-std::vector<std::vector<int64_t>> ShmComm::all_reduce(const CallArgs& a, const std::vector<int64_t>& signature) {
+std::vector<std::vector<int64_t>> ShmComm::run(const Prepared& p, const CallBuffers& b, double timeout_s) {
   std::lock_guard<std::mutex> lock(mu_);
   PARACOMM_CHECK(!failed_, "shared-memory transport: this communicator failed earlier");
-  PARACOMM_CHECK(signature.size() <= static_cast<size_t>(kMaxSignature), "shm: a signature holds at most ",
-                 kMaxSignature, " values, got ", signature.size());
-  const Prepared& plan = plan_for(a);  // validates before anything is published
-  const double deadline = now() + a.timeout_s;
-  // 1. Enter call seq_ + 1: signature first, then the release store of seq (peers acquire seq, then read it).
-  const uint64_t seq = ++seq_;
-  RankCtl& me = ctl(rank_);
+  PARACOMM_CHECK(b.data != nullptr || p.plan.data_elems == 0, "shm: the call's output pointer is null");
+  PARACOMM_CHECK(b.input != nullptr || p.plan.input_elems == 0, "shm: the call's input pointer is null");
+  PARACOMM_CHECK((b.found_inf != nullptr) == p.args.has_found_inf, "shm: found_inf given ",
+                 b.found_inf != nullptr, " but prepared for ", p.args.has_found_inf);
+  const double deadline = now() + timeout_s;
+  const uint64_t seq = seq_ + 1;
   const int parity = static_cast<int>(seq % 2);
-  me.sig_len[parity] = static_cast<int32_t>(signature.size());
-  std::copy(signature.begin(), signature.end(), me.sig[parity]);
+  RankCtl& me = ctl(rank_);
+  found_ = false;
+  // 1. Before entry: the eager step's payload into this rank's eager area of this parity (and the workspace
+  //    reductions it depends on). Nothing of the caller's is written, so a mismatch below still writes nothing.
+  //    The area is free: a peer read it in call seq - 2, and this rank finished call seq - 1 only after every
+  //    peer had entered it, i.e. finished call seq - 2.
+  try {
+    run_plan(p, b, deadline, parity, 0);
+  } catch (...) {
+    fail();
+    throw;
+  }
+  // 2. Enter call seq: signature and eager step, then the release store of seq (peers acquire seq, then read).
+  seq_ = seq;
+  me.sig_len[parity] = static_cast<int32_t>(p.signature.size());
+  std::copy(p.signature.begin(), p.signature.end(), me.sig[parity]);
+  me.eager_first[parity] = p.eager.first;
+  me.eager_last[parity] = p.eager.last;
   me.seq.store(seq, std::memory_order_release);
   notify_all();
-  // 2. Wait for every peer to enter it. A peer can be at most one call ahead (it cannot finish call seq + 1
-  //    without this rank), so slot seq % 2 still holds its signature of call seq.
+  // 3. Wait for every peer to enter it. A peer can be at most one call ahead (it cannot finish call seq + 1
+  //    without this rank), so its parity-seq % 2 signature, eager steps and eager area still hold call seq's.
+  //    For a plan whose transfers are all eager (one_shot, small direct) this is the call's only wait.
   int waiting_for = 0;
   wait_until(
       [&]() -> int {
@@ -381,8 +445,8 @@ std::vector<std::vector<int64_t>> ShmComm::all_reduce(const CallArgs& a, const s
         }
         return kDone;
       },
-      "the peers to enter the call", deadline);
-  // 3. Signatures: any difference and every rank returns all of them (each rank sees the same set).
+      "the peers to enter the call", deadline, &waiting_for);
+  // 4. Signatures: any difference and every rank returns all of them (each rank sees the same set).
   bool same = true;
   for (int r = 0; r < world_ && same; ++r) {
     const RankCtl& c = ctl(r);
@@ -398,14 +462,112 @@ std::vector<std::vector<int64_t>> ShmComm::all_reduce(const CallArgs& a, const s
     }
     return all;
   }
-  // 4. The plan.
+  // 5. The plan.
   try {
-    run_plan(plan, a, deadline);
+    run_plan(p, b, deadline, parity, 1);
   } catch (...) {
     fail();
     throw;
   }
+  if (found_) *b.found_inf = 1.0f;
   return {};
+}
+
+// ---- eager sends ----
+// The first steps with transfers normally cost a synchronisation each after the entry barrier (pieces pass
+// through the channels, each publish/consume a cache-line handshake). The sends of every step that depends on
+// nothing the call computes after entry are instead copied into the sender's eager area *before* entry and
+// published by the entry's own seq store: a receiver that has seen the sender's seq reads them in place (the
+// step's fused reduction straight from the eager area, any other receive by one memcpy). A one_shot call then
+// synchronises exactly once; direct's reduce-scatter pieces all travel with the entry. Conditions (per plan,
+// from the plan alone, the same on every rank for the same signature):
+//   * a step is eager when it has transfers and may start them after steps [0, transfers_after] only, all of
+//     which come before the first step with transfers and have reductions that write only workspace
+//     (kWire / kRecv / kStage): those run before entry, so nothing of the caller's is written before the
+//     signature check. (The plan allows such a step's transfers to go out before any later step's
+//     reductions, so copying its bytes at entry is one of the orders the plan permits.)
+//   * each destination receives at most one send of an eager step (the table holds one entry per (step, peer));
+//   * the distinct send spans fit in eager_bytes (one_shot sends one span to everyone: one copy), the entries
+//     in the table; steps are taken in order while both fit.
+// The receiver decides from the sender's published step range and table, not from its own plan, so a sender
+// whose plan did not qualify simply sends through its channel. Eager areas are double-buffered by call parity;
+// see run() for why parity seq % 2 is free when call seq starts. Bits are unchanged: the same bytes arrive,
+// only from another address.
+ShmComm::Eager ShmComm::analyse_eager(const Plan& plan, int64_t eager_bytes, int world) {
+  Eager e;
+  if (eager_bytes <= 0 || env_int("PARACOMM_SHM_EAGER", 1) == 0) return e;
+  const size_t steps = plan.steps.size();
+  size_t first = 0;
+  while (first < steps && plan.steps[first].transfers.empty()) ++first;
+  if (first == steps) return e;
+  // Steps before the first transfer step from which on a reduction writes the caller's memory: eager steps may
+  // depend only on steps before it.
+  int64_t limit = static_cast<int64_t>(first);
+  for (size_t i = 0; i < first && limit == static_cast<int64_t>(first); ++i) {
+    for (const PlanReduction& r : plan.steps[i].reductions) {
+      const bool user = r.out.buffer == PlanBuffer::kData || r.out.buffer == PlanBuffer::kInput ||
+                        (r.round_to_wire && r.has_wire_out &&
+                         (r.wire_out.buffer == PlanBuffer::kData || r.wire_out.buffer == PlanBuffer::kInput));
+      if (user) limit = static_cast<int64_t>(i);
+    }
+  }
+  const int64_t max_entries = kEagerEntriesPerRank * world;
+  int64_t used = 0;
+  std::vector<Eager::Copy> copies;
+  std::vector<int64_t> entries;
+  std::vector<uint8_t> is_step(steps, 0);
+  std::vector<int64_t> offsets;
+  std::vector<uint8_t> to(static_cast<size_t>(world));
+  int32_t pre = 0, last = -1;
+  for (size_t si = first; si < steps; ++si) {
+    const PlanStep& st = plan.steps[si];
+    if (st.transfers.empty() || st.transfers_after >= limit) continue;
+    // This step's entries and new copies, kept only if all of it fits.
+    std::fill(to.begin(), to.end(), 0);
+    std::vector<Eager::Copy> add;
+    std::vector<int64_t> add_entries;
+    int64_t add_used = used;
+    bool ok = true;
+    for (const PlanTransfer& t : st.transfers) {
+      if (!t.send) continue;
+      if (to[static_cast<size_t>(t.peer)]) {
+        ok = false;  // two sends to one destination in one step
+        break;
+      }
+      to[static_cast<size_t>(t.peer)] = 1;
+      const int64_t bytes = t.count * dtype_size(plan_buffer_dtype(plan.spec, t.span.buffer));
+      int64_t offset = -1;
+      for (const auto* list : {&copies, &add}) {
+        for (const Eager::Copy& c : *list) {
+          if (c.span.buffer == t.span.buffer && c.span.offset == t.span.offset && c.bytes == bytes) offset = c.offset;
+        }
+      }
+      if (offset < 0) {
+        offset = add_used;
+        add_used = round_up(add_used + bytes, 64);
+        add.push_back(Eager::Copy{t.span, bytes, offset});
+      }
+      add_entries.insert(add_entries.end(), {static_cast<int64_t>(si), static_cast<int64_t>(t.peer), offset});
+    }
+    if (!ok || add_used > eager_bytes ||
+        static_cast<int64_t>(entries.size() + add_entries.size()) / 3 > max_entries) {
+      break;  // steps are taken in order: a later one may reuse slots an earlier non-eager one frees
+    }
+    used = add_used;
+    copies.insert(copies.end(), add.begin(), add.end());
+    entries.insert(entries.end(), add_entries.begin(), add_entries.end());
+    is_step[si] = 1;
+    pre = std::max<int32_t>(pre, static_cast<int32_t>(st.transfers_after + 1));
+    last = static_cast<int32_t>(si);
+  }
+  if (last < 0) return e;
+  e.first = static_cast<int32_t>(first);
+  e.last = last;
+  e.pre_steps = pre;
+  e.is_step = std::move(is_step);
+  e.copies = std::move(copies);
+  e.entries = std::move(entries);
+  return e;
 }
 
 // ---- receive-in-place ("fusion") ----
@@ -415,7 +577,7 @@ std::vector<std::vector<int64_t>> ShmComm::all_reduce(const CallArgs& a, const s
 // saves one copy of every such byte (one_shot's and direct's reduce-scatter receives, the ring's
 // reduce-scatter hops). The analysis below decides it per step from the plan alone (no algorithm names):
 //   * the step has exactly one reduction, and the receive's span is exactly one of its inputs (same count);
-//   * the span is in a workspace buffer (kWire / kRecv: dead after the call, unlike the caller's data) and no
+//   * the span is in a workspace buffer (kWire / kRecv / kStage: dead after the call, unlike the caller's data) and no
 //     later step reads any of its bytes before a later receive or reduction overwrites all of them;
 //   * the sender is this step's only receive from that peer (so the channel's next pieces are this transfer's);
 //   * the reduction's output does not overlap another receive of the step, and its other inputs are not
@@ -473,7 +635,8 @@ std::vector<ShmComm::StepFusion> ShmComm::analyse_fusion(const Plan& plan) {
     bool any = false;
     for (size_t k = 0; k < st.transfers.size(); ++k) {
       const PlanTransfer& t = st.transfers[k];
-      const bool workspace = t.span.buffer == PlanBuffer::kWire || t.span.buffer == PlanBuffer::kRecv;
+      const bool workspace = t.span.buffer == PlanBuffer::kWire || t.span.buffer == PlanBuffer::kRecv ||
+                             t.span.buffer == PlanBuffer::kStage;
       if (t.send || !workspace || receives[t.peer] != 1 || t.count != rd.count) continue;
       int pos = -1, hits = 0;
       for (size_t j = 0; j < rd.inputs.size(); ++j) {
@@ -507,85 +670,54 @@ std::vector<ShmComm::StepFusion> ShmComm::analyse_fusion(const Plan& plan) {
   return out;
 }
 
-void ShmComm::run_plan(const Prepared& prepared, const CallArgs& a, double deadline) {
+void ShmComm::run_plan(const Prepared& prepared, const CallBuffers& b, double deadline, int parity, int stage) {
   const Plan& plan = prepared.plan;
   const PlanSpec& s = plan.spec;
+  const CallArgs& a = prepared.args;
+  const Eager& eager = prepared.eager;
+  if (stage == 0 && eager.first < 0) return;
   const DType travel = s.travel_dtype();
   const size_t ws_bytes = static_cast<size_t>(plan.workspace_bytes()) + 256;
   if (workspace_.size() < ws_bytes) workspace_.assign(ws_bytes, 0);
   char* ws = workspace_.data() + (256 - reinterpret_cast<uintptr_t>(workspace_.data()) % 256) % 256;
-  // The plan's buffers by PlanBuffer code: base pointer and element type. A new plan buffer is one more row.
+  // The plan's buffers by PlanBuffer code (plan.h): base pointer and element type. Nothing else of the call
+  // (not even which collective it is) reaches the executor.
   struct Buffer {
     char* base;
     DType dtype;
   };
-  const Buffer buffers[] = {
-      {static_cast<char*>(a.data), s.dtype},               // kData: the caller's tensor
-      {ws + plan.wire_offset_bytes(), travel},             // kWire
-      {ws + plan.recv_offset_bytes(), travel},             // kRecv
+  const Buffer buffers[kNumPlanBuffers] = {
+      {static_cast<char*>(b.data), s.dtype},                         // kData: the output
+      {ws + plan.wire_offset_bytes(), travel},                       // kWire
+      {ws + plan.recv_offset_bytes(), travel},                       // kRecv
+      {const_cast<char*>(static_cast<const char*>(b.input)), s.dtype},  // kInput: read only
+      {ws + plan.stage_offset_bytes(), s.dtype},                     // kStage
   };
-  constexpr int kBuffers = static_cast<int>(sizeof(buffers) / sizeof(buffers[0]));
   auto buffer = [&](const PlanSpan& sp) -> const Buffer& {
-    const int b = static_cast<int>(sp.buffer);
-    PARACOMM_CHECK(b >= 0 && b < kBuffers, "shm: plan buffer ", b, " is not bound by this executor");
-    return buffers[b];
+    const int k = static_cast<int>(sp.buffer);
+    PARACOMM_CHECK(k >= 0 && k < kNumPlanBuffers, "shm: plan buffer ", k, " is not bound by this executor");
+    return buffers[k];
   };
   auto esize = [&](const PlanSpan& sp) { return dtype_size(buffer(sp).dtype); };
   auto ptr = [&](const PlanSpan& sp) { return buffer(sp).base + sp.offset * esize(sp); };
 
   struct Xfer {
     bool send;
-    bool fused;  // a receive the step's reduction reads in place (analyse_fusion)
+    bool fused;        // a receive the step's reduction reads in place (analyse_fusion)
     int peer;
     char* p;
     int64_t bytes;
     int64_t done;
+    const char* src;   // a receive the peer published in its eager area: where its bytes are, else null
   };
   std::vector<Xfer> xs;
-  std::vector<uint8_t> busy(static_cast<size_t>(2 * world_));
+  busy_.assign(static_cast<size_t>(2 * world_), 0);
   std::vector<const void*> inputs, piece_inputs;
-  bool found = false;
   const uint64_t K = static_cast<uint64_t>(kSlots);
   const int64_t S = slot_bytes_;
 
-  // Copies as many pieces of x as the channel allows; true if any moved. Sends fill slots while fewer than K are
-  // unconsumed; receives drain slots the sender has published. Acquire/release on head and tail order the
-  // slot bytes against the counters.
-  auto push = [&](Xfer& x) -> bool {
-    ChannelCtl& ch = channel(rank_, x.peer);
-    uint64_t h = ch.head.load(std::memory_order_relaxed);  // only this rank writes it
-    uint64_t t = ch.tail.load(std::memory_order_acquire);
-    bool moved = false;
-    while (x.done < x.bytes && h - t < K) {
-      const int64_t n = std::min(S, x.bytes - x.done);
-      std::memcpy(slot(rank_, x.peer, h), x.p + x.done, static_cast<size_t>(n));
-      x.done += n;
-      ch.head.store(++h, std::memory_order_release);
-      notify(x.peer);
-      moved = true;
-      if (h - t >= K) t = ch.tail.load(std::memory_order_acquire);
-    }
-    return moved;
-  };
-  auto pull = [&](Xfer& x) -> bool {
-    ChannelCtl& ch = channel(x.peer, rank_);
-    uint64_t t = ch.tail.load(std::memory_order_relaxed);  // only this rank writes it
-    uint64_t h = ch.head.load(std::memory_order_acquire);
-    bool moved = false;
-    while (x.done < x.bytes && t < h) {
-      const int64_t n = std::min(S, x.bytes - x.done);
-      std::memcpy(x.p + x.done, slot(x.peer, rank_, t), static_cast<size_t>(n));
-      x.done += n;
-      ch.tail.store(++t, std::memory_order_release);
-      notify(x.peer);
-      moved = true;
-      if (t >= h) h = ch.head.load(std::memory_order_acquire);
-    }
-    return moved;
-  };
-
   // The reduction's arguments for its elements [begin, begin + n): inputs[j] points at element begin of input j
-  // (for a fused input: at the start of the channel slot holding that piece).
+  // (for a fused input: at the start of the channel slot holding that piece, or into the eager area).
   auto reduce_piece = [&](const PlanReduction& r, const std::vector<const void*>& in, int64_t begin, int64_t n) {
     ReduceArgs ra;
     ra.n = n;
@@ -596,37 +728,83 @@ void ShmComm::run_plan(const Prepared& prepared, const CallArgs& a, double deadl
     ra.first_dtype = buffer(r.inputs[0]).dtype;
     ra.rest_dtype = r.inputs.size() > 1 ? buffer(r.inputs[1]).dtype : ra.first_dtype;
     ra.divisor = r.final ? a.divisor : 1.0;
-    ra.scale = r.final ? a.scale : nullptr;
+    ra.scale = r.final ? b.scale : nullptr;
     ra.round = r.round_to_wire;
     if (ra.round) ra.wire_dtype = static_cast<DType>(s.wire_dtype);
     ra.wire_out = r.round_to_wire && r.has_wire_out ? ptr(r.wire_out) + begin * esize(r.wire_out) : nullptr;
-    ra.check_inf = r.check_inf && a.found_inf != nullptr;
-    found |= reduce_range(ra, 0, n);
+    ra.check_inf = r.check_inf && b.found_inf != nullptr;
+    found_ |= reduce_range(ra, 0, n);
+  };
+  auto reduce_all = [&](const PlanReduction& r) {
+    inputs.clear();
+    for (const PlanSpan& in : r.inputs) inputs.push_back(ptr(in));
+    reduce_piece(r, inputs, 0, r.count);
   };
 
+  if (stage == 0) {
+    // Before entry: the workspace reductions the eager step waits for, then its distinct send spans.
+    for (int32_t i = 0; i < eager.pre_steps; ++i) {
+      for (const PlanReduction& r : plan.steps[static_cast<size_t>(i)].reductions) reduce_all(r);
+    }
+    char* payload = eager_payload(rank_, parity);
+    for (const Eager::Copy& c : eager.copies) {
+      std::memcpy(payload + c.offset, ptr(c.span), static_cast<size_t>(c.bytes));
+    }
+    auto* table = reinterpret_cast<int64_t*>(eager_table(rank_, parity));
+    table[0] = static_cast<int64_t>(eager.entries.size() / 3);
+    std::memcpy(table + 1, eager.entries.data(), eager.entries.size() * sizeof(int64_t));
+    return;
+  }
+
+  int blocked_on = -1;  // the peer of the first unfinished transfer, named if the wait times out
   for (size_t si = 0; si < plan.steps.size(); ++si) {
     const PlanStep& step = plan.steps[si];
     const StepFusion& fusion = prepared.fusion[si];
     const PlanReduction* fused = fusion.reduction >= 0 ? &step.reductions[static_cast<size_t>(fusion.reduction)]
                                                        : nullptr;
+    const bool my_eager = eager.first >= 0 && eager.is_step[si] != 0;
     // Transfers: all of the step's progress together (the peers run the matching ones now; sends and receives
     // in both directions interleave, so a full channel never blocks a receive). Per (direction, peer) only the
-    // first unfinished transfer moves: the channel is a FIFO in plan order.
+    // first unfinished transfer moves: the channel is a FIFO in plan order. Eager ones are already there.
     if (!step.transfers.empty()) {
       xs.clear();
       for (size_t k = 0; k < step.transfers.size(); ++k) {
         const PlanTransfer& t = step.transfers[k];
-        xs.push_back(Xfer{t.send, fusion.input_of[k] >= 0, t.peer, ptr(t.span), t.count * esize(t.span), 0});
+        Xfer x{t.send, fusion.input_of[k] >= 0, t.peer, ptr(t.span), t.count * esize(t.span), 0, nullptr};
+        if (t.send && my_eager) x.done = x.bytes;  // published with the entry
+        const RankCtl& pc = ctl(t.peer);
+        const int32_t step_index = static_cast<int32_t>(si);
+        if (!t.send && pc.eager_first[parity] >= 0 && pc.eager_first[parity] <= step_index &&
+            step_index <= pc.eager_last[parity]) {
+          const auto* table = reinterpret_cast<const int64_t*>(eager_table(t.peer, parity));
+          const int64_t entries = std::min<int64_t>(table[0], kEagerEntriesPerRank * world_);
+          int64_t off = -1;
+          for (int64_t k = 0; k < entries && off < 0; ++k) {
+            if (table[1 + 3 * k] == step_index && table[2 + 3 * k] == rank_) off = table[3 + 3 * k];
+          }
+          if (off >= 0) {
+            PARACOMM_CHECK(off + x.bytes <= eager_bytes_, "shm: peer rank ", t.peer, " published an eager send of ",
+                           x.bytes, " bytes at ", off, ", outside its area of ", eager_bytes_);
+            x.src = eager_payload(t.peer, parity) + off;
+            if (!x.fused) {
+              std::memcpy(x.p, x.src, static_cast<size_t>(x.bytes));
+              x.done = x.bytes;
+            }
+          }
+        }
+        xs.push_back(x);
       }
-      // The fused reduction, piece by piece: piece_elems elements of the received dtype per channel slot.
+      // The fused reduction, piece by piece: piece_elems elements of the received dtype per channel slot (the
+      // whole reduction at once when every fused input is in an eager area).
       int64_t reduced = 0;
       int64_t piece_elems = 0;
       if (fused != nullptr) {
         inputs.clear();
         for (const PlanSpan& in : fused->inputs) inputs.push_back(ptr(in));
         piece_inputs.assign(inputs.size(), nullptr);
+        piece_elems = fused->count;
         for (size_t k = 0; k < xs.size(); ++k) {
-          if (xs[k].fused) piece_elems = S / esize(step.transfers[k].span);
+          if (xs[k].fused && xs[k].src == nullptr) piece_elems = S / esize(step.transfers[k].span);
         }
       }
       auto reduce_ready_pieces = [&]() -> bool {
@@ -635,9 +813,12 @@ void ShmComm::run_plan(const Prepared& prepared, const CallArgs& a, double deadl
           const int64_t n = std::min(piece_elems, fused->count - reduced);
           // Every fused input's next piece must be in its slot ...
           for (size_t k = 0; k < xs.size(); ++k) {
-            if (!xs[k].fused) continue;
+            if (!xs[k].fused || xs[k].src != nullptr) continue;
             const ChannelCtl& ch = channel(xs[k].peer, rank_);
-            if (ch.head.load(std::memory_order_acquire) <= ch.tail.load(std::memory_order_relaxed)) return moved;
+            if (ch.head.load(std::memory_order_acquire) <= ch.tail.load(std::memory_order_relaxed)) {
+              blocked_on = xs[k].peer;
+              return moved;
+            }
           }
           // ... and every send that reads what this piece writes must have copied past it (exactly past it: a
           // send waits for its peer's reduction to free slots, so waiting for more could close a cycle).
@@ -653,20 +834,29 @@ void ShmComm::run_plan(const Prepared& prepared, const CallArgs& a, double deadl
             };
             require(fused->out);
             if (fused->round_to_wire && fused->has_wire_out) require(fused->wire_out);
-            if (xs[k].done < need * esize(t.span)) return moved;
+            if (xs[k].done < need * esize(t.span)) {
+              blocked_on = xs[k].peer;
+              return moved;
+            }
           }
           for (size_t j = 0; j < inputs.size(); ++j) {
             piece_inputs[j] = static_cast<const char*>(inputs[j]) + reduced * esize(fused->inputs[j]);
           }
           for (size_t k = 0; k < xs.size(); ++k) {
             if (!xs[k].fused) continue;
-            const ChannelCtl& ch = channel(xs[k].peer, rank_);
+            const int64_t at = reduced * esize(step.transfers[k].span);
             piece_inputs[static_cast<size_t>(fusion.input_of[k])] =
-                slot(xs[k].peer, rank_, ch.tail.load(std::memory_order_relaxed));
+                xs[k].src != nullptr ? xs[k].src + at
+                                     : slot(xs[k].peer, rank_, channel(xs[k].peer, rank_).tail.load(
+                                                                   std::memory_order_relaxed));
           }
           reduce_piece(*fused, piece_inputs, reduced, n);
           for (size_t k = 0; k < xs.size(); ++k) {
             if (!xs[k].fused) continue;
+            if (xs[k].src != nullptr) {
+              xs[k].done = (reduced + n) * esize(step.transfers[k].span);
+              continue;
+            }
             ChannelCtl& ch = channel(xs[k].peer, rank_);
             ch.tail.store(ch.tail.load(std::memory_order_relaxed) + 1, std::memory_order_release);
             notify(xs[k].peer);
@@ -677,41 +867,71 @@ void ShmComm::run_plan(const Prepared& prepared, const CallArgs& a, double deadl
         }
         return moved;
       };
+      // Copies as many pieces of x as the channel allows; true if any moved. Sends fill slots while fewer than
+      // K are unconsumed; receives drain slots the sender has published. Acquire/release on head and tail
+      // order the slot bytes against the counters.
+      auto push = [&](Xfer& x) -> bool {
+        ChannelCtl& ch = channel(rank_, x.peer);
+        uint64_t h = ch.head.load(std::memory_order_relaxed);  // only this rank writes it
+        uint64_t t = ch.tail.load(std::memory_order_acquire);
+        bool moved = false;
+        while (x.done < x.bytes && h - t < K) {
+          const int64_t n = std::min(S, x.bytes - x.done);
+          std::memcpy(slot(rank_, x.peer, h), x.p + x.done, static_cast<size_t>(n));
+          x.done += n;
+          ch.head.store(++h, std::memory_order_release);
+          notify(x.peer);
+          moved = true;
+          if (h - t >= K) t = ch.tail.load(std::memory_order_acquire);
+        }
+        return moved;
+      };
+      auto pull = [&](Xfer& x) -> bool {
+        ChannelCtl& ch = channel(x.peer, rank_);
+        uint64_t t = ch.tail.load(std::memory_order_relaxed);  // only this rank writes it
+        uint64_t h = ch.head.load(std::memory_order_acquire);
+        bool moved = false;
+        while (x.done < x.bytes && t < h) {
+          const int64_t n = std::min(S, x.bytes - x.done);
+          std::memcpy(x.p + x.done, slot(x.peer, rank_, t), static_cast<size_t>(n));
+          x.done += n;
+          ch.tail.store(++t, std::memory_order_release);
+          notify(x.peer);
+          moved = true;
+          if (t >= h) h = ch.head.load(std::memory_order_acquire);
+        }
+        return moved;
+      };
       wait_until(
           [&]() -> int {
-            std::fill(busy.begin(), busy.end(), 0);
-            bool progressed = false, left = false;
+            std::fill(busy_.begin(), busy_.end(), 0);
+            bool progressed = false;
             for (Xfer& x : xs) {
-              if (x.done == x.bytes) continue;
-              left = true;
-              if (x.fused) continue;  // consumed by the reduction below
-              uint8_t& b = busy[static_cast<size_t>(x.send ? x.peer : world_ + x.peer)];
-              if (!b) {
-                b = 1;
+              if (x.done == x.bytes || x.fused) continue;  // fused: consumed by the reduction below
+              uint8_t& busy = busy_[static_cast<size_t>(x.send ? x.peer : world_ + x.peer)];
+              if (!busy) {
+                busy = 1;
                 progressed |= x.send ? push(x) : pull(x);
               }
             }
-            if (fused != nullptr && reduced < fused->count) {
-              left = true;
-              progressed |= reduce_ready_pieces();
+            if (fused != nullptr && reduced < fused->count) progressed |= reduce_ready_pieces();
+            bool left = fused != nullptr && reduced < fused->count;
+            for (const Xfer& x : xs) {
+              if (x.done < x.bytes && !left) blocked_on = x.peer;
+              left |= x.done < x.bytes;
             }
-            if (!left) return kDone;
-            left = fused != nullptr && reduced < fused->count;
-            for (const Xfer& x : xs) left |= x.done < x.bytes;
             return !left ? kDone : progressed ? kProgress : kNothing;
           },
-          "a transfer", deadline);
+          "a transfer", deadline, &blocked_on);
     }
-    // Reductions, in order, after every transfer of this step and the earlier ones (all complete by now).
+    // Reductions, in order, after every transfer of this step and the earlier ones (all complete by now); the
+    // eager step's pre-steps ran before entry.
+    if (eager.first >= 0 && static_cast<int32_t>(si) < eager.pre_steps) continue;
     for (size_t ri = 0; ri < step.reductions.size(); ++ri) {
       if (fused != nullptr && static_cast<int>(ri) == fusion.reduction) continue;  // done piece by piece above
-      const PlanReduction& r = step.reductions[ri];
-      inputs.clear();
-      for (const PlanSpan& in : r.inputs) inputs.push_back(ptr(in));
-      reduce_piece(r, inputs, 0, r.count);
+      reduce_all(step.reductions[ri]);
     }
   }
-  if (found) *a.found_inf = 1.0f;
 }
 
 }  // namespace shm

@@ -9,13 +9,20 @@
 //   * a channel per ordered pair (src, dst): a FIFO of kSlots pieces of slot_bytes, `head` (pieces written,
 //     only src writes it) and `tail` (pieces consumed, only dst writes it), monotonic over the Communicator's life.
 //
-// A call (all_reduce) is one C++ call: publish (seq + 1, signature) and wait for every peer to reach that seq;
-// compare signatures (a mismatch returns every rank's signature before any data moves, so every rank raises and
-// the channels stay aligned); then run the plan step by step: a step's transfers progress together (a send copies
-// pieces into the channel while there is room, a receive copies them out as they arrive; per channel in plan order),
-// then its reductions (reduce_range, cpu/reduce_core.h). Plans are matched across ranks (plan.h's invariants), so
-// the channels' FIFOs line up piece for piece and need no headers. Where the plan allows it (analyse_fusion), a
-// reduction reads received pieces in place from the channel slots instead of from a copy ("receive in place").
+// A call (any collective: the executor binds the plan's buffers and knows no collective) is one C++ call: copy
+// the first transfer step's sends into this rank's eager area when they fit ("eager sends"), publish
+// (seq + 1, signature, eager step) and wait for every peer to reach that seq; compare signatures (a mismatch
+// returns every rank's signature before anything of the caller's is written, so every rank raises and the
+// channels stay aligned); then run the plan step by step: eager receives are read in place from the sender's
+// eager area, the other transfers progress together (a send copies pieces into the channel while there is
+// room, a receive copies them out as they arrive; per channel in plan order), then the step's reductions
+// (reduce_range, cpu/reduce_core.h). Plans are matched across ranks (plan.h's invariants), so the channels'
+// FIFOs line up piece for piece and need no headers. Where the plan allows it (analyse_fusion), a reduction
+// reads received pieces in place from the channel slots instead of from a copy ("receive in place"). A one_shot
+// call thus synchronises once: its data travels with the entry.
+//
+// The segment also holds, per rank and call parity, an eager area (a table of world_size payload offsets, then
+// the payload), written only by its rank before it publishes seq.
 //
 // Waiting: spin (PARACOMM_SHM_SPIN_US, default 50 us), then sleep on the rank's futex in slices of at most 20 ms;
 // at every slice the peers' `failed` flags and liveness (pidfd, or kill(pid, 0)) are checked, and the deadline.
@@ -25,6 +32,7 @@
 #include <atomic>
 #include <cstdint>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <tuple>
@@ -37,19 +45,28 @@ namespace shm {
 
 constexpr int kMaxSignature = 16;  // int64 values of a call signature (the caller's encoding)
 
-// What one all_reduce call is (everything the plan depends on; the caller's signature is separate and opaque).
+// What one call is (everything its plan depends on; the caller's signature is separate and opaque). The executor
+// knows no collective: `collective`, `node_of` and the algorithm only select the plan (plan.h), whose buffer list
+// the executor binds (kData = data, kInput = input, workspace for the rest).
 struct CallArgs {
-  void* data = nullptr;
-  int64_t numel = 0;
+  int32_t collective = 0;  // Collective code (plan.h)
+  int64_t numel = 0;       // the plan's numel (plan.h: all-gather's is the input's)
   DType dtype = DType::kFloat32;
   int32_t wire_dtype = kNoWire;
-  int32_t algorithm = -1;  // Algorithm code, or -1: choose_algorithm's choice (gloo thresholds)
+  int32_t algorithm = -1;  // Algorithm code, or -1: the "auto" choice for the gloo backend (node map aware)
   double divisor = 1.0;
-  const float* scale = nullptr;
-  float* found_inf = nullptr;
+  bool has_found_inf = false;
   bool has_final_op = false;
   int64_t chunk_bytes = 0;
-  double timeout_s = 300.0;
+  std::vector<int32_t> node_of;  // rank -> node (hierarchical.h); empty: one node
+};
+
+// The user's memory of one call (raw pointers; the caller keeps it alive for the call).
+struct CallBuffers {
+  void* data = nullptr;          // kData: the output (all-reduce: in place)
+  const void* input = nullptr;   // kInput: the out-of-place input (reduce-scatter, all-gather), else null
+  const float* scale = nullptr;  // 1 float32 or null
+  float* found_inf = nullptr;    // 1 float32 or null (must be given iff CallArgs::has_found_inf)
 };
 
 class ShmComm {
@@ -71,15 +88,22 @@ class ShmComm {
   // shm_unlink(name); false when it was already gone.
   static bool unlink_name(const std::string& name);
 
-  // One all-reduce. Returns an empty vector on success; on a signature mismatch, every rank's signature (rank
-  // order) and nothing was written. Throws paracomm::Error on a dead / failed peer or the timeout (and marks this
-  // rank failed, so its peers raise too).
-  std::vector<std::vector<int64_t>> all_reduce(const CallArgs& a, const std::vector<int64_t>& signature);
+  // A call's constant part, made once per signature (the plan, its receive-in-place and eager analyses, the
+  // signature): what `run` needs besides the pointers. Validates the arguments (throws paracomm::Error).
+  struct Prepared;
+  std::shared_ptr<Prepared> prepare(const CallArgs& a, const std::vector<int64_t>& signature);
+
+  // One collective call: its plan over `b`. Returns an empty vector on success; on a signature mismatch, every
+  // rank's signature (rank order) and nothing was written. Throws paracomm::Error on a dead / failed peer or the
+  // timeout, naming the peer (and marks this rank failed, so its peers raise too).
+  std::vector<std::vector<int64_t>> run(const Prepared& p, const CallBuffers& b, double timeout_s);
 
   // Mark this rank failed and wake every peer (the caller gave up on the communicator).
   void fail();
-  // The algorithm code a call would run (resolves -1 like all_reduce does).
-  int32_t resolve_algorithm(int64_t numel, DType dtype, int32_t wire_dtype, int32_t algorithm) const;
+  // The algorithm code a call would run (resolves -1 like prepare does).
+  int32_t resolve_algorithm(const CallArgs& a) const;
+  // Bytes of each rank's eager area per call parity (0: eager sends off; see shm_comm.cpp, "eager sends").
+  int64_t eager_bytes() const { return eager_bytes_; }
 
  private:
   struct RankCtl;
@@ -90,10 +114,32 @@ class ShmComm {
     int32_t reduction = -1;
     std::vector<int32_t> input_of;
   };
+  // The sends published with the call's entry (shm_comm.cpp, "eager sends").
+  struct Eager {
+    int32_t first = -1;      // the first and last eager step; -1: none
+    int32_t last = -1;
+    int32_t pre_steps = 0;   // steps [0, pre_steps) have only workspace-writing reductions, run before entry
+    std::vector<uint8_t> is_step;  // per plan step: its sends are eager
+    struct Copy {
+      PlanSpan span;
+      int64_t bytes = 0;
+      int64_t offset = 0;    // in this rank's eager payload
+    };
+    std::vector<Copy> copies;      // distinct send spans (one_shot sends one span to every peer: one copy)
+    std::vector<int64_t> entries;  // (step, destination rank, payload offset) triples, the published table
+  };
+  static Eager analyse_eager(const Plan& plan, int64_t eager_bytes, int world);
+
+ public:
   struct Prepared {
+    CallArgs args;
+    std::vector<int64_t> signature;
     Plan plan;
     std::vector<StepFusion> fusion;
+    Eager eager;
   };
+
+ private:
   static std::vector<StepFusion> analyse_fusion(const Plan& plan);
 
   RankCtl& ctl(int r) const;
@@ -103,10 +149,13 @@ class ShmComm {
   void notify_all() const;
   [[noreturn]] void raise(const std::string& what);
   void check_peers(const char* what);
-  const Prepared& plan_for(const CallArgs& a);
-  void run_plan(const Prepared& prepared, const CallArgs& a, double deadline);
+  char* eager_table(int r, int parity) const;
+  char* eager_payload(int r, int parity) const;
+  // stage 0: before entry (the eager step's pre-steps and payload); stage 1: the plan after the signature check.
+  void run_plan(const Prepared& prepared, const CallBuffers& b, double deadline, int parity, int stage);
+  // `peer` (optional): where the poll records the rank it is blocked on, named in the error.
   template <typename Poll>
-  void wait_until(Poll&& poll, const char* what, double deadline);
+  void wait_until(Poll&& poll, const char* what, double deadline, const int* peer = nullptr);
 
   std::string name_;
   int rank_ = 0;
@@ -115,6 +164,7 @@ class ShmComm {
   int64_t bytes_ = 0;
   char* base_ = nullptr;
   int64_t ctl_offset_ = 0, channel_offset_ = 0, data_offset_ = 0, channel_stride_ = 0;
+  int64_t eager_offset_ = 0, eager_stride_ = 0, eager_bytes_ = 0, eager_table_bytes_ = 0;
   std::vector<int> pidfds_;   // per rank; -1 for self / unavailable
   std::vector<int> pids_;
   uint64_t seq_ = 0;          // calls this rank has entered
@@ -122,8 +172,9 @@ class ShmComm {
   double spin_s_ = 50e-6;
   std::mutex mu_;             // one call at a time
   std::vector<char> workspace_;
-  // Plans by (numel, dtype, wire, algorithm, has_found_inf, has_final_op, chunk_bytes).
-  std::map<std::tuple<int64_t, int, int, int, bool, bool, int64_t>, Prepared> plans_;
+  bool found_ = false;        // found_inf of the running call (written to the user's flag at its very end)
+  std::vector<uint8_t> busy_;
+
 };
 
 }  // namespace shm

@@ -5,8 +5,8 @@
 * ``auto`` (default): shared memory when every rank of the group is on this host, else gloo. "This host" is
   the node identity of :func:`paracomm._topology.host_identity` (hostname, the kernel's boot id and the network
   namespace, so the ranks of an emulated node stay on gloo), exchanged once through the group's store (the same
-  answer on every rank: each compares every rank's identity with its own). Calls over several nodes of the node
-  map (``PARACOMM_NODE_SIZE``) and the out-of-place collectives run on the gloo fallback;
+  answer on every rank: each compares every rank's identity with its own). Every collective and every plan
+  runs on it, hierarchical ones over a node map (``PARACOMM_NODE_SIZE``) of this host's ranks included;
 * ``shm``: shared memory, and an error when the ranks are not all on one host;
 * ``gloo``: paracomm's private gloo group (:mod:`paracomm._cpu_executor`) whatever the placement.
 
@@ -15,21 +15,32 @@ Every rank must use the same setting; the store exchange carries it, so a differ
 :class:`ShmExecutor` wraps ``paracomm._C.ShmComm`` (csrc/shm/shm_comm.h): rank 0 creates a segment (mode 0600,
 random name) and publishes its name through the store; every rank maps it, and once all have (a store
 barrier) every rank unlinks it, so nothing is left in /dev/shm whatever happens later (a rank killed by
-SIGKILL included). An all-reduce is then one C++ call that checks the call's signature against every peer's,
-runs the plan (the gloo path's plans, so the same algorithm gives the same bits) and its reductions, and
-raises when a peer dies (noticed through its pid within ~20 ms of sleeping), fails, or the timeout expires.
+SIGKILL included). A call (all-reduce, reduce-scatter, all-gather) is then one C++ call that checks the call's
+signature against every peer's, runs the plan (the gloo path's plans, so the same algorithm gives the same
+bits) and its reductions, and raises naming the peer when one dies (noticed through its pid within ~20 ms of
+sleeping), fails, or the timeout expires. What stays constant per signature (the plan, its analyses, the
+codes) is prepared once (``ShmComm.prepare``) and cached here.
 """
 from __future__ import annotations
 
 import os
+import re
 import time
 from datetime import timedelta
 
 from . import _C, _topology
 
 TRANSPORTS = ("auto", "shm", "gloo")
-_ALGORITHM_CODES = {"auto": -1, "ring": 0, "direct": 1, "one_shot": 2}
+_ALGORITHM_CODES = {"auto": -1, "ring": 0, "direct": 1, "one_shot": 2, "hierarchical": 3}
+_COLLECTIVE_CODES = {"all_reduce": 0, "reduce_scatter": 1, "all_gather": 2}
 _FIXED_CACHE_SIZE = 64
+_PEER = re.compile(r"peer rank (\d+)")
+
+
+def peer_of(error: BaseException):
+    """The rank a transport error names ("peer rank r"), or None."""
+    m = _PEER.search(str(error))
+    return int(m.group(1)) if m else None
 
 
 def _default_chunk_bytes() -> int:
@@ -96,7 +107,7 @@ def transport_of(comm) -> str:
 
 
 class ShmExecutor:
-    """Runs CPU all-reduces of one Communicator through a shared-memory segment (see the module docstring).
+    """Runs every CPU collective of one Communicator through a shared-memory segment (the module docstring).
 
     Args:
         store: the group's store; keys under ``prefix + "/shm"``.
@@ -129,60 +140,63 @@ class ShmExecutor:
             _C.ShmComm.unlink(self.name)
         comm.attach_peers(timeout.total_seconds())
         self._comm = comm
-        self._gloo = None  # a CpuExecutor for what shm does not run (see __getattr__)
-        self._gloo_args = (store, prefix, rank, world_size, timeout)
-        self._fixed: dict = {}  # (signature, chunk_bytes) -> the call's constant arguments
+        self._fixed: dict = {}  # (signature, chunk_bytes) -> the prepared call (ShmComm.prepare)
         self._default_chunk = _default_chunk_bytes()
+        self._barrier = None
 
-    def __getattr__(self, name):
-        # Anything else a caller expects of the gloo CpuExecutor (its ``run(plan, ...)``, ``pg``: e.g. a
-        # collective not yet ported to shm) goes to one, created on first use. Creating it is a rendezvous of
-        # the group's ranks, which all make the same collective call.
-        if name.startswith("_"):
-            raise AttributeError(name)
-        if self._gloo is None:
-            from ._cpu_executor import CpuExecutor
-
-            self._gloo = CpuExecutor(*self._gloo_args)
-        return getattr(self._gloo, name)
-
-    def all_reduce(self, call, signature: tuple, chunk_bytes: int, deadline: float, mismatch_error,
-                   on_error) -> None:
-        """All-reduce ``call.flat`` in place (one C++ call).
-
-        ``signature``: the call's signature tuple (ranks must agree on it; checked on every call, before any data
-        moves). ``mismatch_error(signatures)`` builds the error raised when they differ; ``on_error(what, e)``
-        the one raised when the transport fails (a peer died or failed, or ``deadline`` passed).
-        """
+    def prepared(self, call, signature: tuple, chunk_bytes: int):
+        """The call's constant part (its plan and analyses, ``_C.ShmPrepared``), made once per signature."""
         # Unless PARACOMM_CHUNK_BYTES says otherwise, pieces sized for L2 (the chunking never changes a bit).
         chunk_bytes = chunk_bytes or self._default_chunk
         key = (signature, chunk_bytes)
         fixed = self._fixed.get(key)
         if fixed is None:
-            x = call.flat
             wire = -1 if call.wire_dtype is None else self._dtype_codes[call.wire_dtype]
-            fixed = (x.numel(), self._dtype_codes[x.dtype], wire, _ALGORITHM_CODES[call.algorithm], call.divisor,
-                     call.has_final_op, chunk_bytes, list(signature) + [chunk_bytes])
+            fixed = self._comm.prepare(
+                _COLLECTIVE_CODES[call.collective], call.plan_numel, self._dtype_codes[call.flat.dtype], wire,
+                _ALGORITHM_CODES[call.algorithm], call.divisor, call.found_inf is not None, call.has_final_op,
+                chunk_bytes, list(call.node_map), list(signature) + [chunk_bytes])
             if len(self._fixed) >= _FIXED_CACHE_SIZE:
                 self._fixed.clear()
             self._fixed[key] = fixed
-        numel, dtype, wire, algo, divisor, final_op, chunk, published = fixed
-        scale, found = call.scale, call.found_inf
+        return fixed
+
+    def run(self, call, prepared, deadline: float, mismatch_error, on_error) -> None:
+        """Run ``call`` (any collective; ``call.flat`` the output, ``call.input`` the out-of-place input) with
+        its ``prepared`` part (:meth:`prepared`), one C++ call.
+
+        ``mismatch_error(signatures)`` builds the error raised when the ranks' signatures differ (checked on
+        every call, before any data moves); ``on_error(what, e, peer)`` the one raised when the transport fails
+        (a peer died or failed, or ``deadline`` passed; ``peer`` the rank the error names, or None).
+        """
+        scale, found, inp = call.scale, call.found_inf, call.input
         try:
-            mismatch = self._comm.all_reduce(
-                call.flat.data_ptr(), numel, dtype, wire, algo, divisor,
-                0 if scale is None else scale.data_ptr(), 0 if found is None else found.data_ptr(),
-                final_op, chunk, published, deadline - time.monotonic())
+            mismatch = self._comm.run(prepared, call.flat.data_ptr(), 0 if inp is None else inp.data_ptr(),
+                                      0 if scale is None else scale.data_ptr(),
+                                      0 if found is None else found.data_ptr(), deadline - time.monotonic())
         except RuntimeError as e:
-            raise on_error("the shared-memory all-reduce", e) from e
-        if mismatch is None:
-            return
-        error = mismatch_error([s[:-1] for s in mismatch])
+            raise on_error(f"the shared-memory {call.collective.replace('_', '-')}", e, peer_of(e)) from e
+        if mismatch is not None:
+            raise self.mismatch_error(mismatch, call.collective, mismatch_error)
+
+    @staticmethod
+    def mismatch_error(signatures: list, collective: str, mismatch_error) -> RuntimeError:
+        """The error of a signature mismatch: ``signatures`` as ``ShmComm.run`` returns them (each rank's, the
+        chunk size last), ``mismatch_error`` as :meth:`run` takes it."""
+        error = mismatch_error([s[:-1] for s in signatures])
         if error is None:
-            chunks = ", ".join(f"rank {r}: {s[-1]}" for r, s in enumerate(mismatch))
-            error = RuntimeError("paracomm.all_reduce: ranks called all_reduce with different arguments: "
-                                 f"PARACOMM_CHUNK_BYTES differs ({chunks})")
-        raise error
+            chunks = ", ".join(f"rank {r}: {s[-1]}" for r, s in enumerate(signatures))
+            error = RuntimeError(f"paracomm.{collective}: ranks called {collective} with different "
+                                 f"arguments: PARACOMM_CHUNK_BYTES differs ({chunks})")
+        return error
+
+    def barrier(self, timeout_s: float) -> None:
+        """The transport's entry barrier alone (a zero-element call with a signature no collective has): every
+        rank returns once all have entered. For benchmarks (one common barrier before every iteration)."""
+        if self._barrier is None:
+            self._barrier = self._comm.prepare(0, 0, 0, -1, 2, 1.0, False, False, 0, [], [-1])
+        if self._comm.run(self._barrier, 0, 0, 0, 0, timeout_s) is not None:
+            raise RuntimeError("paracomm: shm barrier: a peer made another call")
 
     def fail(self) -> None:
         """Give up on the transport: this rank's peers raise in their current or next call."""
@@ -190,8 +204,5 @@ class ShmExecutor:
 
     def abort(self) -> None:
         """As the gloo executor's abort (the Communicator failed): fail the transport, so peers waiting on this
-        rank raise within one sleep slice, and close the gloo fallback if one was made. Idempotent; never
-        creates anything."""
+        rank raise within one sleep slice. Idempotent; never creates anything."""
         self._comm.fail()
-        if self._gloo is not None:
-            self._gloo.abort()

@@ -30,7 +30,7 @@ from torch.distributed import distributed_c10d as c10d
 
 from . import _C
 from ._cpu_executor import CpuExecutor, PreparedPlan, HeaderMismatch as _HeaderMismatch, deadline_wait
-from ._shm import ShmExecutor, make_cpu_executor
+from ._shm import ShmExecutor, make_cpu_executor, peer_of as _shm_peer_of
 from ._ops import reduce_
 from ._validate import check_process_group, check_wire_dtype
 
@@ -44,6 +44,7 @@ _ALGORITHM_CODES = {"ring": 0, "direct": 1, "one_shot": 2}
 _MAX_REDUCE_RANKS = 32  # kMaxReduceInputs in csrc/allreduce/plan.h
 _PLAN_CACHE_SIZE = 64  # plans kept per Communicator (one per signature in use; DDP uses a handful)
 _INT64_MAX = (1 << 63) - 1
+_environ_get = os.environ.get
 
 # Communicators created so far per process group name: the n-th Communicator over a group gets the same store
 # prefix on every rank, as long as every rank creates its Communicators in the same order (as collectives).
@@ -375,6 +376,10 @@ class Communicator:
         self._state_lock = threading.RLock()
         self._call_lock = threading.Lock()
         self._failed: Optional[str] = None  # reason this communicator can no longer be used (the first one)
+        # The shared-memory fast path (_all_reduce_shm_fast): raw arguments -> prepared call, filled by the first
+        # full call of each; _timeout_s is the timeout in seconds, computed once.
+        self._shm_fast: dict = {}
+        self._timeout_s = self.timeout.total_seconds()
 
     def __repr__(self) -> str:
         return (f"Communicator(rank={self.rank}, world_size={self.world_size}, backend={self.backend!r}, "
@@ -432,6 +437,20 @@ class Communicator:
                 stalls until the watchdog's timeout, and one for less can complete with wrong values and no
                 error. Use 2 while developing on NCCL.
         """
+        # The shared-memory fast path: a synchronous call without scale/found_inf whose raw arguments (and the
+        # environment variables the validation reads) equal those of a call that passed every check before.
+        # Everything that can differ between two such calls is re-checked here; anything unusual takes the full
+        # path below, so every error is the full path's.
+        fast_key = None
+        if (type(tensor) is torch.Tensor and async_op is False and scale is None and found_inf is None
+                and type(op) is str and (wire_dtype is None or type(wire_dtype) is torch.dtype)
+                and (algorithm is None or type(algorithm) is str)):
+            fast_key = (tensor.dtype, tensor.numel(), op, wire_dtype, algorithm, self.algorithm,
+                        _environ_get("PARACOMM_CHUNK_BYTES"), _environ_get("PARACOMM_CHECK_SHAPES"))
+            prepared = self._shm_fast.get(fast_key)
+            if prepared is not None and tensor.is_cpu and tensor.is_contiguous():
+                if self._all_reduce_shm_fast(tensor, prepared):
+                    return tensor
         _check_bool(async_op, "async_op", "paracomm.all_reduce")
         call = self._validate(tensor, op, wire_dtype, scale, found_inf, algorithm)
         if call.flat.device.type == "cuda":
@@ -439,7 +458,29 @@ class Communicator:
             # lazy creation, the handshake counter and the enqueue order are per Communicator).
             with self._call_lock:
                 return self._all_reduce_nccl(call, async_op)
-        return self._all_reduce_cpu(call, async_op)
+        result = self._all_reduce_cpu(call, async_op)
+        if fast_key is not None and isinstance(self._cpu, ShmExecutor):
+            if len(self._shm_fast) >= _PLAN_CACHE_SIZE:
+                self._shm_fast.clear()
+            self._shm_fast[fast_key] = self._cpu.prepared(call, _signature(call), call.chunk_bytes)
+        return result
+
+    def _all_reduce_shm_fast(self, tensor: torch.Tensor, prepared) -> bool:
+        """One all-reduce of a contiguous CPU tensor with a prepared shared-memory call (see all_reduce). False
+        (nothing done) when the full path must run: an async worker exists, the Communicator failed, or its
+        group was destroyed. Errors as the full path's (_run_cpu)."""
+        with self._call_lock:
+            cpu = self._cpu
+            if (self._worker is not None or self._failed is not None or not isinstance(cpu, ShmExecutor)
+                    or self.group not in c10d._world.pg_map):
+                return False
+            try:
+                mismatch = cpu._comm.run(prepared, tensor.data_ptr(), 0, 0, 0, self._timeout_s)
+            except RuntimeError as e:
+                raise self._transport_error("the shared-memory all-reduce", e, _shm_peer_of(e)) from e
+            if mismatch is not None:
+                raise cpu.mismatch_error(mismatch, "all_reduce", lambda sigs: _mismatch_error(sigs, self._where()))
+        return True
 
     def reduce_scatter(self, output, input, op: Union[str, "dist.ReduceOp"] = "sum", *, wire_dtype=None,
                        async_op: bool = False, scale=None, found_inf=None, algorithm: Optional[str] = None):
@@ -706,19 +747,17 @@ class Communicator:
                 reduce_(x, [x], divisor=call.divisor, scale=call.scale, found_inf=call.found_inf)
             return
         deadline = time.monotonic() + self.timeout.total_seconds()
-        wait = deadline_wait(deadline, lambda what, e, peer: self._transport_error(what, e, peer, call.collective))
         executor = self._cpu_executor()
         call.node_map = self._cpu_node_map()  # part of the signature, so of the header every rank checks
-        # The shared-memory transport runs flat all-reduce plans in one C++ call and checks the signature in every
-        # call, before any data moves. What it does not run (the out-of-place collectives, a hierarchical plan
-        # over several nodes) goes to its gloo fallback below, through the same header check.
-        if (isinstance(executor, ShmExecutor) and call.collective == "all_reduce" and not call.node_map
-                and call.algorithm != "hierarchical"):
+        # The shared-memory transport runs every plan (every collective and algorithm, node map included) in one
+        # C++ call and checks the signature in every call, before any data moves.
+        if isinstance(executor, ShmExecutor):
             _check_shapes_mode()  # refuses a bad PARACOMM_CHECK_SHAPES as the gloo path does (shm ignores it)
-            executor.all_reduce(call, _signature(call), call.chunk_bytes, deadline,
-                                lambda sigs: _mismatch_error(sigs, self._where(call.collective)),
-                                lambda what, e: self._transport_error(what, e, None, call.collective))
+            executor.run(call, executor.prepared(call, _signature(call), call.chunk_bytes), deadline,
+                         lambda sigs: _mismatch_error(sigs, self._where(call.collective)),
+                         lambda what, e, peer: self._transport_error(what, e, peer, call.collective))
             return
+        wait = deadline_wait(deadline, lambda what, e, peer: self._transport_error(what, e, peer, call.collective))
         plan = self._plans.get(call, self.world_size, self.rank, "gloo", call.chunk_bytes)
         check = None
         if _check_shapes_mode() != 0:
@@ -838,11 +877,17 @@ def _store_has(store, key: str) -> bool:
 
 _communicators: dict = {}
 _communicators_lock = threading.Lock()
+# The last (group argument, timeout argument, Communicator) _communicator_for returned: the same arguments again
+# (the same objects) while that Communicator's group is alive skip the lookup (the all_reduce fast path).
+_last_communicator: list = [None]
 
 
 def _communicator_for(group, timeout: Optional[timedelta] = None, where: str = "paracomm.all_reduce"
                       ) -> Communicator:
     """The cached Communicator of ``group`` (None: the default group) and ``timeout`` (None: the group's)."""
+    last = _last_communicator[0]
+    if last is not None and last[0] is group and last[1] is timeout and last[2].group in c10d._world.pg_map:
+        return last[2]
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError(f"{where}: torch.distributed is not initialised (call "
                            "torch.distributed.init_process_group first)")
@@ -860,6 +905,7 @@ def _communicator_for(group, timeout: Optional[timedelta] = None, where: str = "
         if comm is None:
             comm = Communicator(group, timeout=timeout)
             _communicators[(group, timeout)] = comm
+        _last_communicator[0] = (group, timeout, comm)
         return comm
 
 
