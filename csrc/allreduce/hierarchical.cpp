@@ -220,6 +220,27 @@ void check_node_map(const std::vector<int32_t>& node_of, int64_t world_size) {
 
 bool inter_node_ring(int64_t nodes) { return nodes > kInterDirectMaxNodes; }
 
+std::vector<int64_t> ring_order(const std::vector<int32_t>& node_of, int64_t world_size) {
+  std::vector<int64_t> order(static_cast<size_t>(world_size));
+  for (int64_t r = 0; r < world_size; ++r) order[static_cast<size_t>(r)] = r;
+  if (node_of.empty()) return order;
+  // Stable: ranks of one node keep rank order, so a contiguous map gives the identity.
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
+    return node_of[static_cast<size_t>(a)] < node_of[static_cast<size_t>(b)];
+  });
+  return order;
+}
+
+int64_t ring_inter_node_hops(const std::vector<int32_t>& node_of, const std::vector<int64_t>& order) {
+  if (node_of.empty()) return 0;
+  const size_t n = order.size();
+  int64_t hops = 0;
+  for (size_t p = 0; p < n; ++p) {
+    if (node_of[static_cast<size_t>(order[p])] != node_of[static_cast<size_t>(order[(p + 1) % n])]) ++hops;
+  }
+  return hops;
+}
+
 Algorithm choose_algorithm_topology(int64_t numel, DType dtype, int32_t wire_dtype, int64_t world_size, Backend backend,
                                     const std::vector<int32_t>& node_of, std::string* why) {
   auto say = [&](const char* reason) {
