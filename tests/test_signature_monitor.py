@@ -171,3 +171,16 @@ def test_mismatch_error_with_unknown_ranks():
     error = sig.mismatch_error([A, None, B], "paracomm.all_reduce (rank 0 of 3)")
     assert "numel differs (rank 0: 16, rank 1: ?, rank 2: 8)" in str(error)
     assert sig.mismatch_error([A, None, A], "w") is None
+
+
+def test_diagnose_gives_up_on_a_store_that_does_not_answer():
+    class _Hanging:  # a store whose host is stopped: every operation blocks
+        def set(self, *args):
+            time.sleep(60)
+
+        check = get = set
+
+    monitor = CallMonitor(_Hanging(), "pc/h/0", 0, 2, 4.0, lambda c: "w")  # threshold 0.5 s: bound 2 s
+    start = time.monotonic()
+    assert monitor.diagnose(0, A, "all_reduce") is None  # the transport error is reported, not a mismatch
+    assert time.monotonic() - start < 30  # far below the 60 s the store would take

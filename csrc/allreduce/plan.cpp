@@ -7,6 +7,7 @@
 #include <limits>
 
 #include "allreduce/hierarchical.h"
+#include "allreduce/pieces.h"
 #include "checks.h"
 
 namespace paracomm {
@@ -37,19 +38,11 @@ constexpr int64_t kDirectWorkspaceBudget = 64 * kMiB;
 constexpr int64_t kDirectPipelineChunks = 4;
 constexpr int64_t kDirectMinChunkBytes = 4 * kMiB;
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 int64_t mod(int64_t a, int64_t n) { return ((a % n) + n) % n; }
 
 int backend_index(Backend b) { return b == Backend::kGloo ? 1 : 0; }
 
 bool is_all_reduce(const PlanSpec& s) { return s.collective == Collective::kAllReduce; }
-
-// Elements per alignment unit: kPlanAlignBytes in the narrower of T and W, hence in both.
-int64_t align_elems(const PlanSpec& s) {
-  const int64_t narrow = std::min(dtype_size(s.dtype), dtype_size(s.travel_dtype()));
-  return kPlanAlignBytes / narrow;
-}
 
 // Segments and pieces. Segment j of N covers [j * seg, (j + 1) * seg) clipped to numel (trailing segments may
 // be short or empty); piece c of a segment covers [c * chunk, (c + 1) * chunk) inside it, clipped likewise.
@@ -106,7 +99,7 @@ int64_t policy_chunks(const PlanSpec& s, int64_t seg_elems) {
 Geometry make_geometry(const PlanSpec& s) {
   Geometry g;
   g.numel = is_all_reduce(s) ? s.numel : s.world_size * s.numel;
-  const int64_t align = align_elems(s);
+  const int64_t align = plan_align_elems(s);
   if (s.algorithm == Algorithm::kOneShot) {
     g.seg = s.numel;
     g.chunk = s.numel;
@@ -114,17 +107,13 @@ Geometry make_geometry(const PlanSpec& s) {
     return g;
   }
   g.seg = is_all_reduce(s) ? round_up(ceil_div(s.numel, s.world_size), align) : s.numel;
-  int64_t chunks = policy_chunks(s, g.seg);
-  for (;;) {
-    g.chunk = std::max(align, round_up(ceil_div(g.seg, chunks), align));
-    g.chunks = ceil_div(g.seg, g.chunk);
-    // Rounding pieces up to the alignment can push direct's receive workspace past its budget: cut finer.
-    const bool over_budget = s.algorithm == Algorithm::kDirect && s.collective != Collective::kAllGather &&
-                             s.chunk_bytes == 0 && g.chunk > align &&
-                             2 * (s.world_size - 1) * g.chunk * dtype_size(s.travel_dtype()) > kDirectWorkspaceBudget;
-    if (!over_budget) return g;
-    ++chunks;
-  }
+  // Rounding pieces up to the alignment can push direct's receive workspace past its budget: cut finer.
+  g.chunk = aligned_piece(g.seg, policy_chunks(s, g.seg), align, [&](int64_t piece) {
+    return s.algorithm != Algorithm::kDirect || s.collective == Collective::kAllGather || s.chunk_bytes != 0 ||
+           2 * (s.world_size - 1) * piece * dtype_size(s.travel_dtype()) <= kDirectWorkspaceBudget;
+  });
+  g.chunks = ceil_div(g.seg, g.chunk);
+  return g;
 }
 
 PlanSpan span(PlanBuffer b, int64_t offset) { return PlanSpan{b, offset}; }

@@ -110,10 +110,20 @@ class CallMonitor:
 
     def diagnose(self, seq: int, signature: tuple, collective: str) -> Optional[RuntimeError]:
         """The mismatch error of call ``seq`` if the ranks' records show one (the recorded one when the monitor
-        found it), else None. Called once on a call's transport error; never raises."""
+        found it), else None. Called once on a call's transport error; never raises. Bounded in time: the store
+        may be unreachable too (its host stopped), and then the transport error must not wait for the store's
+        own timeout; the records are read on a helper thread given at most ``2 x threshold + 1`` seconds."""
         found = self._mismatch
         if found is not None and found[0] == seq:
             return found[1]
+        result: list = []
+        reader = threading.Thread(target=lambda: result.append(self._diagnose_now(seq, signature, collective)),
+                                  daemon=True, name=f"paracomm-diagnose-{self._rank}")
+        reader.start()
+        reader.join(2 * self.threshold + 1.0)
+        return result[0] if result else None
+
+    def _diagnose_now(self, seq: int, signature: tuple, collective: str) -> Optional[RuntimeError]:
         with self._lock:
             found = self._mismatch
             if found is not None and found[0] == seq:
