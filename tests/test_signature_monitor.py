@@ -62,7 +62,7 @@ def test_mismatch_at_the_same_seq_found_by_the_second_publisher_and_told_to_the_
     m0.tick()  # rank 0 sees the verdict for seq 5
     assert e0.interrupts == 1
     for r, m in enumerate((m0, m1)):
-        error = m.diagnose(5, (A, B)[r], "all_reduce")
+        error = m.diagnose(5, (A, B)[r], "all_reduce", 0.0)
         assert f"(rank {r} of 2)" in str(error)
         assert "numel differs (rank 0: 16, rank 1: 8)" in str(error)
 
@@ -77,7 +77,7 @@ def test_three_ranks_two_agree_every_rank_finds_the_mismatch():
         m.tick()
     assert all(ex.interrupts >= 1 for ex in executors)
     for r, m in enumerate(ms):
-        assert "numel differs (rank 0: 16, rank 1: 16, rank 2: 8)" in str(m.diagnose(0, calls[r], "all_reduce"))
+        assert "numel differs (rank 0: 16, rank 1: 16, rank 2: 8)" in str(m.diagnose(0, calls[r], "all_reduce", 0.0))
 
 
 def test_silent_peer_gets_one_more_tick_then_shows_as_unknown():
@@ -90,13 +90,13 @@ def test_silent_peer_gets_one_more_tick_then_shows_as_unknown():
     m1.tick()  # rank 1 publishes in time (and finds the mismatch itself)
     m2.tick()
     assert e2.interrupts == 1
-    assert "rank 0: 16, rank 1: 16, rank 2: 8" in str(m2.diagnose(1, B, "all_reduce"))
+    assert "rank 0: 16, rank 1: 16, rank 2: 8" in str(m2.diagnose(1, B, "all_reduce", 0.0))
     # Rank 0 learns it from the verdict; a peer that never publishes is shown as "?" after one more tick.
     _, (n0, n1, n2) = _monitors(3)
     f0, f2 = _stalled(n0, 0, A), _stalled(n2, 0, B)
     n0.tick(), n2.tick(), n2.tick()
     assert f2.interrupts == 1
-    assert "numel differs (rank 0: 16, rank 1: ?, rank 2: 8)" in str(n2.diagnose(0, B, "all_reduce"))
+    assert "numel differs (rank 0: 16, rank 1: ?, rank 2: 8)" in str(n2.diagnose(0, B, "all_reduce", 0.0))
     n0.tick(), n0.tick()
     assert f0.interrupts == 1
 
@@ -106,14 +106,14 @@ def test_slow_peer_and_stale_records_never_make_a_mismatch():
     # Call 3 stalled on both ranks with B (rank 1's record stays in the store, stale from now on).
     _stalled(m0, 3, B), _stalled(m1, 3, B)
     m0.tick(), m1.tick()
-    assert m0.diagnose(3, B, "all_reduce") is None
+    assert m0.diagnose(3, B, "all_reduce", 0.0) is None
     m1.inflight = None
     # Call 4: rank 0 runs A and stalls; rank 1 has not reached call 4 (slow): its record is call 3's.
     ex = _stalled(m0, 4, A)
     for _ in range(3):
         m0.tick()
     assert ex.interrupts == 0
-    assert m0.diagnose(4, A, "all_reduce") is None
+    assert m0.diagnose(4, A, "all_reduce", 0.0) is None
     # A verdict about another call does not count either.
     store.set("pc/test/0/sig/verdict", sig.encode_record(3, B))
     m0.tick()
@@ -136,8 +136,17 @@ def test_diagnose_on_a_transport_error_finds_what_a_peer_published():
     _, (m0, m1) = _monitors(2)
     _stalled(m1, 2, B)
     m1.tick()  # rank 1 published (rank 0 had not stalled yet) and, say, gave up
-    error = m0.diagnose(2, A, "reduce_scatter")  # rank 0's wait failed before its monitor looked
+    # A young call (its ranks cannot have published yet) and no verdict: one store read, no verdict.
+    assert m0.diagnose(2, A, "reduce_scatter", time.monotonic()) is None
+    # An old call (rank 0's wait failed, or its deadline passed, before its monitor looked): the records.
+    error = m0.diagnose(2, A, "reduce_scatter", 0.0)
     assert "paracomm.reduce_scatter (rank 0 of 2)" in str(error) and "numel differs" in str(error)
+    # A verdict for this call makes even a young call read the records.
+    _, (k0, k1) = _monitors(2)
+    _stalled(k0, 6, A), _stalled(k1, 6, B)
+    k0.tick(), k1.tick()  # k1 finds it and writes the verdict
+    fresh = CallMonitor(k0._store, "pc/test/0", 0, 2, 8.0, lambda c: "w")
+    assert "numel differs" in str(fresh.diagnose(6, A, "all_reduce", time.monotonic()))
 
 
 def test_tag_registry_same_base_everywhere_and_never_shared(monkeypatch):
@@ -182,5 +191,5 @@ def test_diagnose_gives_up_on_a_store_that_does_not_answer():
 
     monitor = CallMonitor(_Hanging(), "pc/h/0", 0, 2, 4.0, lambda c: "w")  # threshold 0.5 s: bound 2 s
     start = time.monotonic()
-    assert monitor.diagnose(0, A, "all_reduce") is None  # the transport error is reported, not a mismatch
+    assert monitor.diagnose(0, A, "all_reduce", 0.0) is None  # the transport error is reported, not a mismatch
     assert time.monotonic() - start < 30  # far below the 60 s the store would take

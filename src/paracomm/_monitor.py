@@ -108,27 +108,33 @@ class CallMonitor:
 
     # ---- the call path ----
 
-    def diagnose(self, seq: int, signature: tuple, collective: str) -> Optional[RuntimeError]:
+    def diagnose(self, seq: int, signature: tuple, collective: str, started: float) -> Optional[RuntimeError]:
         """The mismatch error of call ``seq`` if the ranks' records show one (the recorded one when the monitor
         found it), else None. Called once on a call's transport error; never raises. Bounded in time: the store
         may be unreachable too (its host stopped), and then the transport error must not wait for the store's
-        own timeout; the records are read on a helper thread given at most ``2 x threshold + 1`` seconds."""
+        own timeout; the records are read on a helper thread given at most ``2 x threshold + 1`` seconds.
+        Cheap for the common transport error (a peer died): the records are read only when the verdict key names
+        this call (a peer that gave up because of a mismatch wrote it first) or the call (begun at ``started``,
+        time.monotonic()) is old enough for the ranks to have published records; else one store read."""
         found = self._mismatch
         if found is not None and found[0] == seq:
             return found[1]
         result: list = []
-        reader = threading.Thread(target=lambda: result.append(self._diagnose_now(seq, signature, collective)),
+        old = time.monotonic() - started >= self.threshold
+        reader = threading.Thread(target=lambda: result.append(self._diagnose_now(seq, signature, collective, old)),
                                   daemon=True, name=f"paracomm-diagnose-{self._rank}")
         reader.start()
         reader.join(2 * self.threshold + 1.0)
         return result[0] if result else None
 
-    def _diagnose_now(self, seq: int, signature: tuple, collective: str) -> Optional[RuntimeError]:
+    def _diagnose_now(self, seq: int, signature: tuple, collective: str, old: bool) -> Optional[RuntimeError]:
         with self._lock:
             found = self._mismatch
             if found is not None and found[0] == seq:
                 return found[1]
             try:
+                if not old and not self._verdict_is(seq):
+                    return None
                 if self._published != seq:
                     error, _ = self._publish_and_read(seq, signature, collective)
                 else:

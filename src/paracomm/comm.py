@@ -726,7 +726,7 @@ class Communicator:
             # Any transport error (an interrupted wait, a peer that closed, the deadline) is first checked
             # against the ranks' records: a mismatch is reported as such on every rank.
             if monitor is not None:
-                mismatch = monitor.diagnose(seq, signature, call.collective)
+                mismatch = monitor.diagnose(seq, signature, call.collective, started)
                 if mismatch is not None:
                     return _SignatureMismatch(mismatch)
             return self._transport_error(what, e, peer, call.collective)
@@ -744,8 +744,9 @@ class Communicator:
             if plan.tag_base is None:
                 plan.tag_base = self._tag_base(signature, call.collective)
         mismatch = None
+        started = time.monotonic()
         if monitor is not None:
-            monitor.inflight = (seq, signature, time.monotonic(), executor, call.collective)
+            monitor.inflight = (seq, signature, started, executor, call.collective)
         try:
             if shm:
                 executor.all_reduce(call, signature, call.chunk_bytes, deadline,
