@@ -204,11 +204,14 @@ def _unchecked_mismatch(rank, world_size):
 
 
 def test_check_shapes_0_mismatch_stalls_until_the_timeout_never_exchanging_data():
-    for message, elapsed, untouched in run_ranks(2, _unchecked_mismatch, timeout=120, pg_timeout_s=PG_TIMEOUT_S,
-                                                 env={"PARACOMM_CPU_TRANSPORT": "gloo",
-                                                      "PARACOMM_CHECK_SHAPES": "0"}):
-        assert "no answer from rank" in message and "differs" not in message, message
-        assert elapsed >= 3.5 and untouched
+    results = run_ranks(2, _unchecked_mismatch, timeout=120, pg_timeout_s=PG_TIMEOUT_S,
+                        env={"PARACOMM_CPU_TRANSPORT": "gloo", "PARACOMM_CHECK_SHAPES": "0"})
+    # The rank whose deadline passes first says "no answer"; gloo then closes the pair, so the other may see
+    # "closed the connection" instead. Never a mismatch (nothing compares signatures), never data.
+    assert any("no answer from rank" in message for message, _, _ in results), results
+    for message, elapsed, untouched in results:
+        assert ("no answer from rank" in message or "closed the connection" in message), message
+        assert "differs" not in message and elapsed >= 3.5 and untouched, message
 
 
 def _collective_mismatch(rank, world_size):
