@@ -14,6 +14,7 @@
 namespace paracomm {
 void bind_plans(pybind11::module_& m);  // csrc/plan_binding.cpp
 void bind_shm(pybind11::module_& m);    // csrc/shm/shm_binding.cpp
+void bind_gloo_work(pybind11::module_& m);  // csrc/cpu/gloo_work.cpp
 }
 
 #ifdef PARACOMM_WITH_CUDA
@@ -88,6 +89,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 
   paracomm::bind_plans(m);
   paracomm::bind_shm(m);
+  paracomm::bind_gloo_work(m);
   py::register_exception<paracomm::Error>(m, "ParacommError", PyExc_RuntimeError);
 
 #ifdef PARACOMM_WITH_CUDA

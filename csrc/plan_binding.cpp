@@ -19,7 +19,9 @@
 //   plan_summary(<same arguments>, collective="all_reduce", node_map=[]) -> dict: algorithm, chunk_bytes,
 //     num_chunks, steps, transfer_groups, reductions, bytes_sent, bytes_received, workspace_bytes; with a node map
 //     also nodes, inter_node_bytes, intra_node_bytes, inter_node_steps (hierarchical.h: TopologySummary) and
-//     choice_reason.
+//     choice_reason; a ring plan with a node map also ring_order (the ranks in ring order, node by node) and
+//     ring_inter_node_hops (ring hops between two nodes).
+//   ring_order(node_map, world_size) -> [rank at ring position p] (hierarchical.h).
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -114,6 +116,15 @@ py::dict plan_dict(const Plan& plan) {
 
 void bind_plans(py::module_& m) {
   m.def(
+      "ring_order",
+      [](const std::vector<int32_t>& node_map, int64_t world_size) {
+        PARACOMM_CHECK(world_size >= 1, "world_size must be >= 1, got ", world_size);
+        check_node_map(node_map, world_size);
+        return ring_order(node_map, world_size);
+      },
+      py::arg("node_map"), py::arg("world_size"),
+      "The flat ring's rank order for a canonical node map (node by node; [] = one node: 0..N-1).");
+  m.def(
       "all_reduce_plan",
       [](int64_t numel, int64_t dtype, int64_t wire_dtype, int64_t world_size, int64_t rank,
          const std::string& algorithm, const std::string& backend, bool has_found_inf, bool has_final_op,
@@ -163,6 +174,11 @@ void bind_plans(py::module_& m) {
           d["intra_node_bytes"] = t.intra_node_bytes;
           d["inter_node_steps"] = t.inter_node_steps;
           d["choice_reason"] = algorithm == "auto" ? why : std::string("requested");
+          if (plan.spec.algorithm == Algorithm::kRing) {
+            const std::vector<int64_t> order = ring_order(node_map, world_size);
+            d["ring_order"] = order;
+            d["ring_inter_node_hops"] = ring_inter_node_hops(node_map, order);
+          }
         }
         return d;
       },

@@ -2,7 +2,8 @@
 
 * Ranks whose call differs in anything that changes the plan raise on every rank, at once, naming the field,
   also for signatures each rank has seen before; no rank returns and no data of the other call lands in the
-  tensor (the per-call header and the signature-tagged transfers, paracomm/_signature.py).
+  tensor (signature-tagged transfers and the stall monitor on gloo, paracomm/_signature.py and _monitor.py;
+  the entry handshake on shared memory), on both transports; a slow peer is not a mismatch.
 * Two threads making their first calls together: no failure, or a mismatch on every rank, never a hang.
 * Timeouts follow the process group; a stopped (SIGSTOP) peer is reported by every hook and GradBucketer
   after the group's timeout, naming the rank; later calls fail at once with the first reason.
@@ -105,9 +106,12 @@ def _seen_mismatch(rank, world_size):
     return out
 
 
+@pytest.mark.parametrize("transport", ["gloo", "shm"])
 @pytest.mark.parametrize("world_size", [2, 3])
-def test_mismatch_in_seen_signature_raises_on_every_rank_naming_the_field(world_size):
-    results = run_ranks(world_size, _seen_mismatch, timeout=300, pg_timeout_s=PG_TIMEOUT_S)
+def test_mismatch_in_seen_signature_raises_on_every_rank_naming_the_field(world_size, transport):
+    # gloo: the stall monitor finds it (paracomm/_monitor.py); shm: the entry handshake of every call.
+    results = run_ranks(world_size, _seen_mismatch, timeout=300, pg_timeout_s=PG_TIMEOUT_S,
+                        env={"PARACOMM_CPU_TRANSPORT": transport})
     for rank, out in enumerate(results):
         assert set(out) == set(_CASES)
         for field, (what, elapsed, message) in out.items():
@@ -135,8 +139,9 @@ def _mismatch_leaves_tensor(rank, world_size):
     return torch.equal(t, before)
 
 
-def test_mismatch_never_writes_foreign_or_stale_bytes():
-    assert run_ranks(2, _mismatch_leaves_tensor, timeout=120) == [True, True]
+@pytest.mark.parametrize("transport", ["gloo", "shm"])
+def test_mismatch_never_writes_foreign_or_stale_bytes(transport):
+    assert run_ranks(2, _mismatch_leaves_tensor, timeout=120, env={"PARACOMM_CPU_TRANSPORT": transport}) == [True, True]
 
 
 def _chunk_only(rank, world_size):
@@ -152,11 +157,95 @@ def _chunk_only(rank, world_size):
         return str(e), time.monotonic() - start
 
 
+@pytest.mark.parametrize("transport", ["gloo", "shm"])
 @pytest.mark.parametrize("world_size", [2, 3])
-def test_ranks_differing_only_in_chunk_bytes_raise_at_once(world_size):
-    for message, elapsed in run_ranks(world_size, _chunk_only, timeout=120, pg_timeout_s=PG_TIMEOUT_S):
+def test_ranks_differing_only_in_chunk_bytes_raise_at_once(world_size, transport):
+    for message, elapsed in run_ranks(world_size, _chunk_only, timeout=120, pg_timeout_s=PG_TIMEOUT_S,
+                                      env={"PARACOMM_CPU_TRANSPORT": transport}):
         assert "chunk_bytes differs" in message and "4096 bytes" in message and "8192 bytes" in message, message
         assert elapsed < PG_TIMEOUT_S / 2
+
+
+def _slow_peer_stale_record(rank, world_size):
+    import paracomm
+
+    comm = paracomm.Communicator()
+    threshold = comm.timeout.total_seconds() / 8 if comm.timeout.total_seconds() < 8 else 1.0
+    results = []
+    # Call 0 (8 elements): rank 0 arrives late, so rank 1 stalls, and publishes a record of it. Call 1 (16
+    # elements): rank 1 arrives late, so rank 0 stalls and finds rank 1's record of call 0, another signature:
+    # stale, not a mismatch. Both calls must complete exactly.
+    for seq, (numel, late) in enumerate(((8, 0), (16, 1))):
+        if rank == late:
+            time.sleep(4 * threshold + 1.0)
+        t = _values(rank, numel, seq)
+        comm.all_reduce(t)
+        results.append(torch.equal(t, sum(_values(r, numel, seq) for r in range(world_size))))
+    return results
+
+
+def test_slow_peer_with_a_stale_record_of_another_signature_is_not_a_mismatch():
+    assert run_ranks(2, _slow_peer_stale_record, timeout=180, pg_timeout_s=PG_TIMEOUT_S,
+                     env={"PARACOMM_CPU_TRANSPORT": "gloo"}) == [[True, True], [True, True]]
+
+
+def _unchecked_mismatch(rank, world_size):
+    import paracomm
+
+    comm = paracomm.Communicator(timeout=timedelta(seconds=4))
+    t = _values(rank, 16 if rank == 0 else 8, 5)
+    before = t.clone()
+    start = time.monotonic()
+    try:
+        comm.all_reduce(t)
+        return "returned"
+    except RuntimeError as e:
+        return str(e), time.monotonic() - start, torch.equal(t, before)
+
+
+def test_check_shapes_0_mismatch_stalls_until_the_timeout_never_exchanging_data():
+    results = run_ranks(2, _unchecked_mismatch, timeout=120, pg_timeout_s=PG_TIMEOUT_S,
+                        env={"PARACOMM_CPU_TRANSPORT": "gloo", "PARACOMM_CHECK_SHAPES": "0"})
+    # The rank whose deadline passes first says "no answer"; gloo then closes the pair, so the other may see
+    # "closed the connection" instead. Never a mismatch (nothing compares signatures), never data.
+    assert any("no answer from rank" in message for message, _, _ in results), results
+    for message, elapsed, untouched in results:
+        assert ("no answer from rank" in message or "closed the connection" in message), message
+        assert "differs" not in message and elapsed >= 3.5 and untouched, message
+
+
+def _collective_mismatch(rank, world_size):
+    import paracomm
+
+    comm = paracomm.Communicator()
+    n = 64 * world_size
+    # A matching reduce-scatter first: with the shared-memory transport it makes the gloo fallback (a
+    # rendezvous of every rank, which a rank on the shared-memory path would never join during the mismatch).
+    out = torch.empty(64)
+    comm.reduce_scatter(out, _values(rank, n, 0))
+    assert torch.equal(out, sum(_values(r, n, 0) for r in range(world_size))[64 * rank:64 * (rank + 1)])
+    start = time.monotonic()
+    try:
+        if rank == 0:  # the shared-memory transport runs this one (auto, ranks on one host) ...
+            comm.all_reduce(_values(rank, n, 1))
+        else:  # ... and its gloo fallback this one, so no entry handshake sees both
+            comm.reduce_scatter(torch.empty(64), _values(rank, n, 1))
+        out = ("returned", 0.0)
+    except RuntimeError as e:
+        out = (str(e), time.monotonic() - start)
+    ok = _values(rank, 40, 2)
+    comm.all_reduce(ok)  # still usable on every rank
+    assert torch.equal(ok, sum(_values(r, 40, 2) for r in range(world_size)))
+    return out
+
+
+@pytest.mark.parametrize("transport", ["gloo", "auto"])
+def test_different_collectives_raise_on_every_rank_also_across_transport_paths(transport):
+    for message, elapsed in run_ranks(3, _collective_mismatch, timeout=180, pg_timeout_s=PG_TIMEOUT_S,
+                                      env={"PARACOMM_CPU_TRANSPORT": transport}):
+        # Each rank's value where its record was there in time ("?" for one that had not said yet).
+        assert "collective differs (rank 0: all_reduce, rank 1: " in message and "reduce_scatter" in message, message
+        assert elapsed < PG_TIMEOUT_S / 2, elapsed
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -313,3 +313,146 @@ def test_hierarchical_collectives_choice_and_refusals():
         s = _C.plan_summary(big, 0, -1, 8, 0, algo, "gloo", False, False, 0, "all_gather", node_map=nm)
         return s["inter_node_bytes"]
     assert inter("hierarchical") == big * 4 and inter("direct") == 4 * big * 4
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The flat ring under a node map that is not contiguous (issue 19, item 4): node by node
+# ---------------------------------------------------------------------------------------------------------------
+
+# Canonical maps (nodes numbered by first appearance) whose nodes interleave in rank order.
+INTERLEAVED = [[0, 1, 0, 1], [0, 1, 1, 0], [0, 1, 2, 0, 1, 2], [0, 0, 1, 0, 1, 1], [0, 1, 0, 2, 1], [0, 1, 0]]
+
+
+def _map_id(nm):
+    return "".join(map(str, nm))
+
+
+def _expected_order(nm):
+    return sorted(range(len(nm)), key=lambda r: (nm[r], r))
+
+
+def test_ring_order_is_a_node_by_node_permutation():
+    assert _C.ring_order([], 5) == [0, 1, 2, 3, 4]
+    assert _C.ring_order([0, 0, 1, 1], 4) == [0, 1, 2, 3]  # contiguous: the identity (plans unchanged)
+    assert _C.ring_order([0, 1, 0, 1], 4) == [0, 2, 1, 3]
+    assert _C.ring_order([0, 1, 2, 0, 1, 2], 6) == [0, 3, 1, 4, 2, 5]
+    g = torch.Generator().manual_seed(19)
+    for _ in range(200):
+        world = int(torch.randint(1, 17, (1,), generator=g))
+        labels = torch.randint(0, int(torch.randint(1, 5, (1,), generator=g)), (world,), generator=g).tolist()
+        nm = paracomm._topology.canonical_node_map(labels)
+        order = _C.ring_order(nm, world)
+        assert sorted(order) == list(range(world))
+        assert order == _expected_order(nm)  # nodes in order, ranks of a node ascending
+        nodes = len(set(nm))
+        hops = sum(nm[order[p]] != nm[order[(p + 1) % world]] for p in range(world))
+        assert hops == (nodes if nodes > 1 else 0)  # one crossing per node, the fewest a ring can have
+    with pytest.raises(RuntimeError, match="first appearance"):
+        _C.ring_order([1, 0], 2)
+
+
+def _map_plans(collective, nm, numel, dtype, wire, algo, *, found_inf=False, final=False, chunk_bytes=0):
+    wire_code = -1 if wire is None else CODES[wire]
+    return [_C.collective_plan(collective, numel, CODES[dtype], wire_code, len(nm), r, algo, "gloo", found_inf, final,
+                               chunk_bytes, nm) for r in range(len(nm))]
+
+
+@pytest.mark.parametrize("nm", INTERLEAVED, ids=_map_id)
+def test_ring_follows_the_node_order_and_crosses_nodes_once_per_node(nm):
+    world, order = len(nm), _expected_order(nm)
+    pos = {r: p for p, r in enumerate(order)}
+    for collective in ("all_reduce", "reduce_scatter", "all_gather"):
+        for r, p in enumerate(_map_plans(collective, nm, 4099, torch.float32, None, "ring")):
+            peers = {(is_send, peer) for _, transfers, _ in p["steps"] for is_send, peer, *_ in transfers}
+            next_rank, prev_rank = order[(pos[r] + 1) % world], order[(pos[r] - 1) % world]
+            assert peers == {(True, next_rank), (False, prev_rank)}, (collective, nm, r, peers)
+    summary = paracomm.explain_all_reduce(1 << 20, torch.float32, world, algorithm="ring", node_map=nm)
+    assert summary["ring_order"] == order
+    assert summary["ring_inter_node_hops"] == len(set(nm))
+    # The contiguous map of the same node sizes: same plan size, identity order.
+    sizes = sorted(nm.count(m) for m in set(nm))
+    contiguous = [m for m, k in enumerate(sizes) for _ in range(k)]
+    same = paracomm.explain_all_reduce(1 << 20, torch.float32, world, algorithm="ring", node_map=contiguous)
+    assert same["ring_order"] == list(range(world))
+    assert same["ring_inter_node_hops"] == summary["ring_inter_node_hops"]
+    assert summary["inter_node_bytes"] == same["inter_node_bytes"]
+    # Before: rank order around the ring crossed between nodes at every hop where the map changes.
+    assert summary["ring_inter_node_hops"] <= sum(nm[r] != nm[(r + 1) % world] for r in range(world))
+
+
+@pytest.mark.parametrize("nm", INTERLEAVED, ids=_map_id)
+def test_ring_all_reduce_exact_and_identical_with_interleaved_nodes(nm):
+    world = len(nm)
+    for numel, dtype, timing in itertools.product((1, 37, 4099), CODES, ("early", "late")):
+        if dtype != torch.float32 and numel != 4099:
+            continue
+        for op in ("sum", "avg") if dtype.is_floating_point else ("sum",):
+            xs = _data(world, numel, dtype, integer=True, seed=numel)
+            exact = sum(x.double() for x in xs)
+            ps = _map_plans("all_reduce", nm, numel, dtype, None, "ring", final=op == "avg", chunk_bytes=256)
+            outs, _ = simulate(ps, xs, dtype=dtype, wire=None, divisor=float(world) if op == "avg" else 1.0,
+                               timing=timing)
+            assert all(torch.equal(y, outs[0]) for y in outs), (nm, numel, dtype, op, timing)
+            want = exact if op == "sum" else (exact / world).to(dtype).double()
+            assert torch.equal(outs[0].double(), want), (nm, numel, dtype, op, timing)
+    # Random data against a float64 reference, the compressed wire, scale and found_inf.
+    xs = _data(world, 3001, torch.float32, integer=False, seed=7)
+    ref = sum(x.double() for x in xs) / world * 0.5
+    for wire in (None, torch.float16, torch.bfloat16):
+        ps = _map_plans("all_reduce", nm, 3001, torch.float32, wire, "ring", found_inf=True, final=True)
+        outs, flags = simulate(ps, xs, dtype=torch.float32, wire=wire, divisor=world, scale=torch.tensor([0.5]),
+                               found_inf=True)
+        assert all(torch.equal(y, outs[0]) for y in outs), (nm, wire)
+        tol = {None: 1e-6, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}[wire]
+        assert ((outs[0].double() - ref).norm() / ref.norm()).item() < tol, (nm, wire)
+        assert all(f.item() == 0.0 for f in flags)
+    ys = [x.clone() for x in xs]
+    ys[world - 1][1500] = float("inf")
+    _, flags = simulate(_map_plans("all_reduce", nm, 3001, torch.float32, None, "ring", found_inf=True), ys,
+                        dtype=torch.float32, wire=None, found_inf=True)
+    assert all(f.item() == 1.0 for f in flags)
+
+
+@pytest.mark.parametrize("nm", INTERLEAVED, ids=_map_id)
+def test_ring_reduce_scatter_and_all_gather_with_interleaved_nodes(nm):
+    world = len(nm)
+    for numel, dtype, timing in itertools.product((5, 1000), (torch.float32, torch.int64, torch.bfloat16),
+                                                  ("early", "late")):
+        xs = _data(world, world * numel, dtype, integer=True, seed=numel)
+        exact = [sum(x[r * numel:(r + 1) * numel].double() for x in xs) for r in range(world)]
+        outs, _ = simulate(_map_plans("reduce_scatter", nm, numel, dtype, None, "ring", chunk_bytes=256), xs,
+                           dtype=dtype, wire=None, timing=timing)
+        for r, y in enumerate(outs):
+            assert torch.equal(y.double(), exact[r]), (nm, numel, dtype, timing, r)  # rank r gets segment r
+        ins = _data(world, numel, dtype, integer=False, seed=numel + 1)
+        outs, _ = simulate(_map_plans("all_gather", nm, numel, dtype, None, "ring", chunk_bytes=256), ins,
+                           dtype=dtype, wire=None, timing=timing)
+        assert all(torch.equal(y, torch.cat(ins)) for y in outs), (nm, numel, dtype, timing)
+    xs = _data(world, world * 3001, torch.float32, integer=False, seed=9)
+    ref = [sum(x[r * 3001:(r + 1) * 3001].double() for x in xs) for r in range(world)]
+    outs, _ = simulate(_map_plans("reduce_scatter", nm, 3001, torch.float32, torch.bfloat16, "ring"), xs,
+                       dtype=torch.float32, wire=torch.bfloat16)
+    for r, y in enumerate(outs):
+        assert ((y.double() - ref[r]).norm() / ref[r].norm()).item() < 1.5e-2, (nm, r)
+
+
+@pytest.mark.parametrize("nm", [[0, 1, 0, 1], [0, 1, 1, 0], [0, 1, 2, 0, 1, 2], [0, 0, 1, 0, 1, 1]], ids=_map_id)
+def test_hierarchical_with_interleaved_nodes_exact_and_identical(nm):
+    world = len(nm)
+    for numel, dtype in itertools.product((37, 4099), (torch.float32, torch.int64)):
+        xs = _data(world, numel, dtype, integer=True, seed=numel)
+        ps = _map_plans("all_reduce", nm, numel, dtype, None, "hierarchical")
+        outs, _ = simulate(ps, xs, dtype=dtype, wire=None, timing="late")
+        assert all(torch.equal(y, outs[0]) for y in outs), (nm, numel, dtype)
+        assert torch.equal(outs[0].double(), sum(x.double() for x in xs)), (nm, numel, dtype)
+
+
+def test_explain_node_map_argument_is_checked():
+    ex = paracomm.explain_all_reduce
+    with pytest.raises(ValueError, match="node_size or node_map"):
+        ex(10, torch.float32, 4, node_size=2, node_map=[0, 1, 0, 1])
+    for bad in ([0, 1], "0101", [0, 1, 0, True], [0.0, 1, 0, 1]):
+        with pytest.raises(ValueError, match="node_map"):
+            ex(10, torch.float32, 4, node_map=bad)
+    # Any labels: canonicalised (numbered by first appearance).
+    assert ex(1 << 20, torch.float32, 4, algorithm="ring", node_map=[7, 3, 7, 3])["ring_order"] == [0, 2, 1, 3]

@@ -9,6 +9,8 @@
 
 #include <algorithm>
 
+#include "allreduce/pieces.h"
+
 #include "checks.h"
 
 namespace paracomm {
@@ -31,8 +33,6 @@ constexpr int64_t kHierMaxPieces = 16;
 constexpr int64_t kOneShotMaxMessageBytes[2] = {256 * 1024, 512 * 1024};  // [nccl, gloo]
 constexpr int64_t kOneShotMaxReceivedBytes = 1 * kMiB;
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 
 PlanSpan span(PlanBuffer b, int64_t offset) { return PlanSpan{b, offset}; }
 
@@ -178,19 +178,21 @@ PlanReduction final_reduction(const PlanSpec& s, int64_t count, std::vector<Plan
 Layout make_layout(const PlanSpec& s, const Topology& t, Slots& sl) {
   Layout g;
   g.numel = s.numel;
-  const int64_t align = kPlanAlignBytes / std::min(dtype_size(s.dtype), dtype_size(s.travel_dtype()));
+  const int64_t align = plan_align_elems(s);
   g.col = round_up(ceil_div(s.numel, t.columns), align);
   int64_t chunks = std::clamp<int64_t>(ceil_div(g.col * dtype_size(s.travel_dtype()), kHierMinPieceBytes), 1,
                                        kHierMaxPieces);
   if (s.chunk_bytes > 0) chunks = std::max<int64_t>(1, ceil_div(g.col * dtype_size(s.travel_dtype()), s.chunk_bytes));
-  sl.g = &g;
-  for (;;) {
-    g.chunk = std::max(align, round_up(ceil_div(g.col, chunks), align));
+  auto cut = [&](int64_t piece) {  // pieces of a column, and each piece's sub-pieces (one per node)
+    g.chunk = piece;
     g.chunks = ceil_div(g.col, g.chunk);
     g.sub = std::max(align, round_up(ceil_div(g.chunk, t.nodes), align));
-    if (s.chunk_bytes > 0 || g.chunk == align || workspace_estimate(s, sl) <= kHierWorkspaceBudget) break;
-    ++chunks;
-  }
+  };
+  sl.g = &g;
+  cut(aligned_piece(g.col, chunks, align, [&](int64_t piece) {
+    cut(piece);
+    return s.chunk_bytes > 0 || workspace_estimate(s, sl) <= kHierWorkspaceBudget;
+  }));
   sl.g = nullptr;
   return g;
 }
@@ -219,6 +221,27 @@ void check_node_map(const std::vector<int32_t>& node_of, int64_t world_size) {
 }
 
 bool inter_node_ring(int64_t nodes) { return nodes > kInterDirectMaxNodes; }
+
+std::vector<int64_t> ring_order(const std::vector<int32_t>& node_of, int64_t world_size) {
+  std::vector<int64_t> order(static_cast<size_t>(world_size));
+  for (int64_t r = 0; r < world_size; ++r) order[static_cast<size_t>(r)] = r;
+  if (node_of.empty()) return order;
+  // Stable: ranks of one node keep rank order, so a contiguous map gives the identity.
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
+    return node_of[static_cast<size_t>(a)] < node_of[static_cast<size_t>(b)];
+  });
+  return order;
+}
+
+int64_t ring_inter_node_hops(const std::vector<int32_t>& node_of, const std::vector<int64_t>& order) {
+  if (node_of.empty()) return 0;
+  const size_t n = order.size();
+  int64_t hops = 0;
+  for (size_t p = 0; p < n; ++p) {
+    if (node_of[static_cast<size_t>(order[p])] != node_of[static_cast<size_t>(order[(p + 1) % n])]) ++hops;
+  }
+  return hops;
+}
 
 Algorithm choose_algorithm_topology(int64_t numel, DType dtype, int32_t wire_dtype, int64_t world_size, Backend backend,
                                     const std::vector<int32_t>& node_of, std::string* why) {
@@ -467,17 +490,14 @@ void make_hierarchical_reduce_scatter(Plan& plan) {
   const Topology t(s);
   const int64_t M = t.nodes, K = t.columns, n = s.numel;
   const bool z = s.compressed();
-  const int64_t align = kPlanAlignBytes / std::min(dtype_size(s.dtype), dtype_size(s.travel_dtype()));
+  const int64_t align = plan_align_elems(s);
   const int64_t tb = dtype_size(s.dtype), wb = dtype_size(s.travel_dtype());
   int64_t chunks = std::clamp<int64_t>(ceil_div(n * wb, kHierMinPieceBytes), 1, kHierMaxPieces);
   if (s.chunk_bytes > 0) chunks = std::max<int64_t>(1, ceil_div(n * wb, s.chunk_bytes));
-  int64_t chunk = 0;
-  for (;;) {
-    chunk = std::max(align, round_up(ceil_div(n, chunks), align));
-    const int64_t ws = 2 * chunk * (M * (K - 1) * tb + M * (z ? wb : tb) + (M - 1) * wb);
-    if (s.chunk_bytes > 0 || chunk == align || ws <= kHierWorkspaceBudget) break;
-    ++chunks;
-  }
+  const int64_t chunk = aligned_piece(n, chunks, align, [&](int64_t piece) {
+    const int64_t ws = 2 * piece * (M * (K - 1) * tb + M * (z ? wb : tb) + (M - 1) * wb);
+    return s.chunk_bytes > 0 || ws <= kHierWorkspaceBudget;
+  });
   const int64_t C = ceil_div(n, chunk);
   plan.segment_elems = n;
   plan.chunk_elems = chunk;

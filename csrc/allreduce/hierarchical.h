@@ -44,6 +44,15 @@ void check_node_map(const std::vector<int32_t>& node_of, int64_t world_size);
 //     one node, with one rank per node, or when a node has more than kMaxReduceInputs ranks; one_shot for messages
 //     within its latency thresholds; else hierarchical. `why` (optional) receives a one-line reason.
 bool inter_node_ring(int64_t nodes);
+
+// The flat ring's rank order under a node map: ranks node by node (nodes in their canonical order, ranks of a node
+// in rank order), so that the ring crosses between nodes once per node (M times for M > 1 nodes) whatever the
+// placement: ranks 0, 2 on node 0 and 1, 3 on node 1 give the ring 0 -> 2 -> 1 -> 3 -> 0 (2 inter-node hops, not 4).
+// order[p] is the rank at ring position p; the identity for an empty map (one node) and for contiguous maps, so
+// those plans are exactly the ones made without a map. A pure function of the map: the same on every rank.
+std::vector<int64_t> ring_order(const std::vector<int32_t>& node_of, int64_t world_size);
+// Ring hops (position p -> p + 1 mod N) whose two ranks are on different nodes.
+int64_t ring_inter_node_hops(const std::vector<int32_t>& node_of, const std::vector<int64_t>& order);
 Algorithm choose_algorithm_topology(int64_t numel, DType dtype, int32_t wire_dtype, int64_t world_size, Backend backend,
                                     const std::vector<int32_t>& node_of, std::string* why);
 // reduce_scatter / all_gather: hierarchical for nodes of equal size (1 < M < N, at most 8 nodes for

@@ -7,6 +7,7 @@
 #include <limits>
 
 #include "allreduce/hierarchical.h"
+#include "allreduce/pieces.h"
 #include "checks.h"
 
 namespace paracomm {
@@ -37,19 +38,11 @@ constexpr int64_t kDirectWorkspaceBudget = 64 * kMiB;
 constexpr int64_t kDirectPipelineChunks = 4;
 constexpr int64_t kDirectMinChunkBytes = 4 * kMiB;
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 int64_t mod(int64_t a, int64_t n) { return ((a % n) + n) % n; }
 
 int backend_index(Backend b) { return b == Backend::kGloo ? 1 : 0; }
 
 bool is_all_reduce(const PlanSpec& s) { return s.collective == Collective::kAllReduce; }
-
-// Elements per alignment unit: kPlanAlignBytes in the narrower of T and W, hence in both.
-int64_t align_elems(const PlanSpec& s) {
-  const int64_t narrow = std::min(dtype_size(s.dtype), dtype_size(s.travel_dtype()));
-  return kPlanAlignBytes / narrow;
-}
 
 // Segments and pieces. Segment j of N covers [j * seg, (j + 1) * seg) clipped to numel (trailing segments may
 // be short or empty); piece c of a segment covers [c * chunk, (c + 1) * chunk) inside it, clipped likewise.
@@ -106,7 +99,7 @@ int64_t policy_chunks(const PlanSpec& s, int64_t seg_elems) {
 Geometry make_geometry(const PlanSpec& s) {
   Geometry g;
   g.numel = is_all_reduce(s) ? s.numel : s.world_size * s.numel;
-  const int64_t align = align_elems(s);
+  const int64_t align = plan_align_elems(s);
   if (s.algorithm == Algorithm::kOneShot) {
     g.seg = s.numel;
     g.chunk = s.numel;
@@ -114,17 +107,13 @@ Geometry make_geometry(const PlanSpec& s) {
     return g;
   }
   g.seg = is_all_reduce(s) ? round_up(ceil_div(s.numel, s.world_size), align) : s.numel;
-  int64_t chunks = policy_chunks(s, g.seg);
-  for (;;) {
-    g.chunk = std::max(align, round_up(ceil_div(g.seg, chunks), align));
-    g.chunks = ceil_div(g.seg, g.chunk);
-    // Rounding pieces up to the alignment can push direct's receive workspace past its budget: cut finer.
-    const bool over_budget = s.algorithm == Algorithm::kDirect && s.collective != Collective::kAllGather &&
-                             s.chunk_bytes == 0 && g.chunk > align &&
-                             2 * (s.world_size - 1) * g.chunk * dtype_size(s.travel_dtype()) > kDirectWorkspaceBudget;
-    if (!over_budget) return g;
-    ++chunks;
-  }
+  // Rounding pieces up to the alignment can push direct's receive workspace past its budget: cut finer.
+  g.chunk = aligned_piece(g.seg, policy_chunks(s, g.seg), align, [&](int64_t piece) {
+    return s.algorithm != Algorithm::kDirect || s.collective == Collective::kAllGather || s.chunk_bytes != 0 ||
+           2 * (s.world_size - 1) * piece * dtype_size(s.travel_dtype()) <= kDirectWorkspaceBudget;
+  });
+  g.chunks = ceil_div(g.seg, g.chunk);
+  return g;
 }
 
 PlanSpan span(PlanBuffer b, int64_t offset) { return PlanSpan{b, offset}; }
@@ -192,7 +181,23 @@ int64_t cast_step(const PlanSpec& s, Builder& b, int64_t begin, int64_t count) {
 }
 
 // ---- ring ----
-// After NCCL's runRing. Segment j is owned by rank (j - 1) mod N, i.e. rank r owns segment (r + 1) mod N.
+// Ring positions: the ring visits ranks in ring_order(node_of) (hierarchical.h: node by node; the identity without
+// a node map or with a contiguous one). Everything below is written for the rank at position p with the ring's
+// segment q being the tensor's segment order[q]; with the identity order p = r and segment q = q.
+struct RingPositions {
+  std::vector<int64_t> order;  // position -> rank
+  int64_t n = 0, pos = 0, next = 0, prev = 0;
+  explicit RingPositions(const PlanSpec& s) : order(ring_order(s.node_of, s.world_size)), n(s.world_size) {
+    pos = std::find(order.begin(), order.end(), s.rank) - order.begin();
+    next = order[static_cast<size_t>((pos + 1) % n)];
+    prev = order[static_cast<size_t>((pos + n - 1) % n)];
+  }
+  // The tensor segment of ring segment (pos + delta) mod n.
+  int64_t seg(int64_t delta) const { return order[static_cast<size_t>(mod(pos + delta, n))]; }
+};
+
+// After NCCL's runRing (shown for the identity order). Segment j is owned by rank (j - 1) mod N, i.e. rank r owns
+// segment (r + 1) mod N.
 //   reduce-scatter, hops t = 0..N-2: rank r sends its partial sum of segment (r - t) mod N to r + 1 and receives
 //     segment (r - t - 1) mod N from r - 1, adding its own contribution; after hop N-2 it holds the full sum of
 //     the segment it owns (the owner's final reduction).
@@ -209,16 +214,17 @@ void make_ring(Plan& plan, const Geometry& g) {
   const PlanBuffer src = z ? PlanBuffer::kWire : PlanBuffer::kData;  // what travels, in place
   Builder b(&plan);
   plan.recv_elems = 2 * g.chunk;
-  const int64_t base = cast_step(s, b, g.seg_begin(r), g.seg_size(r));  // hop 0 sends segment r
+  const int64_t base = cast_step(s, b, g.seg_begin(r), g.seg_size(r));  // hop 0 sends segment seg(0) = r
   const int64_t first = static_cast<int64_t>(plan.steps.size());
-  const int64_t next = (r + 1) % n, prev = (r + n - 1) % n;
+  const RingPositions ring(s);
+  const int64_t next = ring.next, prev = ring.prev;
   for (int phase = 0; phase < 2; ++phase) {
     for (int64_t t = 0; t < n - 1; ++t) {
       for (int64_t c = 0; c < C; ++c) {
         const int64_t u = static_cast<int64_t>(plan.steps.size()) - first;  // ring op index
         const bool rs = phase == 0;
-        const int64_t send_seg = rs ? mod(r - t, n) : mod(r + 1 - t, n);
-        const int64_t recv_seg = rs ? mod(r - t - 1, n) : mod(r - t, n);
+        const int64_t send_seg = rs ? ring.seg(-t) : ring.seg(1 - t);
+        const int64_t recv_seg = rs ? ring.seg(-t - 1) : ring.seg(-t);
         // Data sent was produced C ops earlier (hop 0 of reduce-scatter: by the cast); receive slot u % 2 was
         // last read by op u - 2's reduction.
         const int64_t producer = (rs && t == 0) ? base : first + u - C;
@@ -364,27 +370,29 @@ PlanReduction rs_final(int64_t count, std::vector<PlanSpan> inputs, PlanSpan out
 // of one segment (kRecv after the two receive slots), in W: the compressed wire re-rounds at every hop, as the
 // all-reduce ring does. Hop 0 sends the raw input (compressed: its rounding, made by a cast into the partial
 // area). Steps are hop-major, so op u's send depends on op u - C (the same piece one hop earlier) and the slot
-// it fills on op u - 2's reduction: step u + 1 may go out while step u reduces.
+// it fills on op u - 2's reduction: step u + 1 may go out while step u reduces. Written with ring positions
+// (RingPositions: r + k means the rank k positions further along ring_order, segment r + k its segment).
 void make_ring_reduce_scatter(Plan& plan, const Geometry& g) {
   const PlanSpec& s = plan.spec;
-  const int64_t n = s.world_size, r = s.rank, C = g.chunks;
+  const int64_t n = s.world_size, C = g.chunks;
   const bool z = s.compressed();
   Builder b(&plan);
   plan.recv_elems = (2 + C) * g.chunk;
   auto partial = [&](int64_t c) { return span(PlanBuffer::kRecv, (2 + c) * g.chunk); };
   auto in_piece = [&](int64_t seg, int64_t c) { return span(PlanBuffer::kInput, g.piece_begin(seg, c)); };
-  const int64_t first_seg = mod(r - 1, n);
+  const RingPositions ring(s);  // ring.seg(0) == r: the segment this rank ends with
+  const int64_t first_seg = ring.seg(-1);
   int64_t base = -1;
   if (z) {
     base = b.step(-1);
     b.reduce(reduction(g.seg_size(first_seg), {in_piece(first_seg, 0)}, partial(0)));
   }
   const int64_t first = static_cast<int64_t>(plan.steps.size());
-  const int64_t next = (r + 1) % n, prev = (r + n - 1) % n;
+  const int64_t next = ring.next, prev = ring.prev;
   for (int64_t t = 0; t < n - 1; ++t) {
     for (int64_t c = 0; c < C; ++c) {
       const int64_t u = static_cast<int64_t>(plan.steps.size()) - first;
-      const int64_t send_seg = mod(r - t - 1, n), recv_seg = mod(r - t - 2, n);
+      const int64_t send_seg = ring.seg(-t - 1), recv_seg = ring.seg(-t - 2);
       const int64_t producer = t == 0 ? base : first + u - C;
       const int64_t slot_reader = u >= 2 ? first + u - 2 : -1;
       b.step(std::max(producer, slot_reader));
@@ -472,18 +480,20 @@ void all_gather_copy_step(const PlanSpec& s, Builder& b) {
 // Ring all-gather: the all-gather half of make_ring with rank r's own segment r. Hop t = 0..N-2: rank r
 // sends segment (r - t) mod N to r + 1 (hop 0: straight from kInput) and receives (r - t - 1) mod N from
 // r - 1 into kData, where hop t + 1 forwards it: op u's send depends on op u - C's receive (transfers_after
-// names that step; the executor waits for its transfers, not only for its reductions).
+// names that step; the executor waits for its transfers, not only for its reductions). Ring positions as in
+// make_ring_reduce_scatter.
 void make_ring_all_gather(Plan& plan, const Geometry& g) {
   const PlanSpec& s = plan.spec;
-  const int64_t n = s.world_size, r = s.rank, C = g.chunks;
+  const int64_t n = s.world_size, C = g.chunks;
   Builder b(&plan);
   all_gather_copy_step(s, b);
   const int64_t first = static_cast<int64_t>(plan.steps.size());
-  const int64_t next = (r + 1) % n, prev = (r + n - 1) % n;
+  const RingPositions ring(s);  // ring.seg(0) == r: hop 0 sends this rank's own segment
+  const int64_t next = ring.next, prev = ring.prev;
   for (int64_t t = 0; t < n - 1; ++t) {
     for (int64_t c = 0; c < C; ++c) {
       const int64_t u = static_cast<int64_t>(plan.steps.size()) - first;
-      const int64_t send_seg = mod(r - t, n), recv_seg = mod(r - t - 1, n);
+      const int64_t send_seg = ring.seg(-t), recv_seg = ring.seg(-t - 1);
       b.step(t == 0 ? -1 : first + u - C);
       const int64_t count = g.piece_size(send_seg, c);
       b.send(next, t == 0 ? span(PlanBuffer::kInput, g.piece_begin(0, c)) : span(PlanBuffer::kData, g.piece_begin(send_seg, c)),

@@ -32,7 +32,8 @@ import torch
 import torch.distributed as dist
 
 from ._ops import ops
-from ._signature import HEADER_TAG, STEP_MASK
+from . import _C
+from ._signature import STEP_MASK
 
 _DATA, _WIRE, _RECV, _INPUT, _STAGE = 0, 1, 2, 3, 4  # _STAGE: T-typed workspace (compressed hierarchical plans)
 _ELEMENT_SIZE = {dt: torch.empty((), dtype=dt).element_size()
@@ -44,13 +45,13 @@ class PreparedPlan:
     fastest."""
 
     __slots__ = ("algorithm", "steps", "wire_elems", "recv_elems", "recv_offset_bytes", "stage_elems",
-                 "stage_offset_bytes", "workspace_bytes", "raw", "bound", "header", "tag_base", "data_elems",
+                 "stage_offset_bytes", "workspace_bytes", "raw", "bound", "signature", "tag_base", "data_elems",
                  "input_elems")
 
     def __init__(self, raw: dict):
         self.raw = raw
-        self.header = None  # the call's signature header (int64 tensor), set by the plan cache
-        self.tag_base = 0  # high bits of the data tags (paracomm._signature.tag_base)
+        self.signature = None  # the call's signature (paracomm._signature), set by the plan cache
+        self.tag_base = None  # high bits of the data tags (paracomm._signature.TagRegistry), set on first use
         self.bound = None  # (workspace, travel dtype, steps with workspace spans as tensors): CpuExecutor._bind
         self.algorithm = raw["algorithm"]
         self.wire_elems = raw["wire_elems"]
@@ -89,15 +90,6 @@ def _local_ranks(store, prefix: str, rank: int, world_size: int, timeout: timede
     return max(1, sum(1 for k in keys if bytes(store.get(k)).decode() == host))
 
 
-class HeaderMismatch(Exception):
-    """The per-call headers differ: ``headers[r]`` is rank r's header (a list of ints; this rank's own included).
-    Raised before any data of the call has been waited for or written; the caller reports it."""
-
-    def __init__(self, headers: list):
-        super().__init__("signature headers differ")
-        self.headers = headers
-
-
 class CpuExecutor:
     """Runs plans on CPU tensors over a private gloo group of the communicator's ranks.
 
@@ -115,47 +107,27 @@ class CpuExecutor:
         cores = os.cpu_count() or 1
         self.reduction_threads = max(1, cores // _local_ranks(store, prefix, rank, world_size, timeout))
         self._workspace = torch.empty(0, dtype=torch.uint8)
-        self._header_in: dict = {}  # header length -> receive buffers, one per peer (reused: one call at a time)
+        self._posted: list = []  # the running call's posted transfers, by step (what interrupt() aborts)
+
+    def interrupt(self) -> None:
+        """Abort every transfer the running call has posted: a wait blocked on one returns at once (and any
+        later wait on them fails), so the caller can report what another thread found (paracomm._monitor).
+        Callable from any thread; the group is unusable for that call afterwards (replace it). Idempotent."""
+        for works in list(self._posted):
+            for work, _peer in works or ():
+                try:
+                    _C.abort_work(work)
+                except Exception:  # noqa: BLE001  (completed or already aborted)
+                    pass
 
     def abort(self) -> None:
-        """Close the private group's connections (peers blocked on this rank fail at once). Idempotent."""
+        """Interrupt the running call and ask gloo to close the group (torch 2.13's ProcessGroupGloo.abort does
+        nothing; peers see the connections close when the group is dropped). Idempotent."""
+        self.interrupt()
         try:
             self.pg.abort()
         except Exception:  # noqa: BLE001  (already closed or failed: nothing left to close)
             pass
-
-    def post_header(self, header: torch.Tensor, wait: Callable) -> Callable[[], None]:
-        """Send this call's signature header to every other rank and post the receives of theirs.
-
-        Returns the check to run before the call's first wait on data: it waits for every header (within the
-        caller's deadline, through ``wait``) and raises :class:`HeaderMismatch` when any differs from ours.
-        Headers have a fixed size and their own tag, so they can never be mistaken for data. Every rank sends
-        to every rank, so every rank sees the same set of headers and raises the same mismatch.
-        """
-        rank, n, pg = self.rank, self.world_size, self.pg
-        length = header.numel()
-        buffers = self._header_in.get(length)
-        if buffers is None:
-            buffers = self._header_in[length] = [torch.empty(length, dtype=torch.int64) for _ in range(n)]
-        recvs, sends = [], []
-        for p in range(n):
-            if p == rank:
-                continue
-            try:
-                recvs.append((pg.recv([buffers[p]], p, HEADER_TAG), p))
-                sends.append((pg.send([header], p, HEADER_TAG), p))
-            except Exception as e:  # noqa: BLE001  (gloo refuses to post on a closed pair)
-                raise _post_error(wait, "posting the signature header", e, p)
-
-        def check() -> None:
-            for work, peer in recvs:
-                wait(work, "the signature header", peer=peer)
-            for work, peer in sends:
-                wait(work, "the signature header", peer=peer)
-            if not all(torch.equal(buffers[p], header) for p in range(n) if p != rank):
-                raise HeaderMismatch([header.tolist() if p == rank else buffers[p].tolist() for p in range(n)])
-
-        return check
 
     def _bind(self, plan: PreparedPlan, travel: torch.dtype, dtype: torch.dtype) -> tuple:
         """The plan's steps with every workspace span already a tensor view; spans of the caller's tensors stay
@@ -198,21 +170,18 @@ class CpuExecutor:
 
     def run(self, plan: PreparedPlan, x: torch.Tensor, *, travel: torch.dtype, divisor: float,
             scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor], wire_dtype: Optional[torch.dtype],
-            wait: Callable, tag_base: int = 0, before_wait: Optional[Callable[[], None]] = None,
-            input: Optional[torch.Tensor] = None) -> None:
+            wait: Callable, tag_base: int = 0, input: Optional[torch.Tensor] = None) -> None:
         """Execute ``plan``: ``x`` (flat) is its kData buffer, written in place; ``input`` (flat) its kInput
         buffer, only read (plans without one: None).
 
         ``wait(work, what, step, steps, peer)`` waits for one gloo work within the caller's deadline and raises
         the caller's error (``what`` is the plan's algorithm here). Step i's transfers carry the tag
-        ``tag_base | (i & STEP_MASK)`` (the call's signature in the high bits: see paracomm._signature).
-        ``before_wait`` (the header check) runs once, after step 0's transfers are posted and before the
-        first wait for any transfer or the first reduction, so a mismatch raises before anything is written.
+        ``tag_base | (i & STEP_MASK)`` (the call's signature in the high bits: see paracomm._signature), so a
+        transfer only ever matches one of a peer's call with the same signature. The posted transfers are kept
+        in ``self._posted`` while the call runs, for :meth:`interrupt`.
         """
         n = len(plan.steps)
         if n == 0:
-            if before_wait is not None:
-                before_wait()
             return
         if plan.input_elems and (input is None or input.numel() != plan.input_elems):
             raise ValueError(f"CpuExecutor.run: the plan reads an input of {plan.input_elems} elements")
@@ -228,17 +197,14 @@ class CpuExecutor:
 
         pg = self.pg
         posted: list = [None] * n
+        self._posted = posted
         waited = -1  # steps whose transfers have all completed
-        pending_check = [before_wait]
 
         def wait_through(k: int) -> None:
-            """Wait for the transfers of every step <= k (the header check first, once)."""
+            """Wait for the transfers of every step <= k."""
             nonlocal waited
             if k < 0:
                 return
-            if pending_check[0] is not None:
-                check, pending_check[0] = pending_check[0], None
-                check()
             for j in range(waited + 1, k + 1):
                 for work, peer in posted[j] or ():
                     wait(work, plan.algorithm, j, n, peer)
@@ -287,6 +253,7 @@ class CpuExecutor:
                     )
             wait_through(n - 1)
         finally:
+            self._posted = []
             if limit != saved_threads:
                 torch.set_num_threads(saved_threads)
 
@@ -300,14 +267,16 @@ def _post_error(wait, what: str, e: BaseException, peer: int) -> BaseException:
 def deadline_wait(deadline: float, on_error: Callable[[str, BaseException, Optional[int]], BaseException]):
     """A ``wait(work, what, step=-1, steps=0, peer=None)`` bounded by ``deadline`` (time.monotonic()); ``what``
     (and, for a plan's transfers, ``step`` of ``steps``) names the wait in the error, ``peer`` the rank the
-    transfer is with (None: a collective or unknown). ``on_error(what, exception, peer)`` makes the error."""
+    transfer is with (None: a collective or unknown). ``on_error(what, exception, peer)`` makes the error.
+    A work aborted by :meth:`CpuExecutor.interrupt` (its wait returns False) is an error too."""
 
     def wait(work, what: str, step: int = -1, steps: int = 0, peer: Optional[int] = None) -> None:
         remaining = deadline - time.monotonic()
         try:
             if remaining <= 0:
                 raise TimeoutError("timed out: no time left before the call's deadline")
-            work.wait(timedelta(seconds=remaining))
+            if not work.wait(timedelta(seconds=remaining)):
+                raise RuntimeError("the wait was interrupted (the transfer was aborted on this rank)")
         except Exception as e:  # noqa: BLE001
             raise on_error(f"step {step} of {steps} ({what})" if step >= 0 else what, e, peer) from e
 

@@ -19,6 +19,21 @@ def check_wire_dtype(wire_dtype, name: str) -> None:
         raise ValueError(f"{name}: wire_dtype must be None, torch.float16 or torch.bfloat16, got {wire_dtype}")
 
 
+def check_scalar_tensor(t, arg: str, device: torch.device, name: str) -> None:
+    """Accept None or a 1-element float32 tensor on ``device`` (the data's) for argument ``arg`` (``scale``,
+    ``found_inf``): TypeError for a non-tensor or another dtype, ValueError for another shape or device."""
+    if t is None:
+        return
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: {arg} must be None or a 1-element float32 tensor, got {type(t).__name__}")
+    if t.numel() != 1:
+        raise ValueError(f"{name}: {arg} must have exactly one element, got shape {tuple(t.shape)}")
+    if t.dtype != torch.float32:
+        raise TypeError(f"{name}: {arg} must be torch.float32, got {t.dtype}")
+    if t.device != device:
+        raise ValueError(f"{name}: {arg} is on {t.device} but the data is on {device}")
+
+
 def check_process_group(group, name: str, arg: str) -> None:
     """Accept None or a torch.distributed ProcessGroup for argument ``arg``."""
     if group is not None and not isinstance(group, dist.ProcessGroup):

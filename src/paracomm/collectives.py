@@ -6,7 +6,7 @@ They run on the same engine as the all-reduce: a plan (csrc/allreduce/plan.h) fr
 reduce-scatter is the reduce-scatter half of ring or direct, or a one-shot variant for small messages; all-gather
 the all-gather half of ring or direct -- executed by the same executor, which maps the plan's buffers (the
 output, the input, the workspace) and knows neither algorithm nor collective. The signature every rank must
-agree on, its per-call check on gloo and the error path are the all-reduce's (paracomm._signature, comm.py).
+agree on, its signature check on gloo and the error path are the all-reduce's (paracomm._signature, comm.py).
 
 Semantics follow ``torch.distributed.reduce_scatter_tensor`` / ``all_gather_into_tensor``:
 
@@ -33,7 +33,7 @@ from . import _C
 from . import _topology
 from . import comm as _comm
 from ._signature import ALGORITHMS, DTYPE_CODES
-from ._validate import check_wire_dtype
+from ._validate import check_scalar_tensor, check_wire_dtype
 
 __all__ = ["reduce_scatter", "all_gather", "explain_reduce_scatter", "explain_all_gather"]
 
@@ -120,19 +120,6 @@ def _resolve_algorithm(comm, algorithm, name: str, allowed: tuple) -> str:
     return algorithm
 
 
-def _check_scalar_tensor(t, arg: str, device: torch.device, name: str) -> None:
-    if t is None:
-        return
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name}: {arg} must be None or a 1-element float32 tensor, got {type(t).__name__}")
-    if t.numel() != 1:
-        raise ValueError(f"{name}: {arg} must have exactly one element, got shape {tuple(t.shape)}")
-    if t.dtype != torch.float32:
-        raise TypeError(f"{name}: {arg} must be torch.float32, got {t.dtype}")
-    if t.device != device:
-        raise ValueError(f"{name}: {arg} is on {t.device} but the tensors are on {device}")
-
-
 def validate_reduce_scatter(comm, output, input, op, wire_dtype, scale, found_inf, algorithm) -> "_comm._Call":
     """Every check of :func:`reduce_scatter`, before anything is written; the validated call."""
     name = "paracomm.reduce_scatter"
@@ -154,8 +141,8 @@ def validate_reduce_scatter(comm, output, input, op, wire_dtype, scale, found_in
     algorithm = _resolve_algorithm(comm, algorithm, name, _RS_ALGORITHMS)
     _comm._check_rank_limit(algorithm, n, name)
     device = output.device
-    _check_scalar_tensor(scale, "scale", device, name)
-    _check_scalar_tensor(found_inf, "found_inf", device, name)
+    check_scalar_tensor(scale, "scale", device, name)
+    check_scalar_tensor(found_inf, "found_inf", device, name)
     if factor is not None:
         if scale is not None:
             raise ValueError(f"{name}: op ReduceOp.PREMUL_SUM and scale both scale the result; pass one")

@@ -29,10 +29,11 @@ import torch.distributed as dist
 from torch.distributed import distributed_c10d as c10d
 
 from . import _C
-from ._cpu_executor import CpuExecutor, PreparedPlan, HeaderMismatch as _HeaderMismatch, deadline_wait
+from ._cpu_executor import CpuExecutor, PreparedPlan, deadline_wait
+from ._monitor import CallMonitor
 from ._shm import ShmExecutor, make_cpu_executor, peer_of as _shm_peer_of
 from ._ops import reduce_
-from ._validate import check_process_group, check_wire_dtype
+from ._validate import check_process_group, check_scalar_tensor, check_wire_dtype
 
 __all__ = ["Communicator", "Work", "all_reduce", "explain_all_reduce"]
 
@@ -260,6 +261,15 @@ def _signature(call: _Call) -> tuple:
             _topology.node_map_code(list(call.node_map)) if call.node_map else 0)
 
 
+class _SignatureMismatch(Exception):
+    """Carries a mismatch error out of a CPU call's wait (deadline_wait's on_error) to ``_run_cpu``, which
+    replaces the private group before raising ``error``."""
+
+    def __init__(self, error: RuntimeError):
+        super().__init__(str(error))
+        self.error = error
+
+
 def _mismatch_error(signatures: list, where: str = "paracomm.all_reduce") -> Optional[RuntimeError]:
     """None when every rank's signature agrees; else an error listing every field that differs, per rank."""
     return _sig.mismatch_error(signatures, where)
@@ -268,8 +278,8 @@ def _mismatch_error(signatures: list, where: str = "paracomm.all_reduce") -> Opt
 class _PlanCache:
     """Plans by (signature incl. the node map, world size, rank, backend, chunk bytes): pure data, built once.
 
-    Each plan also carries its call's gloo identity, computed once per signature: ``header`` (the int64 vector
-    sent to every peer) and ``tag_base`` (the data tags' high bits; see paracomm._signature).
+    Each plan also carries its call's ``signature`` (computed once) and, once the gloo path has run it,
+    ``tag_base`` (the data tags' high bits, from the Communicator's paracomm._signature.TagRegistry).
     """
 
     def __init__(self):
@@ -287,8 +297,7 @@ class _PlanCache:
                 call.collective, call.plan_numel, _DTYPE_CODES[call.flat.dtype], wire, world_size, rank,
                 call.algorithm, backend, call.found_inf is not None, call.has_final_op, chunk_bytes,
                 list(call.node_map)))
-            plan.header = _sig.header(signature)
-            plan.tag_base = _sig.tag_base(signature)
+            plan.signature = signature
             with self._lock:
                 if len(self._plans) >= _PLAN_CACHE_SIZE:
                     self._plans.pop(next(iter(self._plans)))  # oldest first (dicts keep insertion order)
@@ -320,8 +329,8 @@ class Communicator:
     Threads: a Communicator may be called from several threads. Its lazy state (the private gloo group, the
     NCCL communicator, the store) is created under a lock, and calls are issued one at a time, in the order
     they take the Communicator's call lock, which is the order they run in on this rank. Two threads racing
-    on two ranks can still issue in different orders there; the per-call signature check (gloo) then raises
-    the mismatch on every rank instead of exchanging the wrong buffers. Give each thread its own
+    on two ranks can still issue in different orders there; the signature check (CPU) then raises the
+    mismatch on every rank instead of exchanging the wrong buffers. Give each thread its own
     Communicator (created in the same order on every rank) when their calls are independent.
 
     Errors: every transport failure (a peer closed the connection, no answer within the timeout, a failed
@@ -367,6 +376,9 @@ class Communicator:
         self._seen: set = set()  # signatures already checked across ranks (NCCL path, PARACOMM_CHECK_SHAPES=1)
         self._cpu: Optional[CpuExecutor] = None  # private gloo group, created on the first CPU call
         self._cpu_generation = 0  # private groups made so far: a mismatch replaces the group (see _run_cpu)
+        self._cpu_calls = 0  # CPU calls issued over the group so far: the seq of the monitor's records
+        self._monitor: Optional[CallMonitor] = None  # the stall monitor (paracomm._monitor), on first CPU call
+        self._tags: Optional[_sig.TagRegistry] = None  # signature -> data tag base (paracomm._signature)
         self._nccl = None  # paracomm._C.NcclComm, created lazily on first CUDA call
         self._store_handshakes = 0  # handshakes through the store so far (key names)
         self._worker = None  # single background thread for CPU async calls (FIFO = same order on every rank)
@@ -426,12 +438,14 @@ class Communicator:
                 message says which and names the rank when known), this Communicator failed earlier, its group
                 was destroyed; or ranks disagree on the call's signature (numel, dtype, op, wire_dtype,
                 scale/found_inf given, algorithm, PARACOMM_CHUNK_BYTES). ``PARACOMM_CHECK_SHAPES`` decides
-                when that is checked. gloo (CPU): 1 (default) and 2 check every call (a header sent with the
-                data, see paracomm._signature): every rank raises at once naming each field that differs, the
-                data buffers are left untouched where no data of the call arrived, and the Communicator stays
-                usable (its private group is replaced on every rank); 0 turns the header off, and since every
-                data transfer is tagged with the signature a mismatch then stalls until the timeout (raising
-                "no answer") instead of exchanging foreign bytes. NCCL (CUDA): 1 checks the first time this
+                when that is checked. gloo (CPU): every data transfer is tagged with the call's signature, so
+                a mismatched call never exchanges data (it stalls); with 1 (default) and 2 a monitor thread
+                compares the stalled call's signature across ranks through the store (paracomm._signature,
+                paracomm._monitor) and every rank raises about 1 s later (min(1 s, timeout/8) plus a tick)
+                naming each field that differs; the tensor is left untouched, and the Communicator stays usable
+                (its private group is replaced on every rank); 0 turns the monitor off, and a mismatch then
+                stalls until the timeout (raising "no answer"), never exchanging foreign bytes. Shared memory
+                (CPU ranks of one host): checked in every call's entry handshake, at once. NCCL (CUDA): 1 checks the first time this
                 Communicator sees a signature, 2 every call (a store round trip), 0 never; a mismatch in a
                 signature seen before is NOT detected with 1 or 0: a receive waiting for more than was sent
                 stalls until the watchdog's timeout, and one for less can complete with wrong values and no
@@ -549,17 +563,8 @@ class Communicator:
                                  f"bound to cuda:{self._nccl.device}")
         else:
             raise ValueError(f"{name}: tensor is on {device}; only cpu (gloo) and cuda (nccl) are served")
-        for arg, t in (("scale", scale), ("found_inf", found_inf)):
-            if t is None:
-                continue
-            if not isinstance(t, torch.Tensor):
-                raise TypeError(f"{name}: {arg} must be None or a 1-element float32 tensor, got {type(t)}")
-            if t.numel() != 1:
-                raise ValueError(f"{name}: {arg} must have exactly one element, got shape {tuple(t.shape)}")
-            if t.dtype != torch.float32:
-                raise TypeError(f"{name}: {arg} must be torch.float32, got {t.dtype}")
-            if t.device != device:
-                raise ValueError(f"{name}: {arg} is on {t.device} but tensor is on {device}")
+        check_scalar_tensor(scale, "scale", device, name)
+        check_scalar_tensor(found_inf, "found_inf", device, name)
         if scale is not None and not floating:
             raise ValueError(f"{name}: scale needs a floating tensor, got {tensor.dtype}")
         if algorithm == "hierarchical" and device.type == "cuda":
@@ -572,11 +577,11 @@ class Communicator:
                      "all_reduce", chunk_bytes)
 
     # ------------------------------------------------------------------------------------------------------
-    # Signature checks: per call on gloo (header with the data), first sight or every call on NCCL (store)
+    # Signature checks: gloo's tags + stall monitor (_run_cpu), first sight or every call on NCCL (store)
     # ------------------------------------------------------------------------------------------------------
 
     def _needs_handshake(self, call: _Call) -> bool:
-        """NCCL path: does this call need the store handshake? (gloo checks every call, see _run_cpu.)"""
+        """NCCL path: does this call need the store handshake? (CPU calls: data tags + monitor, see _run_cpu.)"""
         mode = _check_shapes_mode()
         if mode == 0:
             return False
@@ -726,8 +731,8 @@ class Communicator:
 
     def _replace_cpu_group(self) -> None:
         """After a signature mismatch: drop the private group (its unmatched transfers die with it); the next
-        call makes a new one under the next generation's prefix. Every rank saw the same headers, so every
-        rank does this at the same call."""
+        call makes a new one under the next generation's prefix. Every rank raises the mismatch at the same
+        call (the same seq: paracomm._monitor), so every rank does this at the same call."""
         with self._state_lock:
             cpu, self._cpu = self._cpu, None
             self._cpu_generation += 1
@@ -746,31 +751,83 @@ class Communicator:
             elif call.has_final_op and x.numel() > 0:
                 reduce_(x, [x], divisor=call.divisor, scale=call.scale, found_inf=call.found_inf)
             return
+        checking = _check_shapes_mode() != 0  # refuses a bad PARACOMM_CHECK_SHAPES before anything happens
         deadline = time.monotonic() + self.timeout.total_seconds()
         executor = self._cpu_executor()
-        call.node_map = self._cpu_node_map()  # part of the signature, so of the header every rank checks
+        call.node_map = self._cpu_node_map()  # part of the signature, so of the data tags and the records
         # The shared-memory transport runs every plan (every collective and algorithm, node map included) in one
-        # C++ call and checks the signature in every call, before any data moves.
+        # C++ call and checks the signature in every call, before any data moves: no tags, no monitor.
         if isinstance(executor, ShmExecutor):
-            _check_shapes_mode()  # refuses a bad PARACOMM_CHECK_SHAPES as the gloo path does (shm ignores it)
             executor.run(call, executor.prepared(call, _signature(call), call.chunk_bytes), deadline,
                          lambda sigs: _mismatch_error(sigs, self._where(call.collective)),
                          lambda what, e, peer: self._transport_error(what, e, peer, call.collective))
             return
-        wait = deadline_wait(deadline, lambda what, e, peer: self._transport_error(what, e, peer, call.collective))
+        monitor = self._call_monitor() if checking else None
+        # seq numbers the CPU calls of this Communicator alike on every rank (they issue the same calls in the
+        # same order; a mismatch raises on every rank at the same seq), so the monitor's records of two ranks
+        # are about the same call exactly when their seqs are equal.
+        seq = self._cpu_calls
+        self._cpu_calls = seq + 1
         plan = self._plans.get(call, self.world_size, self.rank, "gloo", call.chunk_bytes)
-        check = None
-        if _check_shapes_mode() != 0:
-            check = executor.post_header(plan.header, wait)
-        travel = call.wire_dtype if call.wire_dtype is not None else x.dtype
+        signature = plan.signature
+        if plan.tag_base is None:
+            plan.tag_base = self._tag_base(signature, call.collective)
+        started = time.monotonic()
+
+        def on_error(what: str, e: BaseException, peer: Optional[int]) -> BaseException:
+            # Any transport error (an interrupted wait, a peer that closed, the deadline) is first checked
+            # against the ranks' records: a mismatch is reported as such on every rank.
+            if monitor is not None:
+                mismatch = monitor.diagnose(seq, signature, call.collective, started)
+                if mismatch is not None:
+                    return _SignatureMismatch(mismatch)
+            return self._transport_error(what, e, peer, call.collective)
+
+        mismatch = None
+        if monitor is not None:
+            monitor.inflight = (seq, signature, started, executor, call.collective)
         try:
+            travel = call.wire_dtype if call.wire_dtype is not None else x.dtype
             executor.run(plan, x, travel=travel, divisor=call.divisor, scale=call.scale, found_inf=call.found_inf,
-                         wire_dtype=call.wire_dtype, wait=wait, tag_base=plan.tag_base, before_wait=check,
+                         wire_dtype=call.wire_dtype, wait=deadline_wait(deadline, on_error), tag_base=plan.tag_base,
                          input=call.input)
-        except _HeaderMismatch as e:
+        except _SignatureMismatch as e:
+            mismatch = e.error
+        finally:
+            if monitor is not None:
+                monitor.inflight = None
+        if mismatch is not None:
+            # Raised outside the except clause and with the executor dropped, so nothing keeps the old private
+            # group alive: dropping it closes its connections (peers still blocked on it wake at once).
+            del executor
             self._replace_cpu_group()
-            error = _mismatch_error([_sig.decode_header(h) for h in e.headers], self._where(call.collective))
-            raise error from None
+            raise mismatch
+
+    def _call_monitor(self) -> CallMonitor:
+        """The stall monitor of this Communicator's CPU calls, started on first use (paracomm._monitor)."""
+        monitor = self._monitor
+        if monitor is None:
+            with self._state_lock:
+                if self._monitor is None:
+                    rank, n = self.rank, self.world_size
+                    # where() must not hold the Communicator (the monitor thread holds the monitor weakly only).
+                    self._monitor = CallMonitor(self._group_store(), self._prefix, rank, n,
+                                                self.timeout.total_seconds(),
+                                                lambda collective: f"paracomm.{collective} (rank {rank} of {n})")
+                    self._monitor.start()
+                monitor = self._monitor
+        return monitor
+
+    def _tag_base(self, signature: tuple, collective: str) -> int:
+        """The data tag base of a signature, from the store's registry on first sight (paracomm._signature)."""
+        with self._state_lock:
+            if self._tags is None:
+                self._tags = _sig.TagRegistry(self._group_store(), self._prefix)
+            try:
+                return self._tags.tag_base(signature)
+            except Exception as e:  # noqa: BLE001
+                raise self._fail(f"claiming the data tag of this call's signature through the group's store "
+                                 f"failed: {e}", collective) from e
 
     # ------------------------------------------------------------------------------------------------------
     # NCCL executor (CUDA builds)
@@ -931,7 +988,7 @@ def _local_backend() -> str:
 
 def explain_all_reduce(numel: int, dtype: torch.dtype, world_size: int, *, wire_dtype=None,
                        algorithm: Optional[str] = None, backend: Optional[str] = None,
-                       node_size: Optional[int] = None) -> dict:
+                       node_size: Optional[int] = None, node_map=None) -> dict:
     """What an all-reduce of ``numel`` elements of ``dtype`` over ``world_size`` ranks would do (no communication).
 
     Args:
@@ -947,6 +1004,10 @@ def explain_all_reduce(numel: int, dtype: torch.dtype, world_size: int, *, wire_
             be smaller): "auto" is then topology-aware and the result also has ``nodes``, ``inter_node_bytes`` and
             ``intra_node_bytes`` (bytes one rank sends to other nodes / its own node; the busiest rank's),
             ``inter_node_steps`` (its steps with a transfer to another node) and ``choice_reason``.
+        node_map: None or a list of world_size node labels, one per rank (any ints; e.g. ``[0, 1, 0, 1]``: ranks
+            0 and 2 on one node, 1 and 3 on another), for placements that are not contiguous; the same keys as
+            ``node_size`` (give one of the two). A ring plan with either also reports ``ring_order`` (the ranks
+            in ring order: node by node) and ``ring_inter_node_hops`` (hops between two nodes: one per node).
 
     Returns:
         dict: ``algorithm`` (the resolved name), ``chunk_bytes`` (bytes of the travelling dtype per pipelined
@@ -977,7 +1038,16 @@ def explain_all_reduce(numel: int, dtype: torch.dtype, world_size: int, *, wire_
     if backend not in ("nccl", "gloo"):
         raise ValueError(f"{name}: backend must be 'nccl' or 'gloo', got {backend!r}")
     _check_rank_limit(algorithm, world_size, name)
-    node_map = _topology.explain_node_map(node_size, world_size, name)
+    if node_map is not None:
+        if node_size is not None:
+            raise ValueError(f"{name}: give node_size or node_map, not both")
+        if not isinstance(node_map, (list, tuple)) or len(node_map) != world_size or not all(
+                isinstance(m, int) and not isinstance(m, bool) for m in node_map):
+            raise ValueError(f"{name}: node_map must be a list of world_size={world_size} ints (a node label per "
+                             f"rank), got {node_map!r}")
+        node_map = _topology.canonical_node_map(list(node_map))
+    else:
+        node_map = _topology.explain_node_map(node_size, world_size, name)
     wire = -1 if wire_dtype is None else _DTYPE_CODES[wire_dtype]
     return dict(_C.plan_summary(numel, _DTYPE_CODES[dtype], wire, world_size, 0, algorithm, backend, False, False,
                                 _chunk_bytes(), node_map=node_map))

@@ -31,7 +31,6 @@ is ``out.copy_(in)`` followed by the in-place reduction of ``out`` (the copy is 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -40,6 +39,7 @@ import torch
 
 from . import emulate as emulate_mod
 from . import launch as launch_mod
+from . import report
 from .cli import SIZE_SUFFIXES, parse_size  # noqa: F401  (parse_size: also this module's public helper)
 from .timing import barrier, gbps, load_average, median, quantile, slowest_rank, sum_over_ranks, time_iterations
 
@@ -88,8 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest message (default 32M on CPU, 256M on GPU)")
     g.add_argument("-f", "--stepfactor", type=int, default=2, metavar="F",
                    help="multiply the size by F each step (default 2)")
-    g.add_argument("-n", "--iters", type=int, default=20, help="timed runs per size (default 20)")
-    g.add_argument("-w", "--warmup_iters", type=int, default=5, help="untimed warm-up runs per size (default 5)")
+    report.add_iteration_args(g, iters=20, warmup=5, per="size")
     g.add_argument("-c", "--check", type=_zero_one, default=1, metavar="0|1",
                    help="count wrong elements with an exact-result pass (default 1)")
     g = p.add_argument_group("operation")
@@ -116,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--inter-node-gbit", type=float, default=1.0, metavar="R",
                    help="with --emulate-nodes: each node's egress rate in Gbit/s (tc tbf; default 1)")
     g = p.add_argument_group("output")
-    g.add_argument("--json", metavar="FILE", default=None, help="write the header and every row as JSON")
+    report.add_json_arg(g)
     g.add_argument("--plot", metavar="FILE.png", default=None,
                    help="plot busbw and time against size (log-log) with the busbw ratio (needs matplotlib)")
     g.add_argument("--check-cost", action="store_true",
@@ -656,11 +655,7 @@ def run_rank(ctx, args) -> int:
         end = summary["loadavg_end"]
         print(f"#  load average at end: {end[0]:.2f} {end[1]:.2f} {end[2]:.2f} (1/5/15 min)"
               + _load_warning(end[0], header.get("cpu_cores")), flush=True)
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump({"benchmark": "allreduce", "header": header, "rows": rows, "summary": summary}, f,
-                          indent=2)
-            print(f"# wrote {args.json}", flush=True)
+        report.write_json(args.json, "allreduce", header, rows, summary)
         if args.plot:
             plot_busbw(rows, header, args.plot)
             print(f"# wrote {args.plot}", flush=True)

@@ -20,12 +20,12 @@ slowest rank's; every non-data line starts with ``#``; the run ends with ``# Avg
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 import torch
 
 from . import launch as launch_mod
+from . import report
 from .allreduce import (DTYPE_ALIASES, DTYPES, WIRE_ALIASES, WIRE_DTYPES, _choice, _geomean, _timedelta,
                         _zero_one, check_data, fmt_bw, fmt_time, random_data, size_sweep)
 from .cli import parse_size
@@ -50,8 +50,7 @@ def build_parser(kind: str) -> argparse.ArgumentParser:
     g.add_argument("-e", "--maxbytes", type=parse_size, default=parse_size("16M"), metavar="SIZE",
                    help="largest size (default 16M)")
     g.add_argument("-f", "--stepfactor", type=int, default=2, metavar="F", help="size step factor (default 2)")
-    g.add_argument("-n", "--iters", type=int, default=20, help="timed runs per size (default 20)")
-    g.add_argument("-w", "--warmup_iters", type=int, default=5, help="untimed warm-up runs per size (default 5)")
+    report.add_iteration_args(g, iters=20, warmup=5, per="size")
     g.add_argument("-c", "--check", type=_zero_one, default=1, metavar="0|1",
                    help="count wrong elements with an exact-result pass (default 1)")
     g = p.add_argument_group("operation")
@@ -68,7 +67,7 @@ def build_parser(kind: str) -> argparse.ArgumentParser:
                    help=f"paracomm's algorithm: auto, {', '.join(ALGORITHMS[kind])}, or all (one row each)")
     launch_mod.add_rank_args(p)
     g = p.add_argument_group("output")
-    g.add_argument("--json", metavar="FILE", default=None, help="write the header and every row as JSON")
+    report.add_json_arg(g)
     return p
 
 
@@ -241,10 +240,7 @@ def run_rank(ctx, args, kind: str) -> int:
             f"#  busbw ratio paracomm / baseline: geometric mean {summary['busbw_ratio_geomean']:.2f} "
             f"(min {summary['busbw_ratio_min']:.2f})",
         ]), flush=True)
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump({"benchmark": kind, "header": header, "rows": rows, "summary": summary}, f, indent=2)
-            print(f"# wrote {args.json}", flush=True)
+        report.write_json(args.json, kind, header, rows, summary)
     return 1 if wrong_total else 0
 
 

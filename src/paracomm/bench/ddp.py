@@ -27,11 +27,11 @@ trained alike, not a convergence claim.
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
 
 from . import launch as launch_mod
+from . import report
 from .timing import barrier, median, slowest_rank, time_iterations
 
 VARIANTS = ("default", "torch-allreduce", "torch-fp16", "torch-bf16", "paracomm-allreduce", "paracomm-fp16",
@@ -52,14 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch", type=int, default=8, help="per-rank batch size (default 8)")
     g.add_argument("--bucket-cap-mb", type=float, default=25.0, help="DDP bucket size (default 25)")
     g = p.add_argument_group("runs")
-    g.add_argument("-n", "--iters", type=int, default=10, help="timed steps per variant (default 10)")
-    g.add_argument("-w", "--warmup_iters", type=int, default=3, help="untimed steps per variant (default 3)")
+    report.add_iteration_args(g, iters=10, warmup=3, per="variant (a run: one training step)")
     g.add_argument("--variants", default="all", metavar="LIST",
                    help=f"comma-separated subset of: {', '.join(VARIANTS)} (default all that this backend "
                         "supports)")
     launch_mod.add_rank_args(p)
     g = p.add_argument_group("output")
-    g.add_argument("--json", metavar="FILE", default=None, help="write the header and every row as JSON")
+    report.add_json_arg(g)
     return p
 
 
@@ -250,10 +249,8 @@ def run_rank(ctx, args) -> int:
             print(fmt.format(variant, f"{row['step_ms']:.2f}",
                              "-" if row["vs_default"] is None else f"{row['vs_default']:.2f}",
                              f"{row['samples_per_s']:.1f}", f"{row['loss']:.5f}"), flush=True)
-    if lead and args.json:
-        with open(args.json, "w") as f:
-            json.dump({"benchmark": "ddp", "header": header, "rows": rows}, f, indent=2)
-        print(f"# wrote {args.json}", flush=True)
+    if lead:
+        report.write_json(args.json, "ddp", header, rows)
     return 0
 
 

@@ -25,12 +25,12 @@ divide factor, forced sum reduction, reshard_after_forward).
 from __future__ import annotations
 
 import argparse
-import json
 from typing import Callable, Optional
 
 import torch
 
 from . import launch as launch_mod
+from . import report
 from .timing import barrier, median, slowest_rank, time_iterations
 
 VARIANTS = ("torch", "paracomm", "paracomm-bf16", "torch-hsdp", "paracomm-hsdp")
@@ -194,13 +194,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch", type=int, default=8, help="per-rank batch size (default 8)")
     g.add_argument("--lr", type=float, default=0.01, help="SGD learning rate (default 0.01)")
     g = p.add_argument_group("runs")
-    g.add_argument("-n", "--iters", type=int, default=10, help="timed steps per variant (default 10)")
-    g.add_argument("-w", "--warmup_iters", type=int, default=3, help="untimed steps per variant (default 3)")
+    report.add_iteration_args(g, iters=10, warmup=3, per="variant (a run: one training step)")
     g.add_argument("--variants", default="all", metavar="LIST",
                    help=f"comma-separated subset of: {', '.join(VARIANTS)} (default all)")
     launch_mod.add_rank_args(p)
     g = p.add_argument_group("output")
-    g.add_argument("--json", metavar="FILE", default=None, help="write the header and every row as JSON")
+    report.add_json_arg(g)
     return p
 
 
@@ -294,10 +293,8 @@ def run_rank(ctx, args) -> int:
             print(fmt.format(variant, f"{row['step_ms']:.2f}",
                              "-" if row["vs_torch"] is None else f"{row['vs_torch']:.2f}",
                              f"{row['loss']:.6f}"), flush=True)
-    if lead and args.json:
-        with open(args.json, "w") as f:
-            json.dump({"benchmark": "fsdp", "header": header, "rows": rows}, f, indent=2)
-        print(f"# wrote {args.json}", flush=True)
+    if lead:
+        report.write_json(args.json, "fsdp", header, rows)
     return 0
 
 

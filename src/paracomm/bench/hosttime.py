@@ -11,7 +11,6 @@ rank's median. CUDA only.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from datetime import timedelta
@@ -19,6 +18,7 @@ from datetime import timedelta
 import torch
 
 from . import launch as launch_mod
+from . import report
 from .cli import parse_size
 from .timing import barrier, median, slowest_rank
 
@@ -28,9 +28,8 @@ def parse_args(argv) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="paracomm-bench hosttime",
                                 description="Host time per CUDA all-reduce call: paracomm vs torch.distributed.")
     p.add_argument("--sizes", default="4K,64M", help="comma-separated byte sizes, fp32 (default 4K,64M)")
-    p.add_argument("-n", "--iters", type=int, default=50, help="timed calls per size and setting (default 50)")
-    p.add_argument("-w", "--warmup_iters", type=int, default=10, help="untimed calls first (default 10)")
-    p.add_argument("--json", metavar="FILE", default=None, help="write the header and the rows as JSON")
+    report.add_iteration_args(p, iters=50, warmup=10, per="size and setting (a run: one call)")
+    report.add_json_arg(p, "the header and the rows")
     launch_mod.add_rank_args(p)
     args = p.parse_args(argv)
     try:
@@ -88,10 +87,7 @@ def run_rank(ctx, args) -> int:
         for r in rows:
             print(fmt.format(r["bytes"], r["setting"], str(r["async_op"]), f"{r['host_us']:.1f}",
                              "-" if r["last_enqueue_us"] is None else f"{r['last_enqueue_us']:.1f}"), flush=True)
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump({"benchmark": "hosttime", "header": header, "rows": rows}, f, indent=2)
-            print(f"# wrote {args.json}")
+        report.write_json(args.json, "hosttime", header, rows)
     return 0
 
 

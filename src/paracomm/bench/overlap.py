@@ -20,13 +20,13 @@ share its SMs, so the figures are for the paracomm-vs-torch comparison, not abso
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from datetime import timedelta
 
 import torch
 
 from . import launch as launch_mod
+from . import report
 from .cli import parse_size
 from .timing import barrier, median, slowest_rank
 
@@ -38,9 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=parse_size, default=parse_size("64M"), metavar="SIZE",
                    help="all-reduce bytes (fp32; K/M/G suffixes; default 64M)")
     p.add_argument("--matmul", type=int, default=4096, help="square matmul size of the chain (default 4096)")
-    p.add_argument("-n", "--iters", type=int, default=10, help="timed steps per setting (default 10)")
-    p.add_argument("-w", "--warmup_iters", type=int, default=3, help="untimed steps per setting (default 3)")
-    p.add_argument("--json", metavar="FILE", default=None, help="write the header and the rows as JSON")
+    report.add_iteration_args(p, iters=10, warmup=3, per="setting (a run: one step)")
+    report.add_json_arg(p, "the header and the rows")
     launch_mod.add_rank_args(p)
     return p
 
@@ -169,10 +168,7 @@ def run_rank(ctx, args) -> int:
         for r in rows:
             print(fmt.format(r["setting"], f"{r['mm_alone_ms']:.2f}", f"{r['ar_alone_ms']:.2f}",
                              f"{r['chain_ms']:.2f}", f"{r['step_ms']:.2f}", f"{r['overlap']:.2f}"), flush=True)
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump({"benchmark": "overlap", "header": header, "rows": rows}, f, indent=2)
-            print(f"# wrote {args.json}")
+        report.write_json(args.json, "overlap", header, rows)
     return 0
 
 
