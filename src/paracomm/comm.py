@@ -309,7 +309,7 @@ class Communicator:
             :func:`explain_all_reduce`), "ring", "direct", "one_shot" or "hierarchical". ``PARACOMM_ALGORITHM``
             sets the default of communicators created without one.
         node_size: ranks per node (ranks [0, K) are node 0, ...), overriding ``PARACOMM_NODE_SIZE`` and the
-            host identity paracomm otherwise finds through the group's store on the first CPU call
+            host identity paracomm otherwise finds through the group's store on the first call
             (src/paracomm/_topology.py). More than one node makes "auto" pick the hierarchical all-reduce for
             large messages, on CPU (gloo) and CUDA (NCCL) tensors alike.
 
