@@ -289,7 +289,8 @@ for s in "${STEPS[@]}"; do
           ;;
         test-nccl)
           run_step test-nccl "$PY" -m pytest -q -rs -m "cuda and not slow" "${PYTEST_TIMEOUT[@]}" \
-            tests/test_allreduce_cuda.py tests/test_nccl_executor.py --junitxml="$LOGS/test-nccl.xml"
+            tests/test_allreduce_cuda.py tests/test_nccl_executor.py tests/test_collectives_cuda.py \
+            --junitxml="$LOGS/test-nccl.xml"
           ;;
         overlap)
           run_step overlap "$PY" -m paracomm.bench overlap --device cuda --ranks-per-gpu 2 --size 64M -n 5 -w 2 \
@@ -306,7 +307,8 @@ for s in "${STEPS[@]}"; do
         bench-ar2) bench_ar bench-ar2 2 ;;
         test-slow)
           run_step test-slow "$PY" -m pytest -q -rs -m "cuda and slow" -k "not every_algorithm" "${SLOW_TIMEOUT[@]}" \
-            tests/test_allreduce_cuda.py tests/test_nccl_executor.py --junitxml="$LOGS/test-slow.xml"
+            tests/test_allreduce_cuda.py tests/test_nccl_executor.py tests/test_collectives_cuda.py \
+            --junitxml="$LOGS/test-slow.xml"
           ;;
         test-algos)
           run_step test-algos "$PY" -m pytest -q -rs -m "cuda and slow" -k every_algorithm "${SLOW_TIMEOUT[@]}" \
@@ -317,7 +319,8 @@ for s in "${STEPS[@]}"; do
         bench-ar4) bench_ar bench-ar4 4 ;;
         test-rest)
           run_step test-rest "$PY" -m pytest -q -rs -m cuda "${PYTEST_TIMEOUT[@]}" --ignore=tests/test_cuda_kernels.py \
-            --ignore=tests/test_allreduce_cuda.py --ignore=tests/test_nccl_executor.py --junitxml="$LOGS/test-rest.xml"
+            --ignore=tests/test_allreduce_cuda.py --ignore=tests/test_nccl_executor.py \
+            --ignore=tests/test_collectives_cuda.py --junitxml="$LOGS/test-rest.xml"
           ;;
       esac
       ;;

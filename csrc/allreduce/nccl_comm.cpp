@@ -291,6 +291,11 @@ void NcclComm::release_cuda_resources() noexcept {
   all_events_.clear();
   free_events_.clear();
   pending_.clear();
+  if (header_slots_ != nullptr) (void)cudaFree(header_slots_);
+  header_slots_ = nullptr;
+  if (header_record_ != nullptr) (void)cudaFreeHost(header_record_);
+  header_record_ = nullptr;
+  header_record_dev_ = nullptr;
   if (comm_stream_ != nullptr) (void)cudaStreamDestroy(comm_stream_);
   if (reduce_stream_ != nullptr) (void)cudaStreamDestroy(reduce_stream_);
   comm_stream_ = nullptr;
@@ -313,9 +318,9 @@ void NcclComm::record_failure_locked(const std::string& reason) {
 }
 
 std::shared_ptr<const NcclComm::CachedPlan> NcclComm::plan_for(const PlanSpec& spec) {
-  const PlanKey key{spec.numel,         static_cast<int32_t>(spec.dtype), spec.wire_dtype,
-                    static_cast<int32_t>(spec.algorithm), spec.has_found_inf, spec.has_final_op,
-                    spec.chunk_bytes};
+  const PlanKey key{static_cast<int32_t>(spec.collective), spec.numel, static_cast<int32_t>(spec.dtype),
+                    spec.wire_dtype, static_cast<int32_t>(spec.algorithm), spec.has_found_inf, spec.has_final_op,
+                    spec.chunk_bytes, spec.node_of};
   auto it = plans_.find(key);
   if (it != plans_.end()) return it->second;
   auto cached = std::make_shared<CachedPlan>();
@@ -327,6 +332,8 @@ std::shared_ptr<const NcclComm::CachedPlan> NcclComm::plan_for(const PlanSpec& s
   cached->waits = plan_waits(cached->plan);
   cached->schedule_sync = plan_schedule(cached->plan, cached->waits, true);
   cached->schedule_async = plan_schedule(cached->plan, cached->waits, false);
+  cached->header_sync = plan_schedule(cached->plan, cached->waits, true, true);
+  cached->header_async = plan_schedule(cached->plan, cached->waits, false, true);
   if (plans_.size() >= kMaxCachedPlans) plans_.clear();
   plans_.emplace(key, cached);
   return cached;
@@ -342,6 +349,60 @@ void NcclComm::ensure_step_events(int64_t steps) {
   };
   grow(transfer_events_);
   grow(reduce_events_);
+}
+
+void NcclComm::ensure_header_buffers() {
+  if (header_slots_ != nullptr) return;
+  // Once per communicator (cudaMalloc / cudaHostAlloc may synchronise the device: only on the first checked
+  // call). The record starts zeroed: no mismatch seen.
+  void* slots = nullptr;
+  PARACOMM_CUDA_CHECK(cudaMalloc(&slots, static_cast<size_t>(1 + world_size_) * kMaxHeaderWords * sizeof(int64_t)));
+  void* record = nullptr;
+  const cudaError_t e = cudaHostAlloc(&record, header_record_bytes(world_size_), cudaHostAllocMapped);
+  if (e != cudaSuccess) {
+    (void)cudaFree(slots);
+    PARACOMM_CUDA_CHECK(e);
+  }
+  std::memset(record, 0, header_record_bytes(world_size_));
+  void* record_dev = nullptr;
+  const cudaError_t d = cudaHostGetDevicePointer(&record_dev, record, 0);
+  if (d != cudaSuccess) {
+    (void)cudaFree(slots);
+    (void)cudaFreeHost(record);
+    PARACOMM_CUDA_CHECK(d);
+  }
+  header_slots_ = static_cast<int64_t*>(slots);
+  {
+    std::lock_guard<std::mutex> lock(state_mu_);
+    header_record_dev_ = static_cast<HeaderMismatchRecord*>(record_dev);
+    header_record_ = static_cast<HeaderMismatchRecord*>(record);
+  }
+}
+
+void NcclComm::check_header_record_locked() {
+  if (header_record_ == nullptr || failed_) return;
+  const int64_t seq_plus1 = header_record_->seq_plus1;  // volatile: the device's last store
+  if (seq_plus1 == 0) return;
+  std::atomic_thread_fence(std::memory_order_acquire);  // the rows were made visible before the flag
+  const int64_t words = std::min<int64_t>(std::max<int64_t>(header_record_->words, 0), kMaxHeaderWords);
+  std::vector<std::vector<int64_t>> rows(static_cast<size_t>(world_size_));
+  std::string text;
+  for (int r = 0; r < world_size_; ++r) {
+    const int64_t* row = header_record_->headers + static_cast<int64_t>(r) * kMaxHeaderWords;
+    rows[static_cast<size_t>(r)].assign(row, row + words);
+    text += concat(r ? "; " : "", "rank ", r, ": [");
+    for (int64_t w = 0; w < words; ++w) text += concat(w ? "," : "", row[w]);
+    text += "]";
+  }
+  mismatch_ = std::move(rows);
+  record_failure_locked(concat("call #", seq_plus1 - 1, ": ranks called the collective with different arguments "
+                               "(per-call signature check; signature headers ", text, "); the communicator was "
+                               "aborted"));
+}
+
+std::vector<std::vector<int64_t>> NcclComm::mismatch_headers() const {
+  std::lock_guard<std::mutex> lock(state_mu_);
+  return mismatch_;
 }
 
 cudaEvent_t NcclComm::take_completion_event() {
@@ -374,7 +435,7 @@ struct WorkspaceLease {
 
 }  // namespace
 
-void NcclComm::all_reduce(const NcclAllReduceCall& call, cudaStream_t stream) {
+void NcclComm::run(const NcclCall& call, cudaStream_t stream) {
   std::lock_guard<std::mutex> enqueue_lock(enqueue_mu_);
   const Clock::time_point t0 = Clock::now();
   {
@@ -383,8 +444,12 @@ void NcclComm::all_reduce(const NcclAllReduceCall& call, cudaStream_t stream) {
     PARACOMM_CHECK(!closed_, "NcclComm (rank ", rank_, " of ", world_size_, ") was closed");
   }
   PARACOMM_CHECK(call.sync || call.services != nullptr,
-                 "all_reduce: an asynchronous call needs NcclCallServices (its buffers' keep-alive)");
+                 "an asynchronous call needs NcclCallServices (its buffers' keep-alive)");
+  PARACOMM_CHECK(call.header_words >= 0 && call.header_words <= kMaxHeaderWords, "header_words must be in [0, ",
+                 kMaxHeaderWords, "], got ", call.header_words);
   PlanSpec spec;
+  spec.collective = call.collective;
+  spec.node_of = call.node_of;
   spec.numel = call.numel;
   spec.dtype = call.dtype;
   spec.wire_dtype = call.wire_dtype;
@@ -406,10 +471,16 @@ void NcclComm::all_reduce(const NcclAllReduceCall& call, cudaStream_t stream) {
 
   const std::shared_ptr<const CachedPlan> cached = plan_for(spec);
   const Plan& plan = cached->plan;
-  const std::vector<SchedOp>& schedule = call.sync ? cached->schedule_sync : cached->schedule_async;
+  // The per-call signature check needs peers to exchange with (world size 1 has none).
+  const bool with_header = call.header_words > 0 && world_size_ > 1;
+  const std::vector<SchedOp>& schedule =
+      with_header ? (call.sync ? cached->header_sync : cached->header_async)
+                  : (call.sync ? cached->schedule_sync : cached->schedule_async);
+  if (with_header) ensure_header_buffers();
   WorkspaceLease lease;
   PlanBuffers buf;
   buf.data = call.data;
+  buf.input = call.input;
   buf.scale = call.scale;
   buf.found_inf = call.found_inf;
   buf.workspace = call.workspace;
@@ -455,6 +526,16 @@ void NcclComm::all_reduce(const NcclAllReduceCall& call, cudaStream_t stream) {
   ctx.timeout_s = timeout_s_;
   ctx.nccl_issued = &nccl_issued;
   ctx.services = call.services;
+  HeaderExchange header;
+  if (with_header) {
+    header.values = call.header;
+    header.words = call.header_words;
+    header.send_slot = header_slots_;
+    header.recv_slots = header_slots_ + kMaxHeaderWords;
+    header.record = header_record_dev_;
+    header.seq = static_cast<int64_t>(seq);
+    ctx.header = &header;
+  }
   try {
     enqueue_plan(ctx, plan, schedule, buf, call.divisor);
   } catch (const std::exception& e) {
@@ -464,7 +545,7 @@ void NcclComm::all_reduce(const NcclAllReduceCall& call, cudaStream_t stream) {
       enqueue_active_ = false;
       // Before the first NCCL call nothing was sent: the refusal leaves the communicator usable. After it,
       // the peers are mid-plan and would wait forever: fail (the watchdog aborts, so they fail too).
-      if (nccl_issued) record_failure_locked(concat("all_reduce #", seq, " failed while being enqueued: ", e.what()));
+      if (nccl_issued) record_failure_locked(concat("call #", seq, " failed while being enqueued: ", e.what()));
       if (done != nullptr) free_events_.push_back(done);
       if (failed_) failure = failure_;
     }
@@ -472,7 +553,7 @@ void NcclComm::all_reduce(const NcclAllReduceCall& call, cudaStream_t stream) {
     if (failure.empty()) throw;
     // The first reason (e.g. the watchdog's enqueue deadline) says more than NCCL's error after an abort.
     PARACOMM_THROW("NcclComm (rank ", rank_, " of ", world_size_, ") is unusable: ", failure,
-                   " [this all_reduce: ", e.what(), "]");
+                   " [this call: ", e.what(), "]");
   }
   {
     std::lock_guard<std::mutex> lock(state_mu_);
@@ -520,10 +601,13 @@ void NcclComm::watchdog_loop() {
 
 void NcclComm::watchdog_round(std::unique_lock<std::mutex>& lock) {
   const Clock::time_point now = Clock::now();
+  // A mismatch found by the per-call signature check fails the communicator even while the call is pending
+  // (its data transfers may never complete): the abort below releases them.
+  if (comm_ != nullptr) check_header_record_locked();
   if (!failed_ && comm_ != nullptr) {
     if (enqueue_active_ && now >= enqueue_deadline_) {
       // The enqueue polls this flag between its NCCL queries and leaves; the abort below then releases NCCL.
-      record_failure_locked(concat("all_reduce #", enqueue_seq_, " was still being enqueued after ", timeout_s_,
+      record_failure_locked(concat("call #", enqueue_seq_, " was still being enqueued after ", timeout_s_,
                                    " s (NCCL waits for a peer that is absent or dead); the communicator was aborted"));
     } else {
       // Event queries outside both locks (pending entries are only appended by others, so the snapshot stays
@@ -560,10 +644,10 @@ void NcclComm::watchdog_round(std::unique_lock<std::mutex>& lock) {
           continue;
         }
         if (status[k] != cudaErrorNotReady) {
-          record_failure_locked(concat("all_reduce #", p.seq, ": CUDA error ", cudaGetErrorName(status[k]), " (",
+          record_failure_locked(concat("call #", p.seq, ": CUDA error ", cudaGetErrorName(status[k]), " (",
                                        cudaGetErrorString(status[k]), ") while waiting for it to complete"));
         } else if (now >= p.deadline) {
-          record_failure_locked(concat("all_reduce #", p.seq, " did not complete within ", timeout_s_,
+          record_failure_locked(concat("call #", p.seq, " did not complete within ", timeout_s_,
                                        " s (a peer may have died or stalled); the communicator was aborted"));
         }
         keep.push_back(p);

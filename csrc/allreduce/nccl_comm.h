@@ -28,6 +28,21 @@
 //     communicator failed, else finalizes (polled, bounded by timeout_s; aborted past it) and destroys it. So a
 //     Communicator dropped right after a correct async or sync call never kills that call.
 //
+// Per-call signature check (PARACOMM_CHECK_SHAPES != 0; paracomm/comm.py passes the header):
+//   * a call with a header runs the header schedule (plan_waits.h): R writes the header into the send slot,
+//     the call's first transfer group also sends it to every peer and receives every peer's (the same size on
+//     every rank, so the exchange itself never mismatches, whatever the data transfers do), and a one-thread
+//     kernel on R compares them once that group is done (header_check.h). A mismatch is written into
+//     host-mapped memory (every rank's header and the call's sequence number); no host synchronisation.
+//   * the watchdog reads that record every round (also while the call is still pending: a mismatched plan
+//     may leave its data transfers waiting forever) and fails the communicator with "ranks called the
+//     collective with different arguments" and every rank's header; the abort then releases NCCL. Every rank
+//     sees a differing peer, so every rank fails. Work.wait() / check() / the next call raise; comm.py turns
+//     mismatch_headers() into paracomm's error naming each field that differs.
+//   * not poison-free: the receives of the mismatched call (and of the calls enqueued after it before the
+//     watchdog saw it) may already have written foreign bytes into the outputs; they raise instead of
+//     returning them (a synchronous call has returned already: its error surfaces at the next call or wait).
+//
 // Locking (abort is safe by construction):
 //   * enqueue_mu_ serialises all_reduce calls and close() (it guards the plan cache, the step events and the
 //     streams' order). Nothing blocks for long under it: every NCCL call on the non-blocking communicator
@@ -77,10 +92,13 @@
 
 namespace paracomm {
 
-// One all_reduce as the binding passes it (device pointers, DType codes already mapped).
-struct NcclAllReduceCall {
-  void* data = nullptr;              // numel elements of dtype, reduced in place
-  int64_t numel = 0;
+// One collective call as the binding passes it (device pointers, DType codes already mapped). The fields a
+// plan depends on form its PlanSpec (plan.h); the executor maps output/input/workspace to the plan's buffers.
+struct NcclCall {
+  Collective collective = Collective::kAllReduce;
+  void* data = nullptr;              // kData: the output (all-reduce: numel elements, reduced in place)
+  const void* input = nullptr;       // kInput (reduce-scatter: N x numel, all-gather: numel elements); null for all-reduce
+  int64_t numel = 0;                 // PlanSpec::numel: all-reduce's tensor, reduce-scatter's output, all-gather's input
   DType dtype = DType::kFloat32;
   int32_t wire_dtype = kNoWire;      // kNoWire or float16/bfloat16 (float32 data only)
   double divisor = 1.0;              // N for avg, else 1
@@ -90,6 +108,12 @@ struct NcclAllReduceCall {
   int64_t workspace_bytes = 0;
   Algorithm algorithm = Algorithm::kRing;
   int64_t chunk_bytes = 0;           // 0: the plan's chunk policy
+  std::vector<int32_t> node_of;      // rank -> node for the plan generator (hierarchical.h); empty: one node
+  // The per-call signature header (paracomm._signature: HEADER_MAGIC + the signature), 0 words: no check. With
+  // world size > 1 it is exchanged with every peer inside the call's first transfer group and compared on the
+  // device (see "Per-call signature check" above); equal on every rank for equal calls.
+  HeaderValues header{};
+  int32_t header_words = 0;
   // true: the caller's stream waits for the call before all_reduce returns (dist.all_reduce). false (needs
   // services): the caller's stream is left free; wait on reduce_stream() after the call (Work.wait()).
   bool sync = true;
@@ -97,6 +121,7 @@ struct NcclAllReduceCall {
   // the workspace is allocated here from the plan's workspace_bytes.
   NcclCallServices* services = nullptr;
 };
+using NcclAllReduceCall = NcclCall;  // the name of the all-reduce-only days
 
 class NcclComm {
  public:
@@ -110,14 +135,21 @@ class NcclComm {
   NcclComm(const NcclComm&) = delete;
   NcclComm& operator=(const NcclComm&) = delete;
 
-  // One in-place all_reduce of data ready on `stream` (the caller's stream, on this communicator's device): it
-  // runs on paracomm's streams after everything enqueued on `stream` before the call; call.sync decides whether
-  // `stream` waits for it (nccl_executor.h). Runs the plan of (numel, dtype, wire_dtype, world size, rank, algorithm, found_inf given, final op, chunk_bytes).
+  // One collective (call.collective: all-reduce in place, reduce-scatter or all-gather out of place) on data
+  // ready on `stream` (the caller's stream, on this communicator's device): it runs on paracomm's streams after
+  // everything enqueued on `stream` before the call; call.sync decides whether `stream` waits for it
+  // (nccl_executor.h). Runs the plan of (collective, numel, dtype, wire_dtype, world size, rank, algorithm,
+  // found_inf given, final op, chunk_bytes, node map).
   // Throws paracomm::Error if the communicator failed or was aborted, if the stream is capturing a CUDA
   // graph, or on invalid arguments (in these cases nothing was enqueued and the communicator stays as it
   // was); if enqueuing fails midway, the communicator is marked failed and aborted (the peers cannot finish
   // the plan) and the error is thrown.
-  void all_reduce(const NcclAllReduceCall& call, cudaStream_t stream);
+  void run(const NcclCall& call, cudaStream_t stream);
+  void all_reduce(const NcclCall& call, cudaStream_t stream) { run(call, stream); }
+
+  // After a failure by the per-call signature check: every rank's header (row r = rank r's, header_words each);
+  // empty otherwise.
+  std::vector<std::vector<int64_t>> mismatch_headers() const;
 
   // Throws paracomm::Error if the communicator has failed (asynchronous NCCL error, timeout, abort()).
   void check();
@@ -145,16 +177,19 @@ class NcclComm {
     Clock::time_point deadline;
     uint64_t seq;
   };
-  using PlanKey = std::tuple<int64_t, int32_t, int32_t, int32_t, bool, bool, int64_t>;
+  using PlanKey = std::tuple<int32_t, int64_t, int32_t, int32_t, int32_t, bool, bool, int64_t, std::vector<int32_t>>;
   struct CachedPlan {
     Plan plan;
     PlanWaits waits;
-    std::vector<SchedOp> schedule_sync, schedule_async;
+    std::vector<SchedOp> schedule_sync, schedule_async;  // without the signature header
+    std::vector<SchedOp> header_sync, header_async;      // with it (plan_waits.h)
   };
 
   Clock::time_point deadline_from_now() const;
   std::shared_ptr<const CachedPlan> plan_for(const PlanSpec& spec);  // enqueue_mu_ held
   void ensure_step_events(int64_t steps);                       // enqueue_mu_ held
+  void ensure_header_buffers();                                 // enqueue_mu_ held
+  void check_header_record_locked();                            // state_mu_ held (watchdog)
   cudaEvent_t take_completion_event();                          // takes state_mu_
   void record_failure_locked(const std::string& reason);        // state_mu_ held
   [[noreturn]] void throw_failed_locked() const;                // state_mu_ held
@@ -176,6 +211,7 @@ class NcclComm {
   std::map<PlanKey, std::shared_ptr<const CachedPlan>> plans_;
   uint64_t next_seq_ = 0;
   std::atomic<double> last_enqueue_us_{0.0};
+  int64_t* header_slots_ = nullptr;  // device: the send slot, then world_size receive rows (kMaxHeaderWords each)
 
   // ---- shared state (state_mu_) ----
   std::mutex nccl_mu_;                // every use of comm_'s handle (see Locking)
@@ -194,6 +230,11 @@ class NcclComm {
   std::deque<Pending> pending_;
   std::vector<cudaEvent_t> free_events_;  // completion events ready for reuse
   std::vector<cudaEvent_t> all_events_;   // every completion event ever created
+  // Host-mapped mismatch record of the per-call signature check (header_check.h): written by the device, read
+  // by the watchdog; null until the first call with a header. header_record_dev_ is its device pointer.
+  HeaderMismatchRecord* header_record_ = nullptr;
+  HeaderMismatchRecord* header_record_dev_ = nullptr;
+  std::vector<std::vector<int64_t>> mismatch_;  // every rank's header, once the check failed the communicator
   std::thread watchdog_;
 };
 

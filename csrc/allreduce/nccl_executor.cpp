@@ -76,6 +76,11 @@ void check_plan(const Plan& plan) {
                            plan.workspace_bytes(),
                    "plan: the recv buffer does not fit the workspace");
   }
+  if (plan.stage_elems > 0) {
+    PARACOMM_CHECK(plan.stage_offset_bytes() >= 0 &&
+                       plan.stage_offset_bytes() + plan.stage_elems * dtype_size(spec.dtype) <= plan.workspace_bytes(),
+                   "plan: the stage buffer does not fit the workspace");
+  }
   if (spec.compressed() && plan.wire_elems > 0) {
     PARACOMM_CHECK(plan.wire_offset_bytes() + plan.wire_elems * dtype_size(spec.travel_dtype()) <=
                        (plan.recv_elems > 0 ? plan.recv_offset_bytes() : plan.workspace_bytes()),
@@ -90,6 +95,7 @@ void check_plan(const Plan& plan) {
       PARACOMM_CHECK(t.peer >= 0 && t.peer < spec.world_size, "plan step ", i, ": peer ", t.peer, " out of range");
       PARACOMM_CHECK(t.count > 0, "plan step ", i, ": transfer of ", t.count, " elements");
       check_span(plan, t.span, t.count, i, t.send ? "send" : "recv");
+      PARACOMM_CHECK(t.send || t.span.buffer != PlanBuffer::kInput, "plan step ", i, ": a receive into the input");
     }
     for (const PlanReduction& r : step.reductions) {
       const int64_t k = static_cast<int64_t>(r.inputs.size());
@@ -102,6 +108,8 @@ void check_plan(const Plan& plan) {
                        i, ": reduction inputs[1:] of different dtypes");
       }
       check_span(plan, r.out, r.count, i, "reduction output");
+      PARACOMM_CHECK(r.out.buffer != PlanBuffer::kInput && (!r.has_wire_out || r.wire_out.buffer != PlanBuffer::kInput),
+                     "plan step ", i, ": a reduction writes the input");
       PARACOMM_CHECK(!r.round_to_wire || spec.compressed(), "plan step ", i, ": round_to_wire without a wire dtype");
       PARACOMM_CHECK(!r.has_wire_out || r.round_to_wire, "plan step ", i, ": wire_out without round_to_wire");
       if (r.has_wire_out) {
@@ -140,7 +148,7 @@ namespace {
 // Throws unless *ctx.nccl.comm is live; returns it (*ctx.nccl.mu held by the caller).
 ncclComm_t live_comm(const NcclExecContext& ctx) {
   ncclComm_t comm = *ctx.nccl.comm;
-  PARACOMM_CHECK(comm != nullptr, "the communicator was aborted while this all_reduce was being enqueued");
+  PARACOMM_CHECK(comm != nullptr, "the communicator was aborted while this call was being enqueued");
   return comm;
 }
 
@@ -218,10 +226,20 @@ void enqueue_plan(const NcclExecContext& ctx, const Plan& plan, const std::vecto
     PARACOMM_THROW("enqueue_plan: schedule op without an event");
   };
 
-  auto transfers = [&](int64_t i) {
-    const PlanStep& step = plan.steps[static_cast<size_t>(i)];
+  const HeaderExchange* const hdr = ctx.header;
+  auto need_header = [&]() {
+    PARACOMM_CHECK(hdr != nullptr && hdr->send_slot != nullptr && hdr->recv_slots != nullptr &&
+                       hdr->record != nullptr && hdr->words > 0 && hdr->words <= kMaxHeaderWords,
+                   "enqueue_plan: a schedule with the signature header needs its HeaderExchange");
+  };
+  // Step i's transfer group (i == -1: a header-only group). with_header: the header to and from every peer goes
+  // first, so per peer the headers are the group's first messages and always match each other.
+  auto transfers = [&](int64_t i, bool with_header) {
+    static const PlanStep kNoStep{};
+    const PlanStep& step = i >= 0 ? plan.steps[static_cast<size_t>(i)] : kNoStep;
+    if (with_header) need_header();
     PARACOMM_CHECK(!ctx.failed->load(std::memory_order_acquire),
-                   "the communicator failed while this all_reduce was being enqueued");
+                   "the communicator failed while this call was being enqueued");
     ncclResult_t ended = ncclSuccess;
     {
       std::lock_guard<std::mutex> g(*ctx.nccl.mu);
@@ -231,7 +249,26 @@ void enqueue_plan(const NcclExecContext& ctx, const Plan& plan, const std::vecto
       // Inside a group NCCL only records the calls; a failure must still close the group before it is raised.
       ncclResult_t queued = ncclSuccess;
       const char* failed_call = nullptr;
+      if (with_header) {
+        const size_t words = static_cast<size_t>(hdr->words);
+        for (int32_t p = 0; p < static_cast<int32_t>(spec.world_size) && failed_call == nullptr; ++p) {
+          if (p == static_cast<int32_t>(spec.rank)) continue;
+          ncclResult_t r = ncclSend(hdr->send_slot, words, ncclInt64, p, comm, ctx.comm_stream);
+          if (r != ncclSuccess && r != ncclInProgress) {
+            queued = r;
+            failed_call = "ncclSend (header)";
+            break;
+          }
+          r = ncclRecv(hdr->recv_slots + static_cast<int64_t>(p) * kMaxHeaderWords, words, ncclInt64, p, comm,
+                       ctx.comm_stream);
+          if (r != ncclSuccess && r != ncclInProgress) {
+            queued = r;
+            failed_call = "ncclRecv (header)";
+          }
+        }
+      }
       for (const PlanTransfer& t : step.transfers) {
+        if (failed_call != nullptr) break;
         const ncclDataType_t dt = to_nccl_dtype(buffer_dtype(spec, t.span.buffer));
         const size_t count = static_cast<size_t>(t.count);
         const ncclResult_t r = t.send ? ncclSend(address(t.span), count, dt, t.peer, comm, ctx.comm_stream)
@@ -286,7 +323,16 @@ void enqueue_plan(const NcclExecContext& ctx, const Plan& plan, const std::vecto
           PARACOMM_CUDA_CHECK(cudaStreamWaitEvent(stream_of(op.stream), event_of(op), 0));
           break;
         case SchedAction::kTransfers:
-          transfers(op.step);
+          transfers(op.step, op.with_header);
+          break;
+        case SchedAction::kHeaderFill:
+          need_header();
+          launch_header_fill(hdr->send_slot, hdr->values, hdr->words, stream_of(op.stream));
+          break;
+        case SchedAction::kHeaderCheck:
+          need_header();
+          launch_header_check(hdr->recv_slots, hdr->values, hdr->words, static_cast<int32_t>(spec.world_size),
+                              static_cast<int32_t>(spec.rank), hdr->record, hdr->seq, stream_of(op.stream));
           break;
         case SchedAction::kReductions:
           reductions(op.step);

@@ -1,5 +1,7 @@
-// The NCCL plan executor (torch-free CUDA + NCCL): runs ANY all-reduce plan (csrc/allreduce/plan.h) and knows
-// no algorithm. It enqueues exactly the schedule plan_schedule() lists (plan_waits.h): per step with transfers
+// The NCCL plan executor (torch-free CUDA + NCCL): runs ANY plan of the generators (csrc/allreduce/plan.h:
+// all-reduce, reduce-scatter, all-gather; flat or hierarchical) and knows no algorithm and no collective: it maps
+// the plan's five buffers (kData, kInput, kWire, kRecv, kStage) to pointers and follows the steps. It
+// enqueues exactly the schedule plan_schedule() lists (plan_waits.h): per step with transfers
 // one ncclGroupStart / ncclSend+ncclRecv... / ncclGroupEnd on paracomm's comm stream C, per step with reductions
 // one launch_reduce per PlanReduction on paracomm's reduce stream R, and CUDA events for exactly the
 // dependencies below. It only enqueues; it never synchronises with the device. The stream semantics are
@@ -61,6 +63,7 @@
 #include "allreduce/plan.h"
 #include "allreduce/plan_waits.h"
 #include "checks.h"
+#include "kernels/header_check.h"
 
 namespace paracomm {
 
@@ -73,8 +76,20 @@ struct PlanBuffers {
   const void* input = nullptr;     // kInput: plan.input_elems elements of spec.dtype, only read (null for all-reduce)
   const float* scale = nullptr;    // 1 float32 or null (applied by final reductions)
   float* found_inf = nullptr;      // 1 float32 or null (set by check_inf reductions)
-  void* workspace = nullptr;       // kWire then kRecv, plan.workspace_bytes() or more
+  void* workspace = nullptr;       // kWire, kRecv then kStage, plan.workspace_bytes() or more
   int64_t workspace_bytes = 0;
+};
+
+// The per-call signature header of a schedule made with header = true (plan_waits.h): this call's words, the
+// communicator's device slots (send: kMaxHeaderWords words; receive: world_size rows of kMaxHeaderWords, row p
+// from rank p) and its host-mapped mismatch record (device pointer), and the call's sequence number.
+struct HeaderExchange {
+  HeaderValues values;
+  int32_t words = 0;
+  int64_t* send_slot = nullptr;
+  int64_t* recv_slots = nullptr;
+  HeaderMismatchRecord* record = nullptr;
+  int64_t seq = 0;
 };
 
 // Events the communicator owns and reuses for every call (the ordering argument above says why reuse is safe).
@@ -98,8 +113,8 @@ struct NcclCallServices {
   // stream): released right after the enqueue, it is handed only to later allocations on `stream`.
   virtual void* allocate_workspace(int64_t bytes, cudaStream_t stream) = 0;
   virtual void release_workspace(void* ptr) noexcept = 0;
-  // The caller's buffers (data, scale, found_inf) are not reused before the work enqueued on `stream` so far
-  // has completed (torch: record_stream). Async calls only.
+  // The caller's buffers (data, input, scale, found_inf) are not reused before the work enqueued on `stream`
+  // so far has completed (torch: record_stream). Async calls only.
   virtual void keep_alive(cudaStream_t stream) = 0;
 };
 
@@ -127,11 +142,13 @@ struct NcclExecContext {
   // communicator must be aborted.
   bool* nccl_issued = nullptr;
   NcclCallServices* services = nullptr;  // kKeepAlive; may be null only for synchronous schedules
+  const HeaderExchange* header = nullptr;  // required by a schedule with kHeaderFill / with_header / kHeaderCheck
 };
 
 // Checks a plan's structure once (plans are cached): step count, transfers_after < index, peers in range and
-// never this rank, counts > 0, every span inside its buffer (kData: data_elems, kInput: input_elems, kWire: wire_elems and only when
-// compressed, kRecv: recv_elems), reductions of 1..kMaxReduceInputs inputs with inputs[1:] in one buffer
+// never this rank, counts > 0, every span inside its buffer (kData: data_elems, kInput: input_elems, kWire:
+// wire_elems and only when compressed, kRecv: recv_elems, kStage: stage_elems), nothing written to kInput,
+// reductions of 1..kMaxReduceInputs inputs with inputs[1:] in one buffer
 // dtype and a dtype combination the kernel supports, wire_out only with round_to_wire. Throws
 // paracomm::Error naming the step on the first violation.
 void check_plan(const Plan& plan);

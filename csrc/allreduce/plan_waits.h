@@ -17,6 +17,21 @@
 //     transfers (groups run in order on C, so T_t covers this step's and every earlier one); -1 when there is
 //     none, or when an earlier wait on R already covers it.
 // plan_schedule() wraps those in the call protocol (the argument for each wait: nccl_executor.h).
+//
+// The per-call signature header (PARACOMM_CHECK_SHAPES != 0, world size > 1; nccl_comm.h "Per-call signature
+// check"): every rank sends its fixed-size int64 header to every peer and receives theirs, inside the call's
+// first transfer group (a group of its own when the plan has no transfers), so the check costs no extra group
+// and no extra round trip. Its three operations, placed by plan_schedule():
+//   * kHeaderFill on R, between wait(start) and rec(begin): writes this call's header into the send slot (the
+//     header travels by value in the kernel's parameters, so no host buffer outlives the enqueue). C reads the
+//     slot only after `begin`; the previous call's group that read it precedes this call's `start` wait on R
+//     (R waited for that call's last group before its `done`).
+//   * the header sends/receives, first in the first transfer group (SchedOp::with_header), so per peer they
+//     are the first messages of the group and always match each other (the same size on every rank);
+//   * kHeaderCheck on R, right after R's first wait for a transfer event that covers that group (T_t with t >=
+//     the group's step, or `end`), before the reductions that follow it: compares the received headers with
+//     this rank's and records a mismatch in host-mapped memory for the watchdog. The next call's group that
+//     overwrites the receive slots runs after that call's `begin`, which R records after this check.
 #pragma once
 
 #include <cstdint>
@@ -45,8 +60,10 @@ enum class SchedAction : int32_t {
   kWait = 1,        // cudaStreamWaitEvent(stream, event)
   kTransfers = 2,   // step `step`'s transfer group (C)
   kReductions = 3,  // step `step`'s reductions (R)
-  kKeepAlive = 4,   // the caller's buffers (data, scale, found_inf) are not reused before the work enqueued on
-                    // `stream` so far completes (torch: record_stream on R); async calls only
+  kKeepAlive = 4,   // the caller's buffers (data, input, scale, found_inf) are not reused before the work
+                    // enqueued on `stream` so far completes (torch: record_stream on R); async calls only
+  kHeaderFill = 5,  // R: this call's signature header into the header send slot
+  kHeaderCheck = 6, // R: received headers vs this rank's; a mismatch is recorded for the watchdog
 };
 enum class SchedEvent : int32_t {
   kNone = 0,
@@ -62,13 +79,16 @@ struct SchedOp {
   SchedAction action;
   SchedStream stream;
   SchedEvent event = SchedEvent::kNone;
-  int64_t step = -1;  // kTransfers / kReductions / kTransfer / kReduce
+  int64_t step = -1;  // kTransfers / kReductions / kTransfer / kReduce; kTransfers -1: a header-only group
+  bool with_header = false;  // kTransfers: the header sends/receives go first in this group
 };
 
 // Every operation the executor enqueues for one call of `plan`, in enqueue order (empty when the plan has no
 // work). `sync`: the caller's stream waits for `done` before the call returns (as dist.all_reduce); otherwise
 // the caller's stream is left free and the buffers are kept alive on R instead (Work.wait() makes the then-
-// current stream wait for `done`).
-std::vector<SchedOp> plan_schedule(const Plan& plan, const PlanWaits& waits, bool sync);
+// current stream wait for `done`). `header`: add the per-call signature header (above); needs world size > 1,
+// and then a plan without work still gets a schedule (the header-only group), so every rank of a call
+// exchanges headers whatever its own plan holds.
+std::vector<SchedOp> plan_schedule(const Plan& plan, const PlanWaits& waits, bool sync, bool header = false);
 
 }  // namespace paracomm

@@ -10,10 +10,12 @@
 
 #include <Python.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <vector>
 
 namespace py = pybind11;
 
@@ -49,12 +51,20 @@ DType dtype_from_code(int64_t code, const char* arg) {
 }
 
 Algorithm algorithm_from_code(int64_t code) {
-  PARACOMM_CHECK(code >= static_cast<int64_t>(Algorithm::kRing) && code <= static_cast<int64_t>(Algorithm::kOneShot),
-                 "algorithm must be 0 (ring), 1 (direct) or 2 (one_shot), got ", code);
+  PARACOMM_CHECK(code >= static_cast<int64_t>(Algorithm::kRing) && code <= static_cast<int64_t>(Algorithm::kHierarchical),
+                 "algorithm must be 0 (ring), 1 (direct), 2 (one_shot) or 3 (hierarchical), got ", code);
   return static_cast<Algorithm>(code);
 }
 
 }  // namespace
+
+// The header words of a call (paracomm._signature.header); throws naming `header` when there are too many.
+void set_call_header(NcclCall& call, const std::vector<int64_t>& header) {
+  PARACOMM_CHECK(header.size() <= static_cast<size_t>(kMaxHeaderWords), "header must have at most ", kMaxHeaderWords,
+                 " words, got ", header.size());
+  for (size_t w = 0; w < header.size(); ++w) call.header.v[w] = header[w];
+  call.header_words = static_cast<int32_t>(header.size());
+}
 
 void bind_nccl(py::module_& m) {
   m.def(
@@ -85,8 +95,13 @@ void bind_nccl(py::module_& m) {
           "all_reduce",
           [](NcclComm& self, uintptr_t ptr, int64_t numel, int64_t dtype, double divisor, int64_t wire_dtype,
              uintptr_t scale_ptr, uintptr_t found_inf_ptr, uintptr_t workspace_ptr, int64_t workspace_bytes,
-             uintptr_t stream, int64_t algorithm, int64_t chunk_bytes) {
-            NcclAllReduceCall call;
+             uintptr_t stream, int64_t algorithm, int64_t chunk_bytes, const std::string& collective,
+             uintptr_t input_ptr, const std::vector<int32_t>& node_map, const std::vector<int64_t>& header) {
+            NcclCall call;
+            call.collective = collective_from_name(collective, "collective");
+            call.input = as_ptr<const void>(input_ptr);
+            call.node_of = node_map;
+            set_call_header(call, header);
             call.data = as_ptr<void>(ptr);
             call.numel = numel;
             call.dtype = dtype_from_code(dtype, "dtype");
@@ -105,8 +120,11 @@ void bind_nccl(py::module_& m) {
           },
           py::arg("ptr"), py::arg("numel"), py::arg("dtype"), py::arg("divisor"), py::arg("wire_dtype"),
           py::arg("scale_ptr"), py::arg("found_inf_ptr"), py::arg("workspace_ptr"), py::arg("workspace_bytes"),
-          py::arg("stream"), py::arg("algorithm"), py::arg("chunk_bytes"),
-          "In-place all_reduce of numel elements at device address `ptr` (DType code `dtype`: 0 float32, "
+          py::arg("stream"), py::arg("algorithm"), py::arg("chunk_bytes"), py::arg("collective") = "all_reduce",
+          py::arg("input_ptr") = 0, py::arg("node_map") = std::vector<int32_t>{},
+          py::arg("header") = std::vector<int64_t>{},
+          "One collective through the raw pointers (the name is historical). collective 'all_reduce' (default): "
+          "in-place all_reduce of numel elements at device address `ptr` (DType code `dtype`: 0 float32, "
           "1 float16, 2 bfloat16, 3 float64, 4 int32, 5 int64), enqueued on cudaStream_t `stream` without host "
           "synchronisation, running the plan of `algorithm` (0 ring, 1 direct, 2 one_shot; see "
           "csrc/allreduce/plan.h). divisor: N for avg, else 1 (exactly 1 for integers). wire_dtype: -1 or 1/2 "
@@ -116,7 +134,14 @@ void bind_nccl(py::module_& m) {
           "every other buffer may be freed (on `stream`) as soon as this returns (the call is synchronous: `stream` waits for it). chunk_bytes: 0 for the plan's "
           "default, else bytes of the wire dtype per piece. Raises (nothing enqueued) on invalid arguments, a "
           "stream that is capturing a CUDA graph, or a failed/aborted communicator; raises after aborting the "
-          "communicator if enqueuing fails midway.")
+          "communicator if enqueuing fails midway. collective 'reduce_scatter' / 'all_gather': `ptr` is the "
+          "output (numel / world_size x numel elements) and `input_ptr` the input (world_size x numel / numel), "
+          "numel as PlanSpec::numel (plan.h). algorithm 3: hierarchical (needs node_map, rank -> node). header: "
+          "the call's signature header words (paracomm._signature.header), exchanged and compared on the device "
+          "when non-empty (a mismatch fails the communicator; see mismatch_headers).")
+      .def("mismatch_headers", &NcclComm::mismatch_headers, py::call_guard<py::gil_scoped_release>(),
+           "Every rank's signature header (list per rank) after the per-call check failed the communicator; [] "
+           "otherwise.")
       .def("close", &NcclComm::close, py::call_guard<py::gil_scoped_release>(),
            "Waits for pending work (bounded by timeout_s: a call past its deadline fails the communicator), then "
            "finalizes it, or aborts it if it failed; later calls raise. What destruction does. Idempotent.")

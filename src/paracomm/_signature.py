@@ -106,6 +106,25 @@ STEP_MASK = (1 << _STEP_BITS) - 1
 _MAX_PROBES = 64  # tag numbers tried for one signature before the registry gives up
 
 
+# The NCCL per-call check's header (csrc/allreduce/nccl_comm.h, "Per-call signature check"): every rank sends
+# [HEADER_MAGIC, *signature] to every peer in the call's first NCCL group; the first word is the signature
+# format's version (bumped with FIELDS), so ranks running different paracomm versions are told so.
+HEADER_MAGIC = (0x7061 << 16) | len(FIELDS)
+
+
+def header_words(signature: tuple) -> list:
+    """The int64 words of a call's NCCL header: [HEADER_MAGIC, *signature] (len(FIELDS) + 1 words)."""
+    return [HEADER_MAGIC] + [int(v) for v in signature]
+
+
+def decode_header(values: Sequence[int]) -> list:
+    """The signature inside a received header, or the raw words when the magic is not ours."""
+    values = list(values)
+    if values and values[0] == HEADER_MAGIC:
+        return values[1:]
+    return values
+
+
 def candidate_tag_base(signature: tuple, probe: int) -> int:
     """The ``probe``-th tag base a signature may claim (step i of the call uses ``base | (i & STEP_MASK)``).
 

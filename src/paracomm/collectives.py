@@ -18,8 +18,10 @@ Semantics follow ``torch.distributed.reduce_scatter_tensor`` / ``all_gather_into
   ``input`` may be exactly this rank's segment of ``output`` (FSDP2 gathers in place like that).
 
 Every call validates everything before anything is written (TypeError / ValueError naming the argument).
-CPU tensors over a gloo group are served; CUDA tensors are refused with ValueError until the NCCL binding takes
-the plan's input buffer (the NCCL executor already maps it).
+CPU tensors over a gloo group and CUDA tensors over an NCCL group are served: CUDA calls run on paracomm's NCCL
+executor with the all-reduce's stream semantics (torch's WorkNCCL: paracomm's streams after the current one; a
+synchronous call makes the current stream wait, an async one leaves it free until ``Work.wait()``; the tensors
+are recorded on paracomm's stream and held by the Work).
 """
 from __future__ import annotations
 
@@ -84,10 +86,25 @@ def _check_device(comm, device: torch.device, name: str) -> None:
             raise ValueError(f"{name}: the tensors are on cpu but this Communicator's group "
                              f"({dist.get_backend(comm.group)}) serves only CUDA tensors")
     elif device.type == "cuda":
-        raise ValueError(f"{name}: CUDA tensors are not served yet (the NCCL binding does not take the plan's "
-                         "input buffer); use torch.distributed for them")
+        if not comm._serves_cuda:
+            raise ValueError(f"{name}: the tensors are on {device} but this Communicator's group "
+                             f"({dist.get_backend(comm.group)}) serves only CPU tensors")
+        if not hasattr(_C, "NcclComm"):
+            raise ValueError(f"{name}: the tensors are on {device} but paracomm was built without CUDA/NCCL")
+        if comm._nccl is not None and comm._nccl.device != device.index:
+            raise ValueError(f"{name}: the tensors are on {device} but this Communicator's NCCL communicator is "
+                             f"bound to cuda:{comm._nccl.device}")
     else:
-        raise ValueError(f"{name}: the tensors are on {device}; only cpu (gloo) is served")
+        raise ValueError(f"{name}: the tensors are on {device}; only cpu (gloo) and cuda (nccl) are served")
+
+
+def _dispatch(comm, call, async_op: bool):
+    """A validated call to its executor: CUDA tensors to the NCCL path (under the call lock, like the
+    all-reduce), CPU tensors to the CPU path."""
+    if call.flat.device.type == "cuda":
+        with comm._call_lock:
+            return comm._all_reduce_nccl(call, async_op)
+    return comm._all_reduce_cpu(call, async_op)
 
 
 def _check_common(comm, output, input, name: str) -> tuple:
@@ -185,14 +202,14 @@ def run_reduce_scatter(comm, output, input, op="sum", *, wire_dtype=None, async_
     """:meth:`Communicator.reduce_scatter`'s body (documented there)."""
     _comm._check_bool(async_op, "async_op", "paracomm.reduce_scatter")
     call = validate_reduce_scatter(comm, output, input, op, wire_dtype, scale, found_inf, algorithm)
-    return comm._all_reduce_cpu(call, async_op)
+    return _dispatch(comm, call, async_op)
 
 
 def run_all_gather(comm, output, input, *, async_op: bool = False, algorithm: Optional[str] = None):
     """:meth:`Communicator.all_gather`'s body (documented there)."""
     _comm._check_bool(async_op, "async_op", "paracomm.all_gather")
     call = validate_all_gather(comm, output, input, algorithm)
-    return comm._all_reduce_cpu(call, async_op)
+    return _dispatch(comm, call, async_op)
 
 
 def reduce_scatter(output, input, op="sum", *, group=None, wire_dtype=None, async_op: bool = False, scale=None,
@@ -204,7 +221,7 @@ def reduce_scatter(output, input, op="sum", *, group=None, wire_dtype=None, asyn
 
     Args:
         output: contiguous tensor of n elements (any shape), written. dtype float32, float16, bfloat16,
-            float64, int32 or int64 (CPU, gloo group).
+            float64, int32 or int64 (CPU with a gloo group, CUDA with an NCCL group).
         input: contiguous tensor of the same dtype and device with world_size x n elements (any shape), read
             only; rank r's output is the reduction of the flat ``input[r n:(r + 1) n]`` over all ranks. It must
             not overlap ``output``.
@@ -230,8 +247,8 @@ def reduce_scatter(output, input, op="sum", *, group=None, wire_dtype=None, asyn
             ``algorithm`` type, ``scale``/``found_inf`` not float32 tensors.
         ValueError: non-contiguous tensors, ``input.numel() != world_size * output.numel()``, overlapping
             buffers, different devices, unknown op or algorithm, avg/scale/PREMUL_SUM on integers, PREMUL_SUM
-            with scale, wire_dtype on non-float32 tensors, CUDA tensors (not served yet), direct/one_shot on
-            more than 32 ranks. Nothing is written when an argument is refused.
+            with scale, wire_dtype on non-float32 tensors, a device the group does not serve, direct/one_shot
+            on more than 32 ranks. Nothing is written when an argument is refused.
         RuntimeError: as :meth:`Communicator.all_reduce` (a failed peer; ranks disagreeing on the signature:
             collective, output numel, dtype, op, wire_dtype, scale/found_inf given, algorithm, chunk size).
     """
@@ -249,7 +266,8 @@ def all_gather(output, input, *, group=None, async_op: bool = False, algorithm: 
 
     Args:
         output: contiguous tensor of world_size x n elements (any shape), written.
-        input: contiguous tensor of n elements, the same dtype (any all_reduce takes) and device (CPU, gloo);
+        input: contiguous tensor of n elements, the same dtype (any all_reduce takes) and device (CPU over
+            gloo, CUDA over NCCL);
             read only. It may be exactly this rank's segment of ``output`` (in place), no other overlap.
         async_op: return a :class:`paracomm.comm.Work` instead of waiting.
         algorithm: "auto", "ring" or "direct"; None: the Communicator's default ("one_shot" there means

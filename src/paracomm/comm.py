@@ -41,7 +41,7 @@ from ._signature import ALGORITHMS, DTYPE_CODES as _DTYPE_CODES, OPS as _OPS
 from . import _signature as _sig
 from . import _topology
 
-_ALGORITHM_CODES = {"ring": 0, "direct": 1, "one_shot": 2}
+_ALGORITHM_CODES = {"ring": 0, "direct": 1, "one_shot": 2, "hierarchical": 3}  # paracomm::Algorithm
 _MAX_REDUCE_RANKS = 32  # kMaxReduceInputs in csrc/allreduce/plan.h
 _PLAN_CACHE_SIZE = 64  # plans kept per Communicator (one per signature in use; DDP uses a handful)
 _INT64_MAX = (1 << 63) - 1
@@ -72,8 +72,8 @@ def _env_int(name: str, default: int, low: int, high: int, meaning: str) -> int:
 
 
 def _check_shapes_mode() -> int:
-    """PARACOMM_CHECK_SHAPES: 0 off; 1 (default) every call on gloo, first sight of a signature on NCCL;
-    2 every call on both."""
+    """PARACOMM_CHECK_SHAPES: 0 off; 1 (default) every call on gloo, every call on NCCL through the device
+    header plus the store handshake at the first sight of a signature; 2 also the store handshake every call."""
     return _env_int("PARACOMM_CHECK_SHAPES", 1, 0, 2, "0 (off), 1 (default) or 2 (every call, NCCL too)")
 
 
@@ -240,7 +240,7 @@ class _Call:
         self.collective = collective
         self.chunk_bytes = chunk_bytes
         self.input = input  # out-of-place collectives (paracomm.collectives): the flat input; flat is the output
-        self.node_map = ()  # rank -> node the plan is made for: set on the CPU path (() for one node, and CUDA)
+        self.node_map = ()  # rank -> node the plan is made for: set by the executor's path (() for one node)
 
     @property
     def plan_numel(self) -> int:
@@ -319,9 +319,9 @@ class Communicator:
             :func:`explain_all_reduce`), "ring", "direct", "one_shot" or "hierarchical". ``PARACOMM_ALGORITHM``
             sets the default of communicators created without one.
         node_size: ranks per node (ranks [0, K) are node 0, ...), overriding ``PARACOMM_NODE_SIZE`` and the
-            host identity paracomm otherwise finds through the group's store on the first CPU call
+            host identity paracomm otherwise finds through the group's store on the first call
             (src/paracomm/_topology.py). More than one node makes "auto" pick the hierarchical all-reduce for
-            large messages. CUDA tensors run flat plans for now (the NCCL executor takes no node map yet).
+            large messages, on CPU (gloo) and CUDA (NCCL) tensors alike.
 
     Every rank of the group must create its Communicators in the same order (like a collective) and issue
     the same sequence of ``all_reduce`` calls.
@@ -374,6 +374,7 @@ class Communicator:
         self._store = None  # the group's store, fetched on first use
         self._plans = _PlanCache()
         self._seen: set = set()  # signatures already checked across ranks (NCCL path, PARACOMM_CHECK_SHAPES=1)
+        self._nccl_headers: dict = {}  # signature -> header words of the NCCL per-call check (_nccl_header)
         self._cpu: Optional[CpuExecutor] = None  # private gloo group, created on the first CPU call
         self._cpu_generation = 0  # private groups made so far: a mismatch replaces the group (see _run_cpu)
         self._cpu_calls = 0  # CPU calls issued over the group so far: the seq of the monitor's records
@@ -421,8 +422,8 @@ class Communicator:
                 multiplied by it (e.g. a GradScaler's inverse scale); pass the same value on every rank.
             found_inf: optional 1-element float32 tensor on the tensor's device: set to 1.0 if any result
                 value is inf or nan (on every rank alike), never cleared.
-            algorithm: "auto", "ring", "direct", "one_shot" or "hierarchical" (CPU tensors; see the
-                Communicator's ``node_size``); None: the Communicator's default.
+            algorithm: "auto", "ring", "direct", "one_shot" or "hierarchical" (see the Communicator's
+                ``node_size``); None: the Communicator's default.
 
         Returns:
             ``tensor`` (the same object, also for ``__dlpack__`` inputs), or a :class:`Work` if ``async_op``.
@@ -445,11 +446,14 @@ class Communicator:
                 naming each field that differs; the tensor is left untouched, and the Communicator stays usable
                 (its private group is replaced on every rank); 0 turns the monitor off, and a mismatch then
                 stalls until the timeout (raising "no answer"), never exchanging foreign bytes. Shared memory
-                (CPU ranks of one host): checked in every call's entry handshake, at once. NCCL (CUDA): 1 checks the first time this
-                Communicator sees a signature, 2 every call (a store round trip), 0 never; a mismatch in a
-                signature seen before is NOT detected with 1 or 0: a receive waiting for more than was sent
-                stalls until the watchdog's timeout, and one for less can complete with wrong values and no
-                error. Use 2 while developing on NCCL.
+                (CPU ranks of one host): checked in every call's entry handshake, at once. NCCL (CUDA): 1 and 2
+                check every call on the device (the signature header travels in the call's first NCCL group and is compared by a
+                kernel; the watchdog fails the communicator on a mismatch, on every rank: ``Work.wait()``, the
+                next call or the next wait raises the error naming each field; a synchronous call has already
+                returned, so its mismatch surfaces at the next call or wait, and its output may hold foreign
+                bytes); in addition 1 checks the first sight of a signature and 2 every call through the store
+                before anything is enqueued (the Communicator then stays usable); 0 checks nothing (a mismatch
+                may stall until the timeout or return wrong values).
         """
         # The shared-memory fast path: a synchronous call without scale/found_inf whose raw arguments (and the
         # environment variables the validation reads) equal those of a call that passed every check before.
@@ -567,9 +571,6 @@ class Communicator:
         check_scalar_tensor(found_inf, "found_inf", device, name)
         if scale is not None and not floating:
             raise ValueError(f"{name}: scale needs a floating tensor, got {tensor.dtype}")
-        if algorithm == "hierarchical" and device.type == "cuda":
-            raise ValueError(f"{name}: algorithm='hierarchical' runs on CPU tensors (gloo) only for now; the NCCL "
-                             "executor takes no node map yet")
         chunk_bytes = _chunk_bytes()
         self._raise_if_failed()
         divisor = float(self.world_size) if op == "avg" else 1.0
@@ -865,17 +866,23 @@ class Communicator:
         return self._nccl
 
     def _all_reduce_nccl(self, call: _Call, async_op: bool):
-        """The CUDA path: one C++ call (csrc/cuda/nccl_tensor_call.cpp) after the handshake.
+        """The CUDA path of every collective (all_reduce, reduce_scatter, all_gather; flat or hierarchical): one
+        C++ call (csrc/cuda/nccl_tensor_call.cpp) after the handshake. Issued under the call lock.
 
         Stream semantics of torch's WorkNCCL (csrc/allreduce/nccl_executor.h): every transfer and reduction runs
         on paracomm's streams, after the caller's current stream; a synchronous call makes the current stream
         wait before returning; an async call leaves it free, and :meth:`Work.wait` (or the future DDP waits on)
-        makes the then-current stream wait. World size 1 runs its one local reduction on the current stream.
+        makes the then-current stream wait. The caller's tensors (output, input, scale, found_inf) are recorded
+        on paracomm's stream in an async call and held by the Work until ``wait()``. World size 1 runs its one
+        local reduction (the out-of-place collectives: the copy of the input) on the current stream.
         """
         x = call.flat
         if self.world_size == 1:
             with torch.cuda.device(x.device):
-                if call.has_final_op and x.numel() > 0:
+                if call.input is not None:
+                    if x.numel() > 0:
+                        reduce_(x, [call.input], divisor=call.divisor, scale=call.scale, found_inf=call.found_inf)
+                elif call.has_final_op and x.numel() > 0:
                     reduce_(x, [x], divisor=call.divisor, scale=call.scale, found_inf=call.found_inf)
                 if not async_op:
                     return call.result
@@ -883,13 +890,21 @@ class Communicator:
                 future.set_result(call.tensor)  # records on the current stream, where the reduction ran
                 done = torch.cuda.Event()
                 done.record()
-                return Work(future, call.result, done_event=done)
+                return Work(future, call.result, done_event=done, keep=(call.input,))
+        # The node map (found once through the store, as the CPU path does) is an input of the plan and part of
+        # the signature; () for one node keeps flat plans as they were.
+        call.node_map = self._cpu_node_map()
         if self._needs_handshake(call):
             self._handshake_store(call, time.monotonic() + self.timeout.total_seconds())
         comm = self._nccl if self._nccl is not None else self._nccl_comm(x.device)
-        _C.nccl_all_reduce(comm, x, call.divisor, -1 if call.wire_dtype is None else _DTYPE_CODES[call.wire_dtype],
-                           call.scale, call.found_inf, _ALGORITHM_CODES.get(call.algorithm, -1), call.chunk_bytes,
-                           async_op)
+        header = self._nccl_header(call) if _check_shapes_mode() != 0 else []
+        try:
+            _C.nccl_collective(comm, call.collective, x, call.input, call.divisor,
+                               -1 if call.wire_dtype is None else _DTYPE_CODES[call.wire_dtype], call.scale,
+                               call.found_inf, _ALGORITHM_CODES.get(call.algorithm, -1), call.chunk_bytes, async_op,
+                               list(call.node_map), header)
+        except RuntimeError as e:
+            raise self._nccl_error(comm, e, call.collective) from e
         if not async_op:
             return call.result
         # The call's last operation is on paracomm's reduce stream R: a CUDA-aware future completed with R
@@ -901,8 +916,41 @@ class Communicator:
         with torch.cuda.stream(self._nccl_stream):
             future.set_result(call.tensor)
             done.record()
-        return Work(future, call.result, done_event=done, check=comm.check,
-                    keep=(call.scale, call.found_inf))
+        collective = call.collective
+        return Work(future, call.result, done_event=done, check=lambda: self._nccl_check(comm, collective),
+                    keep=(call.scale, call.found_inf, call.input))
+
+    def _nccl_header(self, call: _Call) -> list:
+        """The per-call signature header (paracomm._signature.header_words) as int64 words, cached per signature."""
+        signature = _signature(call)
+        words = self._nccl_headers.get(signature)
+        if words is None:
+            words = _sig.header_words(signature)
+            if len(self._nccl_headers) >= _PLAN_CACHE_SIZE:
+                self._nccl_headers.pop(next(iter(self._nccl_headers)))
+            self._nccl_headers[signature] = words
+        return words
+
+    def _nccl_error(self, comm, error: BaseException, collective: str = "all_reduce") -> BaseException:
+        """The error to raise for a failed NCCL call or check: paracomm's mismatch error naming each field when
+        the per-call signature check failed the communicator (csrc/allreduce/nccl_comm.h), else ``error``."""
+        try:
+            headers = comm.mismatch_headers()
+        except Exception:  # noqa: BLE001  (a closed communicator)
+            headers = []
+        if headers:
+            mismatch = _mismatch_error([_sig.decode_header(h) for h in headers], self._where(collective))
+            if mismatch is not None:
+                return RuntimeError(f"{mismatch} (found by the per-call check on the device; the NCCL communicator "
+                                    f"was aborted and this Communicator cannot run CUDA calls any more)")
+        return error
+
+    def _nccl_check(self, comm, collective: str = "all_reduce") -> None:
+        """Work.wait()'s check on CUDA: raises the communicator's asynchronous error (a mismatch named by field)."""
+        try:
+            comm.check()
+        except RuntimeError as e:
+            raise self._nccl_error(comm, e, collective) from e
 
 
 # Communicators with an NCCL communicator; closed at interpreter exit (Python's atexit runs before the CUDA
