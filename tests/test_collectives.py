@@ -361,9 +361,6 @@ def test_explain_node_size_hand_counted():
             fn(10, torch.float32, 4, node_size="2")
 
 
-@pytest.mark.xfail(strict=True, reason="csrc/allreduce/hierarchical.cpp summarize_topology counts kInput sends in "
-                   "the wire dtype; kInput is T-typed (plan.h). Fix there: count kInput like kData/kStage, then "
-                   "drop this marker")
 def test_explain_intra_node_bytes_of_the_exact_input_hop():
     """Hierarchical reduce-scatter with a bf16 wire keeps the intra-node hop exact: phase A sends the fp32 input
     (M segments of the peer's column), so intra_node_bytes = (K - 1) x M x seg in 4-byte elements, and inter +

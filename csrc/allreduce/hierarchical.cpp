@@ -643,13 +643,14 @@ TopologySummary summarize_topology(const PlanSpec& spec) {
     PlanSpec s = spec;
     s.rank = r;
     const Plan plan = make_plan(s);
-    const int64_t tb = dtype_size(s.dtype), wb = dtype_size(s.travel_dtype());
     int64_t inter = 0, intra = 0, steps = 0;
     for (const PlanStep& st : plan.steps) {
       bool crosses = false;
       for (const PlanTransfer& x : st.transfers) {
         if (!x.send) continue;
-        const int64_t bytes = x.count * (x.span.buffer == PlanBuffer::kData || x.span.buffer == PlanBuffer::kStage ? tb : wb);
+        // Each buffer's own element type (plan.h: kData/kInput/kStage hold T, kWire/kRecv the travel dtype), as
+        // summarize_plan counts bytes_sent.
+        const int64_t bytes = x.count * dtype_size(plan_buffer_dtype(plan.spec, x.span.buffer));
         if (t.node_of(x.peer) != t.node_of(r)) {
           inter += bytes;
           crosses = true;
