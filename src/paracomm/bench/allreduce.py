@@ -306,15 +306,17 @@ def measure(reduce_fn, *, src, inplace: bool, args, ctx) -> dict:
 
 def _checked_and_unchecked(reduce_fn, *, src, inplace: bool, args, ctx, rounds: int = 4) -> tuple:
     """Time ``reduce_fn`` with the signature check on and off, alternating in ``rounds`` blocks of
-    ``args.iters`` runs each (so drifting machine load hits both alike); returns (checked, unchecked), each a
+    ``args.iters`` runs each, in ABBA order (so drifting machine load and block order hit both alike); returns (checked, unchecked), each a
     ``measure`` result whose times are the medians over the blocks."""
     import os
 
     blocks = {"1": [], "0": []}
     saved = os.environ.get("PARACOMM_CHECK_SHAPES")
     try:
-        for _ in range(rounds):
-            for mode in ("1", "0"):
+        # ABBA order (checked first in even rounds, unchecked first in odd ones): a block that runs right after
+        # the other mode's (warmer caches, a just-woken peer) is as often one mode as the other.
+        for k in range(rounds):
+            for mode in (("1", "0") if k % 2 == 0 else ("0", "1")):
                 os.environ["PARACOMM_CHECK_SHAPES"] = mode
                 blocks[mode].append(measure(reduce_fn, src=src, inplace=inplace, args=args, ctx=ctx))
     finally:
