@@ -25,9 +25,17 @@ constexpr int64_t kInterDirectMaxNodes = 8;
 // The double-buffered receive slots of all four phases stay within this budget (pieces get smaller instead).
 constexpr int64_t kHierWorkspaceBudget = 64 * kMiB;
 // Pieces per column: enough to overlap the intra-node phases of one piece with the inter-node phases of the next
-// (pieces of at least kHierMinPieceBytes of W, at most kHierMaxPieces of them).
-constexpr int64_t kHierMinPieceBytes = 2 * kMiB;
-constexpr int64_t kHierMaxPieces = 16;
+// (pieces of at least kHierMinPieceBytes of W, at most kHierMaxPieces of them), per backend [nccl, gloo]. gloo:
+// 512 KiB pieces, measured on the emulated 2 x 2 cluster at 1 Gbit/s (bench/NOTES.md: 1.27-1.47x gloo's flat
+// all-reduce against 1.11-1.33x with 2 MiB pieces, 1-64 MiB): the CPU-bound loopback phases of a piece hide
+// behind the shaped link only when pieces are small. NCCL keeps 2 MiB (every piece is a group launch).
+constexpr int64_t kHierMinPieceBytes[2] = {2 * kMiB, 512 * 1024};
+constexpr int64_t kHierMaxPieces[2] = {16, 64};
+
+int64_t default_pieces(const PlanSpec& s, int64_t bytes) {
+  const int b = s.backend == Backend::kGloo ? 1 : 0;
+  return std::clamp<int64_t>(ceil_div(bytes, kHierMinPieceBytes[b]), 1, kHierMaxPieces[b]);
+}
 // auto keeps one_shot for messages this small (one transfer group beats four when latency dominates), as the
 // flat choice does, whatever the topology.
 constexpr int64_t kOneShotMaxMessageBytes[2] = {256 * 1024, 512 * 1024};  // [nccl, gloo]
@@ -180,8 +188,7 @@ Layout make_layout(const PlanSpec& s, const Topology& t, Slots& sl) {
   g.numel = s.numel;
   const int64_t align = plan_align_elems(s);
   g.col = round_up(ceil_div(s.numel, t.columns), align);
-  int64_t chunks = std::clamp<int64_t>(ceil_div(g.col * dtype_size(s.travel_dtype()), kHierMinPieceBytes), 1,
-                                       kHierMaxPieces);
+  int64_t chunks = default_pieces(s, g.col * dtype_size(s.travel_dtype()));
   if (s.chunk_bytes > 0) chunks = std::max<int64_t>(1, ceil_div(g.col * dtype_size(s.travel_dtype()), s.chunk_bytes));
   auto cut = [&](int64_t piece) {  // pieces of a column, and each piece's sub-pieces (one per node)
     g.chunk = piece;
@@ -492,7 +499,7 @@ void make_hierarchical_reduce_scatter(Plan& plan) {
   const bool z = s.compressed();
   const int64_t align = plan_align_elems(s);
   const int64_t tb = dtype_size(s.dtype), wb = dtype_size(s.travel_dtype());
-  int64_t chunks = std::clamp<int64_t>(ceil_div(n * wb, kHierMinPieceBytes), 1, kHierMaxPieces);
+  int64_t chunks = default_pieces(s, n * wb);
   if (s.chunk_bytes > 0) chunks = std::max<int64_t>(1, ceil_div(n * wb, s.chunk_bytes));
   const int64_t chunk = aligned_piece(n, chunks, align, [&](int64_t piece) {
     const int64_t ws = 2 * piece * (M * (K - 1) * tb + M * (z ? wb : tb) + (M - 1) * wb);
