@@ -80,24 +80,6 @@ def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a0 < b1 and b0 < a1
 
 
-def _check_device(comm, device: torch.device, name: str) -> None:
-    if device.type == "cpu":
-        if not comm._serves_cpu:
-            raise ValueError(f"{name}: the tensors are on cpu but this Communicator's group "
-                             f"({dist.get_backend(comm.group)}) serves only CUDA tensors")
-    elif device.type == "cuda":
-        if not comm._serves_cuda:
-            raise ValueError(f"{name}: the tensors are on {device} but this Communicator's group "
-                             f"({dist.get_backend(comm.group)}) serves only CPU tensors")
-        if not hasattr(_C, "NcclComm"):
-            raise ValueError(f"{name}: the tensors are on {device} but paracomm was built without CUDA/NCCL")
-        if comm._nccl is not None and comm._nccl.device != device.index:
-            raise ValueError(f"{name}: the tensors are on {device} but this Communicator's NCCL communicator is "
-                             f"bound to cuda:{comm._nccl.device}")
-    else:
-        raise ValueError(f"{name}: the tensors are on {device}; only cpu (gloo) and cuda (nccl) are served")
-
-
 def _dispatch(comm, call, async_op: bool):
     """A validated call to its executor: CUDA tensors to the NCCL path (under the call lock, like the
     all-reduce), CPU tensors to the CPU path."""
@@ -119,7 +101,7 @@ def _check_common(comm, output, input, name: str) -> tuple:
                         f"output {output.dtype}")
     if input.device != output.device:
         raise ValueError(f"{name}: input is on {input.device} but output is on {output.device}")
-    _check_device(comm, output.device, name)
+    comm._check_device(output.device, name, "the tensors are")
     return output, input
 
 

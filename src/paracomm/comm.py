@@ -520,6 +520,26 @@ class Communicator:
     # Validation (everything checked before anything is written)
     # ------------------------------------------------------------------------------------------------------
 
+    def _check_device(self, device: torch.device, name: str, subject: str) -> None:
+        """ValueError unless this Communicator serves tensors on ``device`` (its group's backend, the build, the
+        device its NCCL communicator is bound to); ``subject`` starts the message ("tensor is", "the tensors
+        are")."""
+        if device.type == "cpu":
+            if not self._serves_cpu:
+                raise ValueError(f"{name}: {subject} on cpu but this Communicator's group "
+                                 f"({dist.get_backend(self.group)}) serves only CUDA tensors")
+        elif device.type == "cuda":
+            if not self._serves_cuda:
+                raise ValueError(f"{name}: {subject} on {device} but this Communicator's group "
+                                 f"({dist.get_backend(self.group)}) serves only CPU tensors")
+            if not hasattr(_C, "NcclComm"):
+                raise ValueError(f"{name}: {subject} on {device} but paracomm was built without CUDA/NCCL")
+            if self._nccl is not None and self._nccl.device != device.index:
+                raise ValueError(f"{name}: {subject} on {device} but this Communicator's NCCL communicator is "
+                                 f"bound to cuda:{self._nccl.device}")
+        else:
+            raise ValueError(f"{name}: {subject} on {device}; only cpu (gloo) and cuda (nccl) are served")
+
     def _validate(self, tensor, op, wire_dtype, scale, found_inf, algorithm) -> _Call:
         name = "paracomm.all_reduce"
         if self.group not in c10d._world.pg_map:
@@ -552,21 +572,7 @@ class Communicator:
                 raise ValueError(f"{name}: wire_dtype={wire_dtype} needs a float32 tensor, got {tensor.dtype}")
         _check_rank_limit(algorithm, self.world_size, name)
         device = tensor.device
-        if device.type == "cpu":
-            if not self._serves_cpu:
-                raise ValueError(f"{name}: tensor is on cpu but this Communicator's group "
-                                 f"({dist.get_backend(self.group)}) serves only CUDA tensors")
-        elif device.type == "cuda":
-            if not self._serves_cuda:
-                raise ValueError(f"{name}: tensor is on {device} but this Communicator's group "
-                                 f"({dist.get_backend(self.group)}) serves only CPU tensors")
-            if not hasattr(_C, "NcclComm"):
-                raise ValueError(f"{name}: tensor is on {device} but paracomm was built without CUDA/NCCL")
-            if self._nccl is not None and self._nccl.device != device.index:
-                raise ValueError(f"{name}: tensor is on {device} but this Communicator's NCCL communicator is "
-                                 f"bound to cuda:{self._nccl.device}")
-        else:
-            raise ValueError(f"{name}: tensor is on {device}; only cpu (gloo) and cuda (nccl) are served")
+        self._check_device(device, name, "tensor is")
         check_scalar_tensor(scale, "scale", device, name)
         check_scalar_tensor(found_inf, "found_inf", device, name)
         if scale is not None and not floating:
