@@ -19,6 +19,18 @@ def check_wire_dtype(wire_dtype, name: str) -> None:
         raise ValueError(f"{name}: wire_dtype must be None, torch.float16 or torch.bfloat16, got {wire_dtype}")
 
 
+def check_op_and_wire(op: str, wire_dtype, dtype: torch.dtype, name: str) -> None:
+    """The data-type rules of a reducing collective (all_reduce, reduce_scatter): op "avg" needs floating data,
+    a wire dtype needs float32 data. ValueError naming the argument; a bad wire_dtype itself is
+    :func:`check_wire_dtype`'s TypeError/ValueError."""
+    if op == "avg" and not dtype.is_floating_point:
+        raise ValueError(f"{name}: op='avg' needs a floating dtype, got {dtype}")
+    if wire_dtype is not None:
+        check_wire_dtype(wire_dtype, name)
+        if dtype != torch.float32:
+            raise ValueError(f"{name}: wire_dtype={wire_dtype} needs float32 data, got {dtype}")
+
+
 def check_scalar_tensor(t, arg: str, device: torch.device, name: str) -> None:
     """Accept None or a 1-element float32 tensor on ``device`` (the data's) for argument ``arg`` (``scale``,
     ``found_inf``): TypeError for a non-tensor or another dtype, ValueError for another shape or device."""

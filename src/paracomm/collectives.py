@@ -35,7 +35,7 @@ from . import _C
 from . import _topology
 from . import comm as _comm
 from ._signature import ALGORITHMS, DTYPE_CODES
-from ._validate import check_scalar_tensor, check_wire_dtype
+from ._validate import check_op_and_wire, check_scalar_tensor, check_wire_dtype
 
 __all__ = ["reduce_scatter", "all_gather", "explain_reduce_scatter", "explain_all_gather"]
 
@@ -131,12 +131,7 @@ def validate_reduce_scatter(comm, output, input, op, wire_dtype, scale, found_in
         raise ValueError(f"{name}: output overlaps input in memory; reduce_scatter needs separate buffers")
     op, factor = _op_and_factor(op, name)
     floating = output.dtype.is_floating_point
-    if op == "avg" and not floating:
-        raise ValueError(f"{name}: op='avg' needs a floating dtype, got {output.dtype}")
-    if wire_dtype is not None:
-        check_wire_dtype(wire_dtype, name)
-        if output.dtype != torch.float32:
-            raise ValueError(f"{name}: wire_dtype={wire_dtype} needs float32 tensors, got {output.dtype}")
+    check_op_and_wire(op, wire_dtype, output.dtype, name)
     algorithm = _resolve_algorithm(comm, algorithm, name, _RS_ALGORITHMS)
     _comm._check_rank_limit(algorithm, n, name)
     device = output.device

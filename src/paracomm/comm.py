@@ -33,7 +33,7 @@ from ._cpu_executor import CpuExecutor, PreparedPlan, deadline_wait
 from ._monitor import CallMonitor
 from ._shm import ShmExecutor, make_cpu_executor, peer_of as _shm_peer_of
 from ._ops import reduce_
-from ._validate import check_process_group, check_scalar_tensor, check_wire_dtype
+from ._validate import check_op_and_wire, check_process_group, check_scalar_tensor, check_wire_dtype
 
 __all__ = ["Communicator", "Work", "all_reduce", "explain_all_reduce"]
 
@@ -564,12 +564,7 @@ class Communicator:
         op = _op_name(op, name)
         algorithm = self.algorithm if algorithm is None else _check_algorithm(algorithm, name)
         floating = tensor.dtype.is_floating_point
-        if op == "avg" and not floating:
-            raise ValueError(f"{name}: op='avg' needs a floating tensor, got {tensor.dtype}")
-        if wire_dtype is not None:
-            check_wire_dtype(wire_dtype, name)
-            if tensor.dtype != torch.float32:
-                raise ValueError(f"{name}: wire_dtype={wire_dtype} needs a float32 tensor, got {tensor.dtype}")
+        check_op_and_wire(op, wire_dtype, tensor.dtype, name)
         _check_rank_limit(algorithm, self.world_size, name)
         device = tensor.device
         self._check_device(device, name, "tensor is")
