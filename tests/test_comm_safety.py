@@ -471,6 +471,7 @@ def _stopped_peer(rank, world_size):
         bucketer.wait()
     pids = [None] * world_size
     dist.all_gather_object(pids, os.getpid())
+    store = dist.distributed_c10d._get_default_store()
     dist.barrier()
     if rank == 1:
         os.kill(os.getpid(), signal.SIGSTOP)  # stays stopped until rank 0 has seen every timeout
@@ -485,11 +486,15 @@ def _stopped_peer(rank, world_size):
                 out[key] = ("no error", 0.0)
             except RuntimeError as e:
                 out[key] = (str(e), time.monotonic() - start)
+        store.set("stopped_peer/done", "1")
         return out
     try:
         return _against_stopped(models, plain, bucketer, x)
     finally:
         os.kill(pids[1], signal.SIGCONT)
+        # Rank 0 stays alive (its gloo connections open) until rank 1 is done: rank 1 must learn of rank 0's
+        # failure from the failure record, not from the connection closing when rank 0 exits.
+        store.wait(["stopped_peer/done"], timedelta(seconds=120))
 
 
 def _against_stopped(models, plain, bucketer, x):
@@ -535,8 +540,48 @@ def test_stopped_peer_reported_after_the_group_timeout_by_every_hook_and_gradbuc
     message, elapsed = out["again"]
     assert "failed earlier" in message and "no answer from rank 1" in message and elapsed < 2.0, out["again"]
     resumed = results[1]
+    # Rank 0 is alive. Whichever of its two timeouts fired first (gloo's closes the pair, paracomm's deadline
+    # leaves it open), rank 1 learns of its failure at once: from the closed connection, or from the failure
+    # record about one stall threshold (1 s) after its call began; never at its own timeout.
+    told = ("rank 0 closed the connection", "rank 0's Communicator failed")
     message, elapsed = resumed["resumed"]
-    assert "paracomm.all_reduce (rank 1 of 2)" in message and "rank 0 closed the connection" in message, message
-    assert elapsed < STOP_PG_TIMEOUT_S, resumed
+    assert "paracomm.all_reduce (rank 1 of 2)" in message and any(t in message for t in told), message
+    assert elapsed < STOP_PG_TIMEOUT_S / 2, resumed
     message, elapsed = resumed["again"]
-    assert "failed earlier" in message and "rank 0 closed the connection" in message and elapsed < 2.0, message
+    assert "failed earlier" in message and any(t in message for t in told) and elapsed < 2.0, message
+
+
+def _failed_peer_with_open_connections(rank, world_size):
+    import paracomm
+
+    store = dist.distributed_c10d._get_default_store()
+    comm = paracomm.Communicator()
+    torch.manual_seed(rank)
+    x = torch.randn(1000)
+    expected = x.clone()
+    dist.all_reduce(expected)
+    torch.testing.assert_close(comm.all_reduce(x.clone()), expected)  # call 0 completes on both ranks
+    if rank == 0:
+        # A failure that leaves the gloo connections open (paracomm's own deadline, a failed store step): the
+        # same error path as every transport failure.
+        error = comm._fail("injected: no answer from rank 1 within the timeout")
+        assert "injected" in str(error)
+        store.wait(["failed_peer/done"], timedelta(seconds=120))  # alive, connections open, until rank 1 is done
+        return None
+    y = x.clone()
+    start = time.monotonic()
+    with pytest.raises(RuntimeError) as info:
+        comm.all_reduce(y)
+    elapsed = time.monotonic() - start
+    store.set("failed_peer/done", "1")
+    return str(info.value), elapsed, torch.equal(y, x)
+
+
+def test_a_failed_peer_is_reported_within_the_stall_threshold_while_its_connections_stay_open():
+    results = run_ranks(2, _failed_peer_with_open_connections, timeout=120, pg_timeout_s=30.0,
+                        env={"PARACOMM_CPU_TRANSPORT": "gloo"})
+    message, elapsed, untouched = results[1]
+    assert "paracomm.all_reduce (rank 1 of 2)" in message and "rank 0's Communicator failed" in message, message
+    assert "injected: no answer from rank 1" in message, message  # rank 0's reason travels with it
+    assert elapsed < 10.0, elapsed  # about 1 s (the stall threshold) plus a tick; the timeout is 30 s
+    assert untouched  # nothing arrived from rank 0, so nothing was written

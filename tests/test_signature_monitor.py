@@ -193,3 +193,34 @@ def test_diagnose_gives_up_on_a_store_that_does_not_answer():
     start = time.monotonic()
     assert monitor.diagnose(0, A, "all_reduce", 0.0) is None  # the transport error is reported, not a mismatch
     assert time.monotonic() - start < 30  # far below the 60 s the store would take
+
+
+def test_a_peer_failure_stops_calls_at_its_seq_or_later_only():
+    from paracomm import _monitor
+
+    store, (m0, m1) = _monitors(2)
+    assert _monitor.decode_failure(_monitor.encode_failure(1, 7, "a|b").encode()) == (1, 7, "a|b")
+    assert _monitor.decode_failure(b"garbage") is None
+    _monitor.publish_failure(store, "pc/test/0", 1, 7, "no answer from rank 2 within the timeout")
+    deadline = time.monotonic() + 10
+    while not store.check(["pc/test/0/sig/failed"]) and time.monotonic() < deadline:
+        time.sleep(0.01)  # written on a daemon thread
+    _monitor.publish_failure(store, "pc/test/0", 0, 3, "later failure")  # the first record stays
+    time.sleep(0.2)
+    # Call 6 began before rank 1 failed (rank 1 did its part of it): it may still complete, nothing happens.
+    ex = _stalled(m0, 6, A)
+    m0.tick()
+    assert ex.interrupts == 0 and m0.peer_failure(6) is None
+    # Call 7: rank 1 failed in it and takes part in nothing from there on.
+    ex = _stalled(m0, 7, A)
+    m0.tick()
+    assert ex.interrupts == 1
+    text = m0.peer_failure(7)
+    assert "rank 1's Communicator failed" in text and "no answer from rank 2" in text, text
+    assert m0.peer_failure(8) == text and m0.peer_failure(6) is None
+    m0.tick()  # transfers posted since: interrupted again
+    assert ex.interrupts == 2
+    # Its own record never stops rank 1's calls.
+    ex1 = _stalled(m1, 7, A)
+    m1.tick()
+    assert ex1.interrupts == 0 and m1.peer_failure(7) is None

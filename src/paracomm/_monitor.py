@@ -26,6 +26,16 @@ wait): the recorded error when there is one for this ``seq``, else one publish +
 gave up first (it found the mismatch and dropped its gloo group, closing the connection) has published its
 record and read the disagreeing one, so this read finds the mismatch too.
 
+A peer whose Communicator failed (a timeout, a closed peer, a failed rendezvous) never takes part in a call
+again, but its process may live on, keeping its gloo connections open (torch 2.13's ProcessGroupGloo.abort()
+does nothing, and the failed call's traceback keeps the group alive): its peers would otherwise wait for their
+own timeout. So a failing Communicator publishes ``rank|seq|reason`` once under ``<prefix>/sig/failed``
+(:func:`publish_failure`; the first failure wins, it is the root cause), where ``seq`` is the call it failed in
+(it completes none from there on). A stalled call at ``seq`` or later reads that one key at each tick (one
+store check) and, when a peer's record is there, interrupts its waits and fails naming that peer and its
+reason (:meth:`CallMonitor.peer_failure`). A stalled call at an earlier ``seq`` may still complete (the failed
+rank finished its part of it), so it is left alone.
+
 Store failures inside the monitor are ignored (the call's own deadline still bounds it). The thread holds only
 a weak reference to its monitor and ends when the monitor (its Communicator) is gone.
 """
@@ -62,6 +72,7 @@ class CallMonitor:
         self._where = where
         self._published = -1  # seq of the last record this rank published
         self._mismatch: Optional[tuple] = None  # (seq, RuntimeError) once found
+        self._peer_failed: Optional[tuple] = None  # (rank, seq, reason) of a peer's published failure
         self._provisional = -1  # seq of a mismatch found while some peers had no record of that call yet
         self._lock = threading.Lock()  # store traffic of the monitor thread and diagnose() one at a time
         self._thread: Optional[threading.Thread] = None
@@ -84,10 +95,18 @@ class CallMonitor:
         if time.monotonic() - start < self.threshold:
             return
         found = self._mismatch
-        if found is not None and found[0] == seq:
+        if (found is not None and found[0] == seq) or self.peer_failure(seq) is not None:
             _interrupt(executor)  # transfers posted since the last sweep
             return
         with self._lock:
+            try:
+                failed = self._read_failure(seq)
+            except Exception:  # noqa: BLE001  (store trouble: try again next tick)
+                failed = None
+            if failed is not None:
+                if self.inflight is current:
+                    _interrupt(executor)
+                return
             try:
                 if self._published != seq:
                     error, complete = self._publish_and_read(seq, signature, collective)
@@ -105,6 +124,29 @@ class CallMonitor:
             self._mismatch = (seq, error)
         if self.inflight is current:
             _interrupt(executor)
+
+    # ---- a peer that failed ----
+
+    def peer_failure(self, seq: int) -> Optional[str]:
+        """What to say when call ``seq`` cannot complete because a peer's Communicator failed at ``seq`` or
+        earlier (found by the monitor thread in the store), else None. Never touches the store."""
+        failed = self._peer_failed
+        if failed is None or failed[1] > seq:
+            return None
+        rank, _, reason = failed
+        return (f"rank {rank}'s Communicator failed (at this call or an earlier one) and takes part in no call "
+                f"again; its error: {reason}")
+
+    def _read_failure(self, seq: int) -> Optional[tuple]:
+        """One store check for a peer's failure record (module docstring); keeps it when it stops ``seq``."""
+        key = f"{self._base}/failed"
+        if not self._store.check([key]):
+            return None
+        record = decode_failure(self._store.get(key))
+        if record is None or record[0] == self._rank or record[1] > seq:
+            return None
+        self._peer_failed = record
+        return record
 
     # ---- the call path ----
 
@@ -174,6 +216,33 @@ class CallMonitor:
         if error is not None:
             self._store.set(f"{self._base}/verdict", _sig.encode_record(seq, signature))
         return error, all(s is not None for s in signatures)
+
+
+def encode_failure(rank: int, seq: int, reason: str) -> str:
+    """The store record of a failed Communicator: ``"rank|seq|reason"``."""
+    return f"{rank}|{seq}|{reason}"
+
+
+def decode_failure(value) -> Optional[tuple]:
+    """(rank, seq, reason) of a failure record; None for anything else (never a false failure)."""
+    try:
+        rank, seq, reason = bytes(value).decode().split("|", 2)
+        return int(rank), int(seq), reason
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
+def publish_failure(store, prefix: str, rank: int, seq: int, reason: str) -> None:
+    """Publish that this rank's Communicator failed in call ``seq`` (module docstring), on a daemon thread:
+    the caller is already on an error path and the store may be unreachable too (its host stopped), so nothing
+    waits for it. The first record stays (``compare_set`` on an absent key); store errors are ignored."""
+    def write():
+        try:
+            store.compare_set(f"{prefix}/sig/failed", "", encode_failure(rank, seq, reason))
+        except Exception:  # noqa: BLE001  (best effort: peers still have their own timeout)
+            pass
+
+    threading.Thread(target=write, daemon=True, name=f"paracomm-failed-{rank}").start()
 
 
 def _interrupt(executor) -> None:

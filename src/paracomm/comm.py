@@ -30,6 +30,7 @@ from torch.distributed import distributed_c10d as c10d
 
 from . import _C
 from ._cpu_executor import CpuExecutor, PreparedPlan, deadline_wait
+from . import _monitor
 from ._monitor import CallMonitor
 from ._shm import ShmExecutor, make_cpu_executor, peer_of as _shm_peer_of
 from ._ops import reduce_
@@ -335,8 +336,9 @@ class Communicator:
 
     Errors: every transport failure (a peer closed the connection, no answer within the timeout, a failed
     rendezvous) raises ``RuntimeError("paracomm.all_reduce (rank r of n): ...")`` naming the peer when
-    known, marks the Communicator failed and closes its private group (so its peers fail at once rather than
-    at their timeout); every later call raises at once with that first reason.
+    known, marks the Communicator failed and tells its peers (shared memory: at once; gloo: through the store,
+    so a peer's call fails about a second after it began, naming this rank and its reason, rather than at the
+    peer's timeout); every later call raises at once with that first reason.
 
     Attributes: ``rank`` and ``world_size`` (in the group), ``backend`` ("nccl" or "gloo"; "nccl" for a group
     that has both), ``group``, ``timeout``, ``algorithm``.
@@ -378,6 +380,7 @@ class Communicator:
         self._cpu: Optional[CpuExecutor] = None  # private gloo group, created on the first CPU call
         self._cpu_generation = 0  # private groups made so far: a mismatch replaces the group (see _run_cpu)
         self._cpu_calls = 0  # CPU calls issued over the group so far: the seq of the monitor's records
+        self._cpu_current = 0  # seq of the CPU call being run (or about to be): a failure's record names it
         self._monitor: Optional[CallMonitor] = None  # the stall monitor (paracomm._monitor), on first CPU call
         self._tags: Optional[_sig.TagRegistry] = None  # signature -> data tag base (paracomm._signature)
         self._nccl = None  # paracomm._C.NcclComm, created lazily on first CUDA call
@@ -634,16 +637,23 @@ class Communicator:
     def _fail(self, reason: str, collective: str = "all_reduce") -> RuntimeError:
         """Mark the Communicator failed (the first reason is kept) and return the error to raise.
 
-        Every transport failure of every path goes through here. The private gloo group is aborted, which
-        closes its connections: peers blocked on this rank fail at once ("rank r closed the connection")
-        instead of at their timeout.
+        Every transport failure of every path goes through here. Peers blocked on this rank must not wait for
+        their timeout: the shared-memory transport is failed (its peers raise within one sleep slice); for gloo
+        the failure is published to the store (paracomm._monitor.publish_failure), and a peer's stall monitor
+        fails its call at this seq or later about one stall threshold after the call began, naming this rank
+        and its reason. (gloo's connections only close when the process exits or the group is destroyed:
+        torch 2.13's ProcessGroupGloo.abort() does nothing, and the failed call's traceback keeps the group
+        alive.) A peer whose process exits sees "rank r closed the connection" at once.
         """
         with self._state_lock:
-            if self._failed is None:
+            first = self._failed is None
+            if first:
                 self._failed = reason
-            cpu = self._cpu
+            cpu, store = self._cpu, self._store
         if cpu is not None:
             cpu.abort()
+        if first and store is not None:
+            _monitor.publish_failure(store, self._prefix, self.rank, self._cpu_current, reason)
         return RuntimeError(f"{self._where(collective)}: {reason}")
 
     def _transport_error(self, what: str, e: BaseException, peer: Optional[int],
@@ -754,6 +764,7 @@ class Communicator:
                 reduce_(x, [x], divisor=call.divisor, scale=call.scale, found_inf=call.found_inf)
             return
         checking = _check_shapes_mode() != 0  # refuses a bad PARACOMM_CHECK_SHAPES before anything happens
+        self._cpu_current = self._cpu_calls  # the seq this call gets below (a failure before that names it too)
         deadline = time.monotonic() + self.timeout.total_seconds()
         executor = self._cpu_executor()
         call.node_map = self._cpu_node_map()  # part of the signature, so of the data tags and the records
@@ -783,6 +794,9 @@ class Communicator:
                 mismatch = monitor.diagnose(seq, signature, call.collective, started)
                 if mismatch is not None:
                     return _SignatureMismatch(mismatch)
+                failed = monitor.peer_failure(seq)  # a peer's Communicator failed: this call cannot complete
+                if failed is not None:
+                    return self._fail(f"{what}: {failed}", call.collective)
             return self._transport_error(what, e, peer, call.collective)
 
         mismatch = None
