@@ -1,8 +1,9 @@
 // The all-reduce's local reduction, torch-free (formula and contract: reduce_core.h).
 //
-// Speed: the range is processed in blocks of kBlock elements held in an accumulator array. Each stage (load,
-// add, round-trip, store) is a loop templated on one element type and picked once per call through a
-// function pointer, so the inner loops are dtype-free and vectorisable.
+// Speed: same-dtype float32 / float64 reductions without wire rounding (the common case) run as fused loops
+// (the one-pass path at the end). Everything else is processed in blocks of kBlock elements held in an
+// accumulator array. Each stage (load, add, round-trip, store) is a loop templated on one element type and
+// picked once per call through a function pointer, so the inner loops are dtype-free and vectorisable.
 #include "cpu/reduce_core.h"
 
 #include <algorithm>
@@ -163,10 +164,125 @@ bool reduce_range_impl(const ReduceArgs& a, int64_t begin, int64_t end) {
   return found;
 }
 
+// ---- The one-pass path: output and every input float32 (or all float64), no wire rounding ----
+// The blocked path above makes three passes through an L1 accumulator per block and costs ~4x a fused loop
+// (bench/NOTES.md, round 4); this common case (the fp32 wire, the gloo and shared-memory executors' reductions)
+// gets fused loops instead. Per element it performs the same operations in the same order as the blocked path
+// (v = in0 + in1, v += in2, ..., v /= divisor, v *= scale; IEEE addition is commutative, so which operand of
+// one addition is in place does not matter), so it gives the same bits. Every pointer of a loop is
+// __restrict: an input that is the output itself is handled by the in-place form (out = post(out + y)), and the
+// caller (reduce_range) takes this path only when no input overlaps the output otherwise. The loops are
+// noinline on purpose: inlined into their caller, GCC drops the parameters' __restrict and versions each loop
+// with alias checks, which measured ~2x slower than the plain loop (bench/NOTES.md, round 4).
+template <typename T, bool kDiv, bool kScale>
+struct Post {
+  T div, scale;
+  T operator()(T v) const {
+    if constexpr (kDiv) v /= div;
+    if constexpr (kScale) v *= scale;
+    return v;
+  }
+};
+
+template <typename T, typename P>
+__attribute__((noinline)) void sum2(T* __restrict o, const T* __restrict x, const T* __restrict y, int64_t n, P post) {
+  for (int64_t i = 0; i < n; ++i) o[i] = post(x[i] + y[i]);
+}
+
+template <typename T, typename P>
+__attribute__((noinline)) void sum2_inplace(T* __restrict o, const T* __restrict y, int64_t n, P post) {
+  for (int64_t i = 0; i < n; ++i) o[i] = post(o[i] + y[i]);
+}
+
+template <typename T, typename P>
+__attribute__((noinline)) void copy_post(T* __restrict o, const T* __restrict x, int64_t n, P post) {
+  for (int64_t i = 0; i < n; ++i) o[i] = post(x[i]);
+}
+
+template <typename T, typename P>
+__attribute__((noinline)) void post_inplace(T* __restrict o, int64_t n, P post) {
+  for (int64_t i = 0; i < n; ++i) o[i] = post(o[i]);
+}
+
+template <typename T>
+__attribute__((noinline)) void add_into(T* __restrict v, const T* __restrict y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) v[i] += y[i];
+}
+
+// out[i] = post(in0[i] + ... + in_{k-1}[i]) for i in [begin, end): one loop for k <= 2, else blocks of kBlock
+// through an accumulator.
+template <typename T, typename P>
+void fused_sum(const ReduceArgs& a, int64_t begin, int64_t end, P post) {
+  const int64_t k = a.num_inputs;
+  const T* const* in = reinterpret_cast<const T* const*>(a.inputs);
+  T* out = static_cast<T*>(a.out);
+  T* o = out + begin;
+  const int64_t len = end - begin;
+  if (k == 1) {
+    if (in[0] == out) post_inplace(o, len, post);
+    else copy_post(o, in[0] + begin, len, post);
+    return;
+  }
+  if (k == 2) {
+    if (in[0] == out) sum2_inplace(o, in[1] + begin, len, post);
+    else if (in[1] == out) sum2_inplace(o, in[0] + begin, len, post);
+    else sum2(o, in[0] + begin, in[1] + begin, len, post);
+    return;
+  }
+  T v[kBlock];
+  for (int64_t b = begin; b < end; b += kBlock) {
+    const int64_t len = std::min(kBlock, end - b);
+    T* o = out + b;
+    {
+      // Every input equal to out is read into v (inputs 0 .. k-2) before out is written (input k-1, last).
+      sum2(v, in[0] + b, in[1] + b, len, Post<T, false, false>{});
+      for (int64_t j = 2; j < k - 1; ++j) add_into(v, in[j] + b, len);
+      if (in[k - 1] == out) sum2_inplace(o, v, len, post);
+      else sum2(o, v, in[k - 1] + b, len, post);
+    }
+  }
+}
+
+template <typename T>
+bool fused_reduce(const ReduceArgs& a, int64_t begin, int64_t end) {
+  const T div = static_cast<T>(a.divisor);
+  const T scale = a.scale != nullptr ? static_cast<T>(a.scale[0]) : T(1);
+  const bool do_div = a.divisor != 1.0, do_scale = a.scale != nullptr;
+  if (do_div && do_scale) fused_sum<T>(a, begin, end, Post<T, true, true>{div, scale});
+  else if (do_div) fused_sum<T>(a, begin, end, Post<T, true, false>{div, scale});
+  else if (do_scale) fused_sum<T>(a, begin, end, Post<T, false, true>{div, scale});
+  else fused_sum<T>(a, begin, end, Post<T, false, false>{div, scale});
+  if (!a.check_inf) return false;
+  const T* o = static_cast<const T*>(a.out);
+  bool bad = false;
+  for (int64_t i = begin; i < end; ++i) bad |= !std::isfinite(o[i]);
+  return bad;
+}
+
+// The one-pass path applies: every dtype is `dt` (float32 or float64), no rounding, and every input is either
+// the output itself or disjoint from [out, out + n).
+bool fused_applies(const ReduceArgs& a) {
+  const DType dt = a.out_dtype;
+  if (a.round || (dt != DType::kFloat32 && dt != DType::kFloat64) || a.first_dtype != dt ||
+      (a.num_inputs > 1 && a.rest_dtype != dt) || a.num_inputs < 1) {
+    return false;
+  }
+  const auto* lo = static_cast<const char*>(a.out);
+  const char* hi = lo + a.n * dtype_size(dt);
+  for (int32_t j = 0; j < a.num_inputs; ++j) {
+    const auto* p = static_cast<const char*>(a.inputs[j]);
+    if (p != lo && p < hi && lo < p + a.n * dtype_size(dt)) return false;
+  }
+  return true;
+}
+
 }  // namespace
 
 bool reduce_range(const ReduceArgs& a, int64_t begin, int64_t end) {
   if (end <= begin) return false;
+  if (fused_applies(a)) {
+    return a.out_dtype == DType::kFloat32 ? fused_reduce<float>(a, begin, end) : fused_reduce<double>(a, begin, end);
+  }
   switch (a.out_dtype) {
     case DType::kFloat64: return reduce_range_impl<double>(a, begin, end);
     case DType::kInt32:
