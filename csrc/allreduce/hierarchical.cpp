@@ -10,6 +10,7 @@
 #include <algorithm>
 
 #include "allreduce/pieces.h"
+#include "allreduce/plan_builder.h"
 
 #include "checks.h"
 
@@ -42,7 +43,8 @@ constexpr int64_t kOneShotMaxMessageBytes[2] = {256 * 1024, 512 * 1024};  // [nc
 constexpr int64_t kOneShotMaxReceivedBytes = 1 * kMiB;
 
 
-PlanSpan span(PlanBuffer b, int64_t offset) { return PlanSpan{b, offset}; }
+using plan_build::reduction;
+using plan_build::span;
 
 // Ranks by node, in global rank order.
 struct Topology {
@@ -129,58 +131,30 @@ int64_t workspace_estimate(const PlanSpec& s, const Slots& sl) {
   return sl.intra_elems() * t + sl.inter_elems() * w;
 }
 
-// Emits this rank's half of the global schedule.
+// Emits this rank's half of the global schedule (plan_builder.h drops the empty entries).
 class Emitter {
  public:
-  Emitter(Plan* plan, int64_t rank) : plan_(plan), rank_(rank) {}
-  int64_t step(int64_t after) {
-    PlanStep st;
-    st.transfers_after = after;
-    plan_->steps.push_back(std::move(st));
-    return static_cast<int64_t>(plan_->steps.size()) - 1;
-  }
+  Emitter(Plan* plan, int64_t rank) : b_(plan), rank_(rank) {}
+  int64_t step(int64_t after) { return b_.step(after); }
   // Rank `from` sends [from_span, +count) to rank `to`, which receives it at to_span.
   void move(int64_t from, PlanSpan from_span, int64_t to, PlanSpan to_span, int64_t count) {
-    if (count <= 0 || from == to) return;
-    if (rank_ == from) push(true, to, from_span, count);
-    if (rank_ == to) push(false, from, to_span, count);
+    if (from == to) return;
+    if (rank_ == from) b_.transfer(true, to, from_span, count);
+    if (rank_ == to) b_.transfer(false, from, to_span, count);
   }
   void reduce(int64_t on, PlanReduction r) {
-    if (on == rank_ && r.count > 0) plan_->steps.back().reductions.push_back(std::move(r));
+    if (on == rank_) b_.reduce(std::move(r));
   }
 
  private:
-  void push(bool send, int64_t peer, PlanSpan where, int64_t count) {
-    PlanTransfer x;
-    x.send = send;
-    x.peer = static_cast<int32_t>(peer);
-    x.span = where;
-    x.count = count;
-    plan_->steps.back().transfers.push_back(x);
-  }
-  Plan* plan_;
+  plan_build::StepBuilder b_;
   int64_t rank_;
 };
 
-PlanReduction reduction(int64_t count, std::vector<PlanSpan> inputs, PlanSpan out) {
-  PlanReduction r;
-  r.count = count;
-  r.inputs = std::move(inputs);
-  r.out = out;
-  return r;
-}
-
 // The owner's final reduction: divisor, scale, found_inf, and (compressed) the rounding to the bits it sends.
 PlanReduction final_reduction(const PlanSpec& s, int64_t count, std::vector<PlanSpan> inputs, int64_t offset) {
-  PlanReduction r = reduction(count, std::move(inputs), span(PlanBuffer::kData, offset));
-  r.final = true;
-  r.check_inf = true;
-  if (s.compressed()) {
-    r.round_to_wire = true;
-    r.has_wire_out = true;
-    r.wire_out = span(PlanBuffer::kWire, offset);
-  }
-  return r;
+  return plan_build::final_reduction(s, count, std::move(inputs), span(PlanBuffer::kData, offset), true,
+                                     span(PlanBuffer::kWire, offset));
 }
 
 Layout make_layout(const PlanSpec& s, const Topology& t, Slots& sl) {

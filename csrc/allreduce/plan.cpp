@@ -8,6 +8,7 @@
 
 #include "allreduce/hierarchical.h"
 #include "allreduce/pieces.h"
+#include "allreduce/plan_builder.h"
 #include "checks.h"
 
 namespace paracomm {
@@ -116,60 +117,17 @@ Geometry make_geometry(const PlanSpec& s) {
   return g;
 }
 
-PlanSpan span(PlanBuffer b, int64_t offset) { return PlanSpan{b, offset}; }
+using plan_build::final_reduction;
+using plan_build::reduction;
+using plan_build::span;
 
-// Builds a plan step by step; empty transfers and reductions are dropped here, once.
-class Builder {
+// The flat generators' builder: sends and receives by name (plan_builder.h drops the empty ones).
+class Builder : public plan_build::StepBuilder {
  public:
-  explicit Builder(Plan* plan) : plan_(plan) {}
-
-  int64_t step(int64_t transfers_after) {
-    PlanStep st;
-    st.transfers_after = transfers_after;
-    plan_->steps.push_back(std::move(st));
-    return static_cast<int64_t>(plan_->steps.size()) - 1;
-  }
+  using StepBuilder::StepBuilder;
   void send(int64_t to, PlanSpan src, int64_t count) { transfer(true, to, src, count); }
   void recv(int64_t from, PlanSpan dst, int64_t count) { transfer(false, from, dst, count); }
-  void reduce(PlanReduction r) {
-    if (r.count > 0) plan_->steps.back().reductions.push_back(std::move(r));
-  }
-
- private:
-  void transfer(bool is_send, int64_t peer, PlanSpan where, int64_t count) {
-    if (count <= 0) return;
-    PlanTransfer t;
-    t.send = is_send;
-    t.peer = static_cast<int32_t>(peer);
-    t.span = where;
-    t.count = count;
-    plan_->steps.back().transfers.push_back(t);
-  }
-  Plan* plan_;
 };
-
-PlanReduction reduction(int64_t count, std::vector<PlanSpan> inputs, PlanSpan out) {
-  PlanReduction r;
-  r.count = count;
-  r.inputs = std::move(inputs);
-  r.out = out;
-  return r;
-}
-
-// The owner's final reduction of `count` elements: divisor, scale, (compressed) the rounding to the bits it
-// will send, found_inf.
-PlanReduction final_reduction(const PlanSpec& s, int64_t count, std::vector<PlanSpan> inputs, PlanSpan out,
-                              bool keep_wire, PlanSpan wire_out) {
-  PlanReduction r = reduction(count, std::move(inputs), out);
-  r.final = true;
-  r.check_inf = true;
-  if (s.compressed()) {
-    r.round_to_wire = true;
-    r.has_wire_out = keep_wire;
-    r.wire_out = wire_out;
-  }
-  return r;
-}
 
 // Compressed calls start by rounding [begin, begin + count) of the data into the staging buffer: the values
 // this rank will send as its own contribution (rounded once, whatever the algorithm).
