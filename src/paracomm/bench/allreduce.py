@@ -34,6 +34,7 @@ import argparse
 import math
 import os
 import sys
+from typing import Optional
 
 import torch
 
@@ -74,6 +75,25 @@ def _zero_one(text: str) -> int:
     return int(text)
 
 
+def add_sweep_args(group, *, minbytes: str, maxbytes: Optional[str], maxbytes_help: str) -> None:
+    """The size sweep and its checks, as nccl-tests spell them: -b/-e/-f, -n/-w, -c; and -d (element type).
+    ``maxbytes`` None: the mode picks it after parsing (``maxbytes_help`` says how)."""
+    group.add_argument("-b", "--minbytes", type=parse_size, default=parse_size(minbytes), metavar="SIZE",
+                       help=f"smallest size in bytes, suffixes K, M, G (default {minbytes})")
+    group.add_argument("-e", "--maxbytes", type=parse_size, default=parse_size(maxbytes) if maxbytes else None,
+                       metavar="SIZE", help=f"largest size ({maxbytes_help})")
+    group.add_argument("-f", "--stepfactor", type=int, default=2, metavar="F",
+                       help="multiply the size by F each step (default 2)")
+    report.add_iteration_args(group, iters=20, warmup=5, per="size")
+    group.add_argument("-c", "--check", type=_zero_one, default=1, metavar="0|1",
+                       help="count wrong elements with an exact-result pass (default 1)")
+
+
+def add_datatype_arg(group) -> None:
+    group.add_argument("-d", "--datatype", type=_choice(DTYPES, DTYPE_ALIASES, "datatype"), default="float",
+                       metavar="TYPE", help=f"element type: {', '.join(DTYPES)} (default float)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="paracomm-bench allreduce",
@@ -82,18 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Without torchrun, spawns --nproc local ranks (default: one per GPU; on CPU one rank per core, "
                "at least 2).")
     g = p.add_argument_group("sizes and iterations")
-    g.add_argument("-b", "--minbytes", type=parse_size, default=parse_size("1K"), metavar="SIZE",
-                   help="smallest message in bytes, suffixes K, M, G (default 1K)")
-    g.add_argument("-e", "--maxbytes", type=parse_size, default=None, metavar="SIZE",
-                   help="largest message (default 32M on CPU, 256M on GPU)")
-    g.add_argument("-f", "--stepfactor", type=int, default=2, metavar="F",
-                   help="multiply the size by F each step (default 2)")
-    report.add_iteration_args(g, iters=20, warmup=5, per="size")
-    g.add_argument("-c", "--check", type=_zero_one, default=1, metavar="0|1",
-                   help="count wrong elements with an exact-result pass (default 1)")
+    add_sweep_args(g, minbytes="1K", maxbytes=None, maxbytes_help="default 32M on CPU, 256M on GPU")
     g = p.add_argument_group("operation")
-    g.add_argument("-d", "--datatype", type=_choice(DTYPES, DTYPE_ALIASES, "datatype"), default="float",
-                   metavar="TYPE", help=f"element type: {', '.join(DTYPES)} (default float)")
+    add_datatype_arg(g)
     g.add_argument("-o", "--op", type=_choice(dict.fromkeys(OPS), {}, "op"), default="sum", metavar="OP",
                    help="reduction: sum or avg (default sum)")
     g.add_argument("--wire-dtype", type=_choice(WIRE_DTYPES, WIRE_ALIASES, "wire dtype"), default="none",

@@ -26,9 +26,8 @@ import torch
 
 from . import launch as launch_mod
 from . import report
-from .allreduce import (DTYPE_ALIASES, DTYPES, WIRE_ALIASES, WIRE_DTYPES, _choice, _geomean, _timedelta,
-                        _zero_one, check_data, fmt_bw, fmt_time, random_data, size_sweep)
-from .cli import parse_size
+from .allreduce import (DTYPES, WIRE_ALIASES, WIRE_DTYPES, _choice, _geomean, _timedelta, add_datatype_arg,
+                        add_sweep_args, check_data, fmt_bw, fmt_time, random_data, size_sweep)
 from .timing import barrier, gbps, median, slowest_rank, sum_over_ranks, time_iterations
 
 ALGORITHMS = {"reduce_scatter": ("ring", "direct", "one_shot"), "all_gather": ("ring", "direct")}
@@ -45,17 +44,9 @@ def build_parser(kind: str) -> argparse.ArgumentParser:
         description=f"{kind} time and bandwidth: paracomm vs torch.distributed, per size (after nccl-tests' "
                     f"{kind}_perf; size = per-rank {'input' if kind == 'reduce_scatter' else 'output'} bytes).")
     g = p.add_argument_group("sizes and iterations")
-    g.add_argument("-b", "--minbytes", type=parse_size, default=parse_size("4K"), metavar="SIZE",
-                   help="smallest size in bytes, suffixes K, M, G (default 4K)")
-    g.add_argument("-e", "--maxbytes", type=parse_size, default=parse_size("16M"), metavar="SIZE",
-                   help="largest size (default 16M)")
-    g.add_argument("-f", "--stepfactor", type=int, default=2, metavar="F", help="size step factor (default 2)")
-    report.add_iteration_args(g, iters=20, warmup=5, per="size")
-    g.add_argument("-c", "--check", type=_zero_one, default=1, metavar="0|1",
-                   help="count wrong elements with an exact-result pass (default 1)")
+    add_sweep_args(g, minbytes="4K", maxbytes="16M", maxbytes_help="default 16M")
     g = p.add_argument_group("operation")
-    g.add_argument("-d", "--datatype", type=_choice(DTYPES, DTYPE_ALIASES, "datatype"), default="float",
-                   metavar="TYPE", help=f"element type: {', '.join(DTYPES)} (default float)")
+    add_datatype_arg(g)
     if kind == "reduce_scatter":
         g.add_argument("-o", "--op", type=_choice(dict.fromkeys(("sum", "avg")), {}, "op"), default="sum",
                        metavar="OP", help="reduction: sum or avg (default sum)")
