@@ -47,6 +47,17 @@ _MAX_REDUCE_RANKS = 32  # kMaxReduceInputs in csrc/allreduce/plan.h
 _PLAN_CACHE_SIZE = 64  # plans kept per Communicator (one per signature in use; DDP uses a handful)
 _INT64_MAX = (1 << 63) - 1
 _environ_get = os.environ.get
+# The shm fast path's key holds two environment values per call. os.environ.get encodes the key and decodes the
+# value every time (~1.1 us each, measured: bench/NOTES.md, round 4); os.environ's own dict of raw values (bytes
+# keys on POSIX) is kept in step by every os.environ write, so reading it directly changes the key exactly when
+# os.environ.get's values change. Elsewhere (no such dict): os.environ.get.
+_ENV_RAW = getattr(os.environ, "_data", None)
+if isinstance(_ENV_RAW, dict) and all(isinstance(k, bytes) for k in list(_ENV_RAW)[:1]):
+    _env_raw_get = _ENV_RAW.get
+    _ENV_CHUNK, _ENV_CHECK = b"PARACOMM_CHUNK_BYTES", b"PARACOMM_CHECK_SHAPES"
+else:
+    _env_raw_get = _environ_get
+    _ENV_CHUNK, _ENV_CHECK = "PARACOMM_CHUNK_BYTES", "PARACOMM_CHECK_SHAPES"
 
 # Communicators created so far per process group name: the n-th Communicator over a group gets the same store
 # prefix on every rank, as long as every rank creates its Communicators in the same order (as collectives).
@@ -467,7 +478,7 @@ class Communicator:
                 and type(op) is str and (wire_dtype is None or type(wire_dtype) is torch.dtype)
                 and (algorithm is None or type(algorithm) is str)):
             fast_key = (tensor.dtype, tensor.numel(), op, wire_dtype, algorithm, self.algorithm,
-                        _environ_get("PARACOMM_CHUNK_BYTES"), _environ_get("PARACOMM_CHECK_SHAPES"))
+                        _env_raw_get(_ENV_CHUNK), _env_raw_get(_ENV_CHECK))
             prepared = self._shm_fast.get(fast_key)
             if prepared is not None and tensor.is_cpu and tensor.is_contiguous():
                 if self._all_reduce_shm_fast(tensor, prepared):
