@@ -148,7 +148,7 @@ def make_libs(names, comm, rank, world):
                     cw.Allreduce(MPI.IN_PLACE, t.numpy(), op=MPI.SUM)
 
                 libs[name] = (mpi_reduce, f"mpi4py {__import__('mpi4py').__version__} Allreduce(IN_PLACE), "
-                              f"{MPI.Get_library_version().splitlines()[0].strip()}")
+                              f"{MPI.Get_library_version().replace(chr(0), '').splitlines()[0].strip()}")  # a C string: NUL-ended
             elif name == "deepspeed":
                 import deepspeed
                 import deepspeed.comm as dscomm
