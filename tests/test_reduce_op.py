@@ -274,10 +274,12 @@ def test_out_is_an_input(where, out_t, rest_t, seeded):
     assert torch.equal(out, _reference(out_t, plain, divisor)[0])
 
 
-def test_out_is_every_input(seeded):
-    x = _rand(BIG, F32, seeded)
-    want = _reference(F32, [x, x, x])[0]
-    pops.reduce_(x, [x, x, x])
+@pytest.mark.parametrize("dtype", [F32, F64])
+@pytest.mark.parametrize("k", [1, 2, 3, 5])
+def test_out_is_every_input(k, dtype, seeded):
+    x = _rand(BIG, dtype, seeded)
+    want = _reference(dtype, [x] * k, 3.0)[0]
+    pops.reduce_(x, [x] * k, divisor=3.0)
     assert torch.equal(x, want)
 
 

@@ -216,30 +216,25 @@ void fused_sum(const ReduceArgs& a, int64_t begin, int64_t end, P post) {
   const int64_t k = a.num_inputs;
   const T* const* in = reinterpret_cast<const T* const*>(a.inputs);
   T* out = static_cast<T*>(a.out);
-  T* o = out + begin;
-  const int64_t len = end - begin;
   if (k == 1) {
-    if (in[0] == out) post_inplace(o, len, post);
-    else copy_post(o, in[0] + begin, len, post);
+    if (in[0] == out) post_inplace(out + begin, end - begin, post);
+    else copy_post(out + begin, in[0] + begin, end - begin, post);
     return;
   }
-  if (k == 2) {
-    if (in[0] == out) sum2_inplace(o, in[1] + begin, len, post);
-    else if (in[1] == out) sum2_inplace(o, in[0] + begin, len, post);
-    else sum2(o, in[0] + begin, in[1] + begin, len, post);
+  if (k == 2) {  // at most one of the two is out (fused_applies)
+    if (in[0] == out) sum2_inplace(out + begin, in[1] + begin, end - begin, post);
+    else if (in[1] == out) sum2_inplace(out + begin, in[0] + begin, end - begin, post);
+    else sum2(out + begin, in[0] + begin, in[1] + begin, end - begin, post);
     return;
   }
   T v[kBlock];
   for (int64_t b = begin; b < end; b += kBlock) {
     const int64_t len = std::min(kBlock, end - b);
-    T* o = out + b;
-    {
-      // Every input equal to out is read into v (inputs 0 .. k-2) before out is written (input k-1, last).
-      sum2(v, in[0] + b, in[1] + b, len, Post<T, false, false>{});
-      for (int64_t j = 2; j < k - 1; ++j) add_into(v, in[j] + b, len);
-      if (in[k - 1] == out) sum2_inplace(o, v, len, post);
-      else sum2(o, v, in[k - 1] + b, len, post);
-    }
+    // Every input equal to out is read into v (inputs 0 .. k-2) before out is written (input k-1, last).
+    sum2(v, in[0] + b, in[1] + b, len, Post<T, false, false>{});
+    for (int64_t j = 2; j < k - 1; ++j) add_into(v, in[j] + b, len);
+    if (in[k - 1] == out) sum2_inplace(out + b, v, len, post);
+    else sum2(out + b, v, in[k - 1] + b, len, post);
   }
 }
 
@@ -260,7 +255,8 @@ bool fused_reduce(const ReduceArgs& a, int64_t begin, int64_t end) {
 }
 
 // The one-pass path applies: every dtype is `dt` (float32 or float64), no rounding, and every input is either
-// the output itself or disjoint from [out, out + n).
+// the output itself or disjoint from [out, out + n); with two inputs, not both the output (the in-place loop
+// reads its other operand through a __restrict pointer that must not be the output).
 bool fused_applies(const ReduceArgs& a) {
   const DType dt = a.out_dtype;
   if (a.round || (dt != DType::kFloat32 && dt != DType::kFloat64) || a.first_dtype != dt ||
@@ -273,7 +269,7 @@ bool fused_applies(const ReduceArgs& a) {
     const auto* p = static_cast<const char*>(a.inputs[j]);
     if (p != lo && p < hi && lo < p + a.n * dtype_size(dt)) return false;
   }
-  return true;
+  return !(a.num_inputs == 2 && a.inputs[0] == a.out && a.inputs[1] == a.out);
 }
 
 }  // namespace
