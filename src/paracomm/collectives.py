@@ -80,15 +80,6 @@ def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a0 < b1 and b0 < a1
 
 
-def _dispatch(comm, call, async_op: bool):
-    """A validated call to its executor: CUDA tensors to the NCCL path (under the call lock, like the
-    all-reduce), CPU tensors to the CPU path."""
-    if call.flat.device.type == "cuda":
-        with comm._call_lock:
-            return comm._all_reduce_nccl(call, async_op)
-    return comm._all_reduce_cpu(call, async_op)
-
-
 def _check_common(comm, output, input, name: str) -> tuple:
     """Checks shared by both collectives: tensors, dtypes, devices, a live group. Returns (output, input)."""
     if comm.group not in c10d._world.pg_map:
@@ -179,14 +170,14 @@ def run_reduce_scatter(comm, output, input, op="sum", *, wire_dtype=None, async_
     """:meth:`Communicator.reduce_scatter`'s body (documented there)."""
     _comm._check_bool(async_op, "async_op", "paracomm.reduce_scatter")
     call = validate_reduce_scatter(comm, output, input, op, wire_dtype, scale, found_inf, algorithm)
-    return _dispatch(comm, call, async_op)
+    return comm._run_call(call, async_op)
 
 
 def run_all_gather(comm, output, input, *, async_op: bool = False, algorithm: Optional[str] = None):
     """:meth:`Communicator.all_gather`'s body (documented there)."""
     _comm._check_bool(async_op, "async_op", "paracomm.all_gather")
     call = validate_all_gather(comm, output, input, algorithm)
-    return _dispatch(comm, call, async_op)
+    return comm._run_call(call, async_op)
 
 
 def reduce_scatter(output, input, op="sum", *, group=None, wire_dtype=None, async_op: bool = False, scale=None,

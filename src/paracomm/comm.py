@@ -372,7 +372,7 @@ class Communicator:
         if self.rank < 0:
             raise ValueError(f"{name}: this process is not a member of group")
         self._node_size = None if node_size is None else _topology.check_node_size(node_size, self.world_size, name)
-        self._node_map: Optional[tuple] = None  # found on the first CPU call (_cpu_node_map)
+        self._node_map: Optional[tuple] = None  # found on the first call, CPU or CUDA (_group_node_map)
         self._serves_cpu, self._serves_cuda = _group_backends(self.group)
         if not (self._serves_cpu or self._serves_cuda):
             raise ValueError(f"{name}: group backend {dist.get_backend(self.group)!r} is not "
@@ -485,17 +485,21 @@ class Communicator:
                     return tensor
         _check_bool(async_op, "async_op", "paracomm.all_reduce")
         call = self._validate(tensor, op, wire_dtype, scale, found_inf, algorithm)
-        if call.flat.device.type == "cuda":
-            # Issued under the call lock, like CPU calls: one at a time, in lock order (the NCCL communicator's
-            # lazy creation, the handshake counter and the enqueue order are per Communicator).
-            with self._call_lock:
-                return self._all_reduce_nccl(call, async_op)
-        result = self._all_reduce_cpu(call, async_op)
-        if fast_key is not None and isinstance(self._cpu, ShmExecutor):
+        result = self._run_call(call, async_op)
+        if fast_key is not None and call.flat.device.type == "cpu" and isinstance(self._cpu, ShmExecutor):
             if len(self._shm_fast) >= _PLAN_CACHE_SIZE:
                 self._shm_fast.clear()
             self._shm_fast[fast_key] = self._cpu.prepared(call, _signature(call), call.chunk_bytes)
         return result
+
+    def _run_call(self, call: _Call, async_op: bool):
+        """A validated call (any collective) to its executor: CUDA tensors to the NCCL path, CPU tensors to the
+        CPU path. CUDA calls are issued under the call lock, like CPU calls: one at a time, in lock order (the
+        NCCL communicator's lazy creation, the handshake counter and the enqueue order are per Communicator)."""
+        if call.flat.device.type == "cuda":
+            with self._call_lock:
+                return self._all_reduce_nccl(call, async_op)
+        return self._all_reduce_cpu(call, async_op)
 
     def _all_reduce_shm_fast(self, tensor: torch.Tensor, prepared) -> bool:
         """One all-reduce of a contiguous CPU tensor with a prepared shared-memory call (see all_reduce). False
@@ -723,7 +727,7 @@ class Communicator:
         """rank -> node as this Communicator's CPU plans see it (None until the first CPU call has found it)."""
         return None if self._node_map is None else list(self._node_map)
 
-    def _cpu_node_map(self) -> tuple:
+    def _group_node_map(self) -> tuple:
         """The node map, found once (src/paracomm/_topology.py); () for one node, so flat plans stay as they were."""
         with self._state_lock:
             if self._node_map is None:
@@ -778,7 +782,7 @@ class Communicator:
         self._cpu_current = self._cpu_calls  # the seq this call gets below (a failure before that names it too)
         deadline = time.monotonic() + self.timeout.total_seconds()
         executor = self._cpu_executor()
-        call.node_map = self._cpu_node_map()  # part of the signature, so of the data tags and the records
+        call.node_map = self._group_node_map()  # part of the signature, so of the data tags and the records
         # The shared-memory transport runs every plan (every collective and algorithm, node map included) in one
         # C++ call and checks the signature in every call, before any data moves: no tags, no monitor.
         if isinstance(executor, ShmExecutor):
@@ -919,7 +923,7 @@ class Communicator:
                 return Work(future, call.result, done_event=done, keep=(call.input,))
         # The node map (found once through the store, as the CPU path does) is an input of the plan and part of
         # the signature; () for one node keeps flat plans as they were.
-        call.node_map = self._cpu_node_map()
+        call.node_map = self._group_node_map()
         if self._needs_handshake(call):
             self._handshake_store(call, time.monotonic() + self.timeout.total_seconds())
         comm = self._nccl if self._nccl is not None else self._nccl_comm(x.device)
