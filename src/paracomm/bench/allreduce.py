@@ -90,6 +90,7 @@ def add_sweep_args(group, *, minbytes: str, maxbytes: Optional[str], maxbytes_he
 
 
 def add_datatype_arg(group) -> None:
+    """``-d/--datatype``: the element type, a key of DTYPES or an alias (default float)."""
     group.add_argument("-d", "--datatype", type=_choice(DTYPES, DTYPE_ALIASES, "datatype"), default="float",
                        metavar="TYPE", help=f"element type: {', '.join(DTYPES)} (default float)")
 
