@@ -530,3 +530,89 @@ def _fast_path(rank, world_size):
 def test_fast_path_keeps_every_check():
     digests = run_ranks(2, _fast_path, timeout=300)
     assert digests[0] == digests[1]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Waits: sleep instead of spinning for an absent peer, adapt the spin, never stay on a core shared with a peer
+# ------------------------------------------------------------------------------------------------------------
+
+def _current_cpu():
+    with open("/proc/thread-self/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[36])
+
+
+def _waits(rank, world_size):
+    import paracomm
+
+    comm = paracomm.Communicator(timeout=timedelta(seconds=60))
+    want = float(sum(range(1, world_size + 1)))
+
+    def call():
+        x = torch.full((256,), float(rank + 1))
+        comm.all_reduce(x)
+        assert torch.equal(x, torch.full((256,), want))
+
+    call()
+    shm = comm._cpu
+    out = {}
+    # 1. A peer away for 0.3 s: the waiter sleeps on its futex (its CPU time stays far below the wait).
+    dist.barrier()
+    before, cpu0, t0 = shm.wait_stats(), time.process_time(), time.monotonic()
+    if rank == 1:
+        time.sleep(0.3)
+    call()
+    out["away"] = (shm.wait_stats()["sleeps"] - before["sleeps"], time.process_time() - cpu0,
+                   time.monotonic() - t0)
+    # 2. A peer ~0.2 ms late at every call: the spin budget outgrows the gap after a few sleeps (a fixed 50 us
+    #    spin would sleep at every one of the 200 calls).
+    dist.barrier()
+    before = shm.wait_stats()
+    for _ in range(200):
+        if rank == 1:
+            end = time.perf_counter() + 2e-4
+            while time.perf_counter() < end:
+                pass
+        call()
+    out["late"] = shm.wait_stats()["sleeps"] - before["sleeps"]
+    # 3. Both ranks on one CPU, rank 0 allowed its whole mask again: rank 0 leaves the shared core (moves at
+    #    least once, the kernel would leave the pair stacked) and its affinity mask is what it was.
+    original = os.sched_getaffinity(0)
+    if len(original) >= 2:
+        first = min(original)
+        moved = 0
+        for _ in range(3):
+            os.sched_setaffinity(0, {first})
+            call()
+            dist.barrier()
+            before = shm.wait_stats()
+            if rank == 0:
+                os.sched_setaffinity(0, original)
+            for _ in range(100):
+                call()
+            moved += shm.wait_stats()["moves"] - before["moves"]
+            dist.barrier()
+        out["stacked"] = (moved, os.sched_getaffinity(0) == (original if rank == 0 else {first}))
+        # 4. Both pinned to one CPU (no free CPU): no move, every result right (the waits sleep instead).
+        os.sched_setaffinity(0, {first})
+        before = shm.wait_stats()
+        for _ in range(100):
+            call()
+        out["pinned"] = (shm.wait_stats()["moves"] - before["moves"], os.sched_getaffinity(0) == {first})
+        os.sched_setaffinity(0, original)
+    return out
+
+
+def test_waits_sleep_adapt_and_leave_a_shared_core():
+    results = run_ranks(2, _waits, timeout=300, env={"PARACOMM_CPU_TRANSPORT": "shm"})
+    sleeps, cpu_s, wall_s = results[0]["away"]
+    assert wall_s >= 0.25 and sleeps >= 1, results[0]
+    assert cpu_s < 0.15, f"rank 0 burned {cpu_s:.3f} s of CPU while waiting {wall_s:.3f} s for an absent peer"
+    assert results[0]["late"] <= 50, f"rank 0 slept {results[0]['late']} times in 200 calls 0.2 ms apart: {results}"
+    if "stacked" not in results[0]:
+        pytest.skip("one CPU: the shared-core checks need two")
+    moved, restored = results[0]["stacked"]
+    assert moved >= 1, f"rank 0 never moved off the CPU it shared with rank 1 (pinned there): {results}"
+    assert restored, "a move changed rank 0's affinity mask"
+    assert results[1]["stacked"] == (0, True), results[1]["stacked"]  # pinned rank 1 has nowhere to go
+    for r in (0, 1):
+        assert results[r]["pinned"] == (0, True), results[r]["pinned"]

@@ -213,6 +213,7 @@ def rank_main(args) -> int:
     while size <= args.maxbytes:
         count = max(1, size // 4)
         row = {}
+        sets_of = {}
         for name in names:
             fn = libs[name][0]
             if fn is None:
@@ -226,7 +227,9 @@ def rank_main(args) -> int:
             src = torch.randn(count)
             buf = src.clone()
             set_medians = []
+            set_sleeps = []  # futex sleeps per iteration, all ranks together (barrier and call: one transport)
             for _ in range(args.sets):
+                stats0 = shm.wait_stats() if shm is not None else None
                 times = []
                 for i in range(args.warmup + args.iters):
                     buf.copy_(src)
@@ -236,12 +239,18 @@ def rank_main(args) -> int:
                     dt = time.perf_counter() - t0
                     if i >= args.warmup:
                         times.append(dt)
-                m = torch.tensor([statistics.median(times)], dtype=torch.float64)
-                dist.all_reduce(m, op=dist.ReduceOp.MAX)
-                set_medians.append(m.item())
+                slept = 0.0
+                if stats0 is not None:
+                    slept = (shm.wait_stats()["sleeps"] - stats0["sleeps"]) / (args.warmup + args.iters)
+                m = torch.tensor([statistics.median(times), slept], dtype=torch.float64)
+                dist.all_reduce(m[:1], op=dist.ReduceOp.MAX)
+                dist.all_reduce(m[1:])
+                set_medians.append(m[0].item())
+                set_sleeps.append(m[1].item())
             w = torch.tensor([wrong])
             dist.all_reduce(w)
             row[name] = (statistics.median(set_medians), int(w.item()))
+            sets_of[name] = (set_medians, set_sleeps)
         if lead:
             cells = []
             for name in names:
@@ -255,6 +264,12 @@ def rank_main(args) -> int:
                         v = row[name]
                         ratios.append(f"{'n/a':>16s}" if not v else f"{row['gloo'][0] / v[0]:>16.1f}")
             print("  " + f"{fmt_size(size):>10s}" + "".join(cells) + "".join(ratios), flush=True)
+            if shm is not None:
+                # Each set's median and the paracomm transport's futex sleeps per iteration in it (all ranks,
+                # barrier included): which sets slept, whoever was measured.
+                print("#   sets (us; sleeps/iter): " + "  ".join(
+                    f"{n} " + " ".join(f"{t * 1e6:.1f};{z:.2f}" for t, z in zip(*sets_of[n]))
+                    for n in names if n in sets_of), flush=True)
         size *= args.stepfactor
     if lead:
         with open("/proc/loadavg") as f:

@@ -32,6 +32,19 @@ void bind_shm(py::module_& m) {
       .def("fail", &shm::ShmComm::fail, "Mark this rank failed and wake its peers (they raise).")
       .def_property_readonly("eager_bytes", &shm::ShmComm::eager_bytes)
       .def(
+          "wait_stats",
+          [](const shm::ShmComm& self) {
+            const shm::ShmComm::WaitStats w = self.wait_stats();
+            py::dict d;
+            d["sleeps"] = w.sleeps;
+            d["slept_s"] = w.slept_s;
+            d["wakes"] = w.wakes;
+            d["moves"] = w.moves;
+            return d;
+          },
+          "This rank's waits so far: {'sleeps': futex sleeps, 'slept_s': seconds in them, 'wakes': futex wakes "
+          "made for sleeping peers, 'moves': moves off a core shared with a running peer}.")
+      .def(
           "prepare",
           [](shm::ShmComm& self, int collective, int64_t numel, int dtype, int wire_dtype, int algorithm,
              double divisor, bool has_found_inf, bool has_final_op, int64_t chunk_bytes,

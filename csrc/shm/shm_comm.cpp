@@ -44,6 +44,9 @@ constexpr int64_t kMinSlotBytes = 4 * 1024;
 constexpr int64_t kChannelBudget = 32 * 1024 * 1024;   // all channels' slots together, before kMinSlotBytes
 constexpr double kSleepSlice = 0.02;                   // seconds per futex sleep between liveness checks
 constexpr double kPureSpin = 5e-6;                     // seconds of pause-only spinning before yielding
+constexpr int kMaxCoreCheckRanks = 64;                 // above this many ranks, waits skip the shared-core check
+constexpr double kMoveInterval = 2e-4;                 // seconds between two moves off a shared core, per rank
+constexpr double kSpinCapFactor = 20.0;                // the adaptive spin budget's cap over PARACOMM_SHM_SPIN_US
 constexpr int64_t kEagerMaxRanks = 64;                 // eager areas hold a table of (step, peer, offset) entries
 constexpr int64_t kEagerEntriesPerRank = 4;            // table entries per rank of the world, at most
 constexpr int64_t kMaxEagerBytes = 1024 * 1024;        // one rank's eager payload per parity, at most
@@ -117,6 +120,7 @@ enum Poll : int { kNothing = 0, kProgress = 1, kDone = 2 };
 struct ShmComm::RankCtl {
   alignas(128) std::atomic<uint64_t> seq;
   std::atomic<int32_t> pid;
+  std::atomic<int32_t> cpu;  // the CPU this rank last ran on (call entry, waits): see core_share
   std::atomic<uint32_t> failed;
   int32_t sig_len[2];
   int32_t eager_first[2];  // call parity -> the first and last plan step whose sends this rank published at
@@ -137,6 +141,8 @@ ShmComm::ShmComm(const std::string& name, bool create, int rank, int world_size)
   PARACOMM_CHECK(world_size >= 1 && world_size <= 4096, "shm: world_size must be in [1, 4096], got ", world_size);
   PARACOMM_CHECK(rank >= 0 && rank < world_size, "shm: rank must be in [0, ", world_size, "), got ", rank);
   spin_s_ = static_cast<double>(env_int("PARACOMM_SHM_SPIN_US", 50)) * 1e-6;
+  spin_budget_ = spin_s_;
+  spin_cap_ = kSpinCapFactor * spin_s_;
   const int64_t n = world_size;
   int fd = -1;
   if (create) {
@@ -225,6 +231,7 @@ ShmComm::ShmComm(const std::string& name, bool create, int rank, int world_size)
       PARACOMM_THROW("shm: ", name_, " has an inconsistent layout (", bytes_, " bytes)");
     }
   }
+  ctl(rank_).cpu.store(-1, std::memory_order_relaxed);  // none yet (the zeroed segment would say CPU 0)
   ctl(rank_).pid.store(static_cast<int32_t>(getpid()), std::memory_order_release);
   pidfds_.assign(static_cast<size_t>(n), -1);
   pids_.assign(static_cast<size_t>(n), 0);
@@ -283,6 +290,7 @@ void ShmComm::notify(int peer) const {
   if (c.sleeping.load(std::memory_order_relaxed) != 0) {
     c.wake.fetch_add(1, std::memory_order_release);
     futex_wake(&c.wake);
+    wakes_.fetch_add(1, std::memory_order_relaxed);
   }
 }
 
@@ -322,38 +330,146 @@ void ShmComm::check_peers(const char* what) {
   }
 }
 
-// Spin while `poll` makes no progress for spin_s_, then sleep on this rank's futex word in slices, checking the
-// peers and the deadline after each. poll() returns kDone, kProgress or kNothing.
+// Publishes the CPU this rank runs on, and says who else of this group last said it runs there: a peer that is
+// awake (kWithRunner: it competes for the core now) or only asleep ones (kWithSleeper: it will compete when woken,
+// since a wake-up tends to place it back). Two ranks on one core must not spin for each other: each spin (even one
+// that yields) hands the core back and forth at every wait, and the scheduler leaves such a pair stacked for
+// whole benchmark sets while another core idles (bench/NOTES.md, round 5: a futex wake-up places the wakee on its
+// waker's busy core, and a core whose two ranks take turns never looks overloaded to the load balancer). A
+// peer's CPU may be stale (it moved since it last published): the cost is one needless move or early sleep,
+// never a wrong result.
+ShmComm::CoreShare ShmComm::core_share() const {
+  const int mine = sched_getcpu();
+  ctl(rank_).cpu.store(mine, std::memory_order_relaxed);
+  if (mine < 0 || world_ > kMaxCoreCheckRanks) return CoreShare::kAlone;
+  CoreShare share = CoreShare::kAlone;
+  for (int r = 0; r < world_; ++r) {
+    if (r == rank_) continue;
+    const RankCtl& c = ctl(r);
+    if (c.cpu.load(std::memory_order_relaxed) != mine) continue;
+    if (c.sleeping.load(std::memory_order_relaxed) == 0) return CoreShare::kWithRunner;
+    share = CoreShare::kWithSleeper;
+  }
+  return share;
+}
+
+// Moves this thread off a core it shares with a peer, onto an allowed CPU that no rank of this group last
+// published: the affinity mask is narrowed to that CPU (the kernel migrates the thread at once) and then set back
+// to what it was, so the caller's affinity is unchanged and only the thread's place differs. At most once per
+// kMoveInterval per rank; a host with more ranks than CPUs (or a rank pinned to one CPU) has no free CPU and
+// never moves. False when it did not move.
+bool ShmComm::move_off_shared_core() {
+  const double t = now();
+  if (t - last_move_ < kMoveInterval) return false;
+  last_move_ = t;
+  cpu_set_t allowed;
+  CPU_ZERO(&allowed);
+  if (sched_getaffinity(0, sizeof(allowed), &allowed) != 0 || CPU_COUNT(&allowed) < 2) return false;
+  for (int r = 0; r < world_; ++r) {  // the CPUs this group's ranks (this one included) last ran on
+    const int cpu = ctl(r).cpu.load(std::memory_order_relaxed);
+    if (cpu >= 0 && cpu < CPU_SETSIZE) CPU_CLR(cpu, &allowed);
+  }
+  int target = -1;
+  for (int cpu = 0; cpu < CPU_SETSIZE && target < 0; ++cpu) {
+    if (CPU_ISSET(cpu, &allowed)) target = cpu;
+  }
+  if (target < 0) return false;
+  cpu_set_t one;
+  CPU_ZERO(&one);
+  CPU_SET(target, &one);
+  cpu_set_t original;
+  CPU_ZERO(&original);
+  if (sched_getaffinity(0, sizeof(original), &original) != 0 || sched_setaffinity(0, sizeof(one), &one) != 0) {
+    return false;
+  }
+  sched_setaffinity(0, sizeof(original), &original);  // the caller's mask again; the thread stays on `target`
+  moves_.fetch_add(1, std::memory_order_relaxed);
+  ctl(rank_).cpu.store(sched_getcpu(), std::memory_order_relaxed);
+  return true;
+}
+
+// Spin while `poll` makes no progress for the spin budget, then sleep on this rank's futex word in slices,
+// checking the peers and the deadline after each. poll() returns kDone, kProgress or kNothing.
+//
+// The entry wait (`entry`: a call's wait for its peers' entry, where small calls spend their waiting) does two
+// things more. (1) It checks for a peer on this rank's core (core_share) and moves off it, or sleeps at once
+// while a running peer has it. (2) Its budget adapts (spin_budget_, between PARACOMM_SHM_SPIN_US and
+// kSpinCapFactor times it): an idle episode that had to sleep but ended within the cap doubles it, one longer
+// than the cap resets it. Reason: a wake-up costs ~100 us on a VM (an idle vCPU must be scheduled by the host),
+// longer than the default spin, so a sleep makes its waker's next entry overrun its spin and sleep in turn: a
+// self-sustaining chain of one wake-up per call (bench/NOTES.md, round 5). After a short sleep the budget
+// outgrows the wake-up and the chain breaks; a peer that is really away (computing between calls) still gets
+// the core after one budget. The plan's own waits keep the fixed budget: on this VM, longer spins there slowed
+// the peer's copies of large calls (the vCPUs share physical cores), and a large call's sleep costs little.
 template <typename PollFn>
-void ShmComm::wait_until(PollFn&& poll, const char* what, double deadline, const int* peer) {
+void ShmComm::wait_until(PollFn&& poll, const char* what, double deadline, const int* peer, bool entry) {
   RankCtl& me = ctl(rank_);
   double idle_since = -1.0;
+  double episode = -1.0;   // start of the idle episode that slept (for the budget), -1: none
+  bool deliberate = false; // that episode slept because a peer shared the core, not because the budget ran out
+  const double budget = entry ? spin_budget_ : spin_s_;
+  auto episode_ends = [&]() {
+    if (episode < 0) return;
+    if (entry && !deliberate) {
+      spin_budget_ = now() - episode <= spin_cap_ ? std::min(spin_cap_, 2.0 * std::max(spin_budget_, 1e-6))
+                                                  : spin_s_;
+    }
+    episode = -1.0;
+    deliberate = false;
+  };
   for (;;) {
     int r = poll();
-    if (r == kDone) return;
+    if (r == kDone) {
+      episode_ends();
+      return;
+    }
     if (r == kProgress) {
+      episode_ends();
       idle_since = -1.0;
       continue;
     }
     const double t = now();
-    if (idle_since < 0) idle_since = t;
-    if (t - idle_since < spin_s_) {
+    bool check_core = false;
+    if (idle_since < 0) {
+      idle_since = t;
+      check_core = entry;
+    }
+    if (t - idle_since < budget) {
       // Spin: a few microseconds of pause, then yield between polls, so a peer (or anything else) waiting for
       // this core runs instead of being starved by the spin on a loaded machine.
       if (t - idle_since < kPureSpin) {
         for (int i = 0; i < 16; ++i) PARACOMM_CPU_RELAX();
       } else {
         sched_yield();
+        check_core = entry;  // the peer may have just run here
+      }
+      // A peer on this core: move to a free one; failing that, with a running peer, sleep at the next poll that
+      // finds nothing (a sleeping peer competes with no one: spin on).
+      if (check_core) {
+        const CoreShare share = core_share();
+        if (share != CoreShare::kAlone && !move_off_shared_core() && share == CoreShare::kWithRunner) {
+          if (episode < 0) deliberate = true;
+          idle_since = t - budget;
+        }
       }
       continue;
     }
+    if (episode < 0) episode = idle_since;
     const uint32_t w = me.wake.load(std::memory_order_acquire);
     me.sleeping.store(1, std::memory_order_seq_cst);
     std::atomic_thread_fence(std::memory_order_seq_cst);
     r = poll();
-    if (r == kNothing) futex_wait(&me.wake, w, std::max(1e-4, std::min(kSleepSlice, deadline - t)));
-    me.sleeping.store(0, std::memory_order_relaxed);
-    if (r == kDone) return;
+    if (r == kNothing) {
+      futex_wait(&me.wake, w, std::max(1e-4, std::min(kSleepSlice, deadline - t)));
+      sleeps_.fetch_add(1, std::memory_order_relaxed);
+      slept_s_.store(slept_s_.load(std::memory_order_relaxed) + (now() - t), std::memory_order_relaxed);
+    }
+    me.cpu.store(sched_getcpu(), std::memory_order_relaxed);  // woken perhaps elsewhere: publish before awake
+    me.sleeping.store(0, std::memory_order_release);
+    if (r == kDone) {
+      episode_ends();
+      return;
+    }
     check_peers(what);
     if (now() > deadline) {
       if (peer != nullptr && *peer >= 0 && *peer < world_) {
@@ -362,7 +478,8 @@ void ShmComm::wait_until(PollFn&& poll, const char* what, double deadline, const
       }
       raise(concat("timed out waiting for ", what, " (a peer may be stalled)"));
     }
-    idle_since = -1.0;
+    // Still idle_since: a wake-up without progress (a slice's end, a notice meant for another wait) sleeps again
+    // without a second spin.
   }
 }
 
@@ -432,6 +549,7 @@ std::vector<std::vector<int64_t>> ShmComm::run(const Prepared& p, const CallBuff
   std::copy(p.signature.begin(), p.signature.end(), me.sig[parity]);
   me.eager_first[parity] = p.eager.first;
   me.eager_last[parity] = p.eager.last;
+  me.cpu.store(sched_getcpu(), std::memory_order_relaxed);
   me.seq.store(seq, std::memory_order_release);
   notify_all();
   // 3. Wait for every peer to enter it. A peer can be at most one call ahead (it cannot finish call seq + 1
@@ -445,7 +563,7 @@ std::vector<std::vector<int64_t>> ShmComm::run(const Prepared& p, const CallBuff
         }
         return kDone;
       },
-      "the peers to enter the call", deadline, &waiting_for);
+      "the peers to enter the call", deadline, &waiting_for, /*entry=*/true);
   // 4. Signatures: any difference and every rank returns all of them (each rank sees the same set).
   bool same = true;
   for (int r = 0; r < world_ && same; ++r) {
@@ -470,6 +588,7 @@ std::vector<std::vector<int64_t>> ShmComm::run(const Prepared& p, const CallBuff
     throw;
   }
   if (found_) *b.found_inf = 1.0f;
+  me.cpu.store(sched_getcpu(), std::memory_order_relaxed);  // fresh for the peers' next entry wait
   return {};
 }
 

@@ -24,8 +24,10 @@
 // The segment also holds, per rank and call parity, an eager area (a table of world_size payload offsets, then
 // the payload), written only by its rank before it publishes seq.
 //
-// Waiting: spin (PARACOMM_SHM_SPIN_US, default 50 us), then sleep on the rank's futex in slices of at most 20 ms;
-// at every slice the peers' `failed` flags and liveness (pidfd, or kill(pid, 0)) are checked, and the deadline.
+// Waiting: spin (PARACOMM_SHM_SPIN_US, default 50 us; a call's entry wait adapts it up to 20x), then sleep on the
+// rank's futex in slices of at most 20 ms; at every slice the peers' `failed` flags and liveness (pidfd, or
+// kill(pid, 0)) are checked, and the deadline. The entry wait also moves a rank off a core it shares with a peer
+// (shm_comm.cpp, wait_until and core_share).
 // Any failure sets this rank's `failed` flag and wakes every peer, so all ranks raise within a slice or two.
 #pragma once
 
@@ -105,6 +107,18 @@ class ShmComm {
   // Bytes of each rank's eager area per call parity (0: eager sends off; see shm_comm.cpp, "eager sends").
   int64_t eager_bytes() const { return eager_bytes_; }
 
+  // What this rank's waits did over the Communicator's life (diagnostics: the benchmark prints them per set).
+  struct WaitStats {
+    uint64_t sleeps = 0;        // futex sleeps entered (a wait whose spin budget ran out)
+    double slept_s = 0.0;       // seconds spent in them
+    uint64_t wakes = 0;         // futex wake calls made for a sleeping peer
+    uint64_t moves = 0;         // moves off a core shared with a running peer (shm_comm.cpp, waits)
+  };
+  WaitStats wait_stats() const {
+    return {sleeps_.load(std::memory_order_relaxed), slept_s_.load(std::memory_order_relaxed),
+            wakes_.load(std::memory_order_relaxed), moves_.load(std::memory_order_relaxed)};
+  }
+
  private:
   struct RankCtl;
   struct ChannelCtl;
@@ -146,6 +160,9 @@ class ShmComm {
   ChannelCtl& channel(int src, int dst) const;
   char* slot(int src, int dst, uint64_t piece) const;
   void notify(int peer) const;
+  enum class CoreShare { kAlone, kWithSleeper, kWithRunner };
+  CoreShare core_share() const;
+  bool move_off_shared_core();
   void notify_all() const;
   [[noreturn]] void raise(const std::string& what);
   void check_peers(const char* what);
@@ -155,7 +172,8 @@ class ShmComm {
   void run_plan(const Prepared& prepared, const CallBuffers& b, double deadline, int parity, int stage);
   // `peer` (optional): where the poll records the rank it is blocked on, named in the error.
   template <typename Poll>
-  void wait_until(Poll&& poll, const char* what, double deadline, const int* peer = nullptr);
+  // entry: the call's entry wait (the only one that checks for a core shared with a peer; wait_until).
+  void wait_until(Poll&& poll, const char* what, double deadline, const int* peer = nullptr, bool entry = false);
 
   std::string name_;
   int rank_ = 0;
@@ -169,11 +187,19 @@ class ShmComm {
   std::vector<int> pids_;
   uint64_t seq_ = 0;          // calls this rank has entered
   bool failed_ = false;
-  double spin_s_ = 50e-6;
+  double spin_s_ = 50e-6;     // PARACOMM_SHM_SPIN_US: the spin budget's floor
+  double spin_budget_ = 50e-6; // the adaptive spin budget (wait_until), in [spin_s_, spin_cap_]
+  double spin_cap_ = 1e-3;
   std::mutex mu_;             // one call at a time
   std::vector<char> workspace_;
   bool found_ = false;        // found_inf of the running call (written to the user's flag at its very end)
   std::vector<uint8_t> busy_;
+  // WaitStats (relaxed: counters only; `notify` may run on another thread through fail()).
+  std::atomic<uint64_t> sleeps_{0};
+  std::atomic<double> slept_s_{0.0};
+  mutable std::atomic<uint64_t> wakes_{0};
+  std::atomic<uint64_t> moves_{0};
+  double last_move_ = -1.0;   // now() of the last move_off_shared_core
 
 };
 

@@ -198,6 +198,11 @@ class ShmExecutor:
         if self._comm.run(self._barrier, 0, 0, 0, 0, timeout_s) is not None:
             raise RuntimeError("paracomm: shm barrier: a peer made another call")
 
+    def wait_stats(self) -> dict:
+        """This rank's waits over the transport's life: ``{'sleeps': int, 'slept_s': float, 'wakes': int, 'moves': int}`` (futex
+        sleeps entered after the spin budget ran out, seconds in them, wakes made for sleeping peers, moves off a CPU shared with a running peer)."""
+        return self._comm.wait_stats()
+
     def fail(self) -> None:
         """Give up on the transport: this rank's peers raise in their current or next call."""
         self._comm.fail()
