@@ -478,8 +478,12 @@ void ShmComm::wait_until(PollFn&& poll, const char* what, double deadline, const
       }
       raise(concat("timed out waiting for ", what, " (a peer may be stalled)"));
     }
-    // Still idle_since: a wake-up without progress (a slice's end, a notice meant for another wait) sleeps again
-    // without a second spin.
+    if (r == kProgress) {  // the re-poll before sleeping found progress: a new idle period spins again
+      episode_ends();
+      idle_since = -1.0;
+    }
+    // Otherwise still idle_since: a wake-up without progress (a slice's end, a notice meant for another wait)
+    // sleeps again without a second spin.
   }
 }
 
