@@ -536,11 +536,6 @@ def test_fast_path_keeps_every_check():
 # Waits: sleep instead of spinning for an absent peer, adapt the spin, never stay on a core shared with a peer
 # ------------------------------------------------------------------------------------------------------------
 
-def _current_cpu():
-    with open("/proc/thread-self/stat") as f:
-        return int(f.read().rsplit(")", 1)[1].split()[36])
-
-
 def _waits(rank, world_size):
     import paracomm
 

@@ -147,8 +147,9 @@ def make_libs(names, comm, rank, world):
                 def mpi_reduce(t, cw=cw, MPI=MPI):
                     cw.Allreduce(MPI.IN_PLACE, t.numpy(), op=MPI.SUM)
 
+                version = MPI.Get_library_version().replace(chr(0), "")  # a C string: NUL-ended
                 libs[name] = (mpi_reduce, f"mpi4py {__import__('mpi4py').__version__} Allreduce(IN_PLACE), "
-                              f"{MPI.Get_library_version().replace(chr(0), '').splitlines()[0].strip()}")  # a C string: NUL-ended
+                              f"{version.splitlines()[0].strip()}")
             elif name == "deepspeed":
                 import deepspeed
                 import deepspeed.comm as dscomm

@@ -43,7 +43,7 @@ void bind_shm(py::module_& m) {
             return d;
           },
           "This rank's waits so far: {'sleeps': futex sleeps, 'slept_s': seconds in them, 'wakes': futex wakes "
-          "made for sleeping peers, 'moves': moves off a core shared with a running peer}.")
+          "made for sleeping peers, 'moves': moves off a core shared with a peer}.")
       .def(
           "prepare",
           [](shm::ShmComm& self, int collective, int64_t numel, int dtype, int wire_dtype, int algorithm,

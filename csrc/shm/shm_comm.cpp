@@ -362,9 +362,10 @@ bool ShmComm::move_off_shared_core() {
   const double t = now();
   if (t - last_move_ < kMoveInterval) return false;
   last_move_ = t;
-  cpu_set_t allowed;
-  CPU_ZERO(&allowed);
-  if (sched_getaffinity(0, sizeof(allowed), &allowed) != 0 || CPU_COUNT(&allowed) < 2) return false;
+  cpu_set_t original;
+  CPU_ZERO(&original);
+  if (sched_getaffinity(0, sizeof(original), &original) != 0 || CPU_COUNT(&original) < 2) return false;
+  cpu_set_t allowed = original;
   for (int r = 0; r < world_; ++r) {  // the CPUs this group's ranks (this one included) last ran on
     const int cpu = ctl(r).cpu.load(std::memory_order_relaxed);
     if (cpu >= 0 && cpu < CPU_SETSIZE) CPU_CLR(cpu, &allowed);
@@ -377,11 +378,7 @@ bool ShmComm::move_off_shared_core() {
   cpu_set_t one;
   CPU_ZERO(&one);
   CPU_SET(target, &one);
-  cpu_set_t original;
-  CPU_ZERO(&original);
-  if (sched_getaffinity(0, sizeof(original), &original) != 0 || sched_setaffinity(0, sizeof(one), &one) != 0) {
-    return false;
-  }
+  if (sched_setaffinity(0, sizeof(one), &one) != 0) return false;
   sched_setaffinity(0, sizeof(original), &original);  // the caller's mask again; the thread stays on `target`
   moves_.fetch_add(1, std::memory_order_relaxed);
   ctl(rank_).cpu.store(sched_getcpu(), std::memory_order_relaxed);

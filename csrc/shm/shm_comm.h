@@ -112,7 +112,7 @@ class ShmComm {
     uint64_t sleeps = 0;        // futex sleeps entered (a wait whose spin budget ran out)
     double slept_s = 0.0;       // seconds spent in them
     uint64_t wakes = 0;         // futex wake calls made for a sleeping peer
-    uint64_t moves = 0;         // moves off a core shared with a running peer (shm_comm.cpp, waits)
+    uint64_t moves = 0;         // moves off a core shared with a peer (awake or asleep) (shm_comm.cpp, waits)
   };
   WaitStats wait_stats() const {
     return {sleeps_.load(std::memory_order_relaxed), slept_s_.load(std::memory_order_relaxed),

@@ -199,8 +199,9 @@ class ShmExecutor:
             raise RuntimeError("paracomm: shm barrier: a peer made another call")
 
     def wait_stats(self) -> dict:
-        """This rank's waits over the transport's life: ``{'sleeps': int, 'slept_s': float, 'wakes': int, 'moves': int}`` (futex
-        sleeps entered after the spin budget ran out, seconds in them, wakes made for sleeping peers, moves off a CPU shared with a running peer)."""
+        """This rank's waits over the transport's life: ``{'sleeps': int, 'slept_s': float, 'wakes': int,
+        'moves': int}``: futex sleeps entered after the spin budget ran out, seconds in them, wakes made for
+        sleeping peers, moves off a CPU shared with a peer (csrc/shm/shm_comm.cpp, wait_until)."""
         return self._comm.wait_stats()
 
     def fail(self) -> None:

@@ -52,7 +52,7 @@ _environ_get = os.environ.get
 # keys on POSIX) is kept in step by every os.environ write, so reading it directly changes the key exactly when
 # os.environ.get's values change. Elsewhere (no such dict): os.environ.get.
 _ENV_RAW = getattr(os.environ, "_data", None)
-if isinstance(_ENV_RAW, dict) and all(isinstance(k, bytes) for k in list(_ENV_RAW)[:1]):
+if isinstance(_ENV_RAW, dict) and isinstance(next(iter(_ENV_RAW), b""), bytes):
     _env_raw_get = _ENV_RAW.get
     _ENV_CHUNK, _ENV_CHECK = b"PARACOMM_CHUNK_BYTES", b"PARACOMM_CHECK_SHAPES"
 else:
