@@ -125,6 +125,14 @@ void bind_plans(py::module_& m) {
       py::arg("node_map"), py::arg("world_size"),
       "The flat ring's rank order for a canonical node map (node by node; [] = one node: 0..N-1).");
   m.def(
+      "inter_node_ring",
+      [](int64_t nodes) {
+        PARACOMM_CHECK(nodes >= 1, "nodes must be >= 1, got ", nodes);
+        return inter_node_ring(nodes);
+      },
+      py::arg("nodes"),
+      "Whether the hierarchical plan's inter-node phase among `nodes` nodes is a ring (else a direct exchange).");
+  m.def(
       "all_reduce_plan",
       [](int64_t numel, int64_t dtype, int64_t wire_dtype, int64_t world_size, int64_t rank,
          const std::string& algorithm, const std::string& backend, bool has_found_inf, bool has_final_op,

@@ -1,7 +1,8 @@
 """The emulated multi-node cluster (src/paracomm/bench/emulate.py): real network namespaces, a tc-shaped link.
 
 2 nodes x 2 ranks at 1 Gbit/s: the benchmark's exact check passes for paracomm (which finds the two nodes by
-itself, through the network namespace in the host identity, and runs the hierarchical plan) and for gloo's own
+itself, through the network namespace in the host identity, and runs the hierarchical all-reduce on the mixed
+transport: shared memory inside each node, gloo across the link) and for gloo's own
 all-reduce; no namespace survives the run, a failed rank, or Ctrl-C. Needs root and iproute2 (skipped otherwise,
 with the reason).
 """
@@ -51,6 +52,8 @@ def test_two_nodes_two_ranks_exact_and_torn_down():
     assert proc.returncode == 0, out
     assert "# Out of bounds values : 0 OK" in out, out
     assert "nodes: [0, 0, 1, 1]" in out, out  # found by host identity (network namespaces), no PARACOMM_NODE_SIZE
+    # auto: shared memory inside each namespace-node, gloo over the shaped link between them (paracomm._mixed)
+    assert "paracomm CPU transport: mixed" in out, out
     rows = [line.split() for line in out.splitlines() if line.split() and line.split()[0].isdigit()]
     assert rows and rows[-1][4] == "hierarchical", out  # 1 MiB: auto picks hierarchical across two nodes
     assert all(r[8] == "0" and r[12] == "0" for r in rows), out  # #wrong of paracomm and of gloo's all-reduce

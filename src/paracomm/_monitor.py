@@ -187,6 +187,31 @@ class CallMonitor:
                 self._mismatch = (seq, error)
             return error
 
+    def announce_mismatch(self, seq: int, signature: tuple, peers: list, timeout_s: float) -> None:
+        """Call ``seq`` failed a signature check among ``peers`` (ranks, this one included) that every one of them
+        made itself, before any data moved (the mixed transport's node stage). Publish this rank's record and the
+        verdict, then wait (at most ``timeout_s``) until every peer's record of ``seq`` is in the store, so that
+        when these ranks drop their groups, a rank elsewhere that sees its connection close reads the records
+        and reports the mismatch, not a closed connection. Never raises (store errors end the wait)."""
+        with self._lock:
+            try:
+                self._store.set(f"{self._base}/{self._rank}", _sig.encode_record(seq, signature))
+                self._published = seq
+                self._store.set(f"{self._base}/verdict", _sig.encode_record(seq, signature))
+            except Exception:  # noqa: BLE001  (the store is gone: peers report what they see)
+                return
+        deadline = time.monotonic() + timeout_s
+        waiting = [p for p in peers if p != self._rank]
+        while waiting and time.monotonic() < deadline:
+            try:
+                waiting = [p for p in waiting if not (self._store.check([f"{self._base}/{p}"]) and
+                                                      _sig.decode_record(self._store.get(f"{self._base}/{p}"))[0]
+                                                      == seq)]
+            except Exception:  # noqa: BLE001
+                return
+            if waiting:
+                time.sleep(0.002)
+
     # ---- store records (callers hold self._lock) ----
 
     def _publish_and_read(self, seq: int, signature: tuple, collective: str) -> tuple:

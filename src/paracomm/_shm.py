@@ -8,7 +8,10 @@
   answer on every rank: each compares every rank's identity with its own). Every collective and every plan
   runs on it, hierarchical ones over a node map (``PARACOMM_NODE_SIZE``) of this host's ranks included;
 * ``shm``: shared memory, and an error when the ranks are not all on one host;
-* ``gloo``: paracomm's private gloo group (:mod:`paracomm._cpu_executor`) whatever the placement.
+* ``gloo``: paracomm's private gloo group (:mod:`paracomm._cpu_executor`) whatever the placement;
+* ``mixed``: shared memory inside each node of the node map, gloo between nodes (:mod:`paracomm._mixed`);
+  ``auto`` picks it when the ranks are not all on this host and every node is one host with the same number
+  (>= 2) of ranks; asked for, it raises when that does not hold.
 
 Every rank must use the same setting; the store exchange carries it, so a difference raises on every rank.
 
@@ -30,7 +33,7 @@ from datetime import timedelta
 
 from . import _C, _topology
 
-TRANSPORTS = ("auto", "shm", "gloo")
+TRANSPORTS = ("auto", "shm", "gloo", "mixed")
 _ALGORITHM_CODES = {"auto": -1, "ring": 0, "direct": 1, "one_shot": 2, "hierarchical": 3}
 _COLLECTIVE_CODES = {"all_reduce": 0, "reduce_scatter": 1, "all_gather": 2}
 _FIXED_CACHE_SIZE = 64
@@ -58,15 +61,16 @@ def _default_chunk_bytes() -> int:
 
 
 def transport_setting() -> str:
-    """``PARACOMM_CPU_TRANSPORT``: "auto" (default), "shm" or "gloo"; ValueError otherwise."""
+    """``PARACOMM_CPU_TRANSPORT``: "auto" (default), "shm", "gloo" or "mixed"; ValueError otherwise."""
     value = os.environ.get("PARACOMM_CPU_TRANSPORT", "").strip().lower() or "auto"
     if value not in TRANSPORTS:
         raise ValueError(f"paracomm: PARACOMM_CPU_TRANSPORT must be one of {', '.join(TRANSPORTS)}, got {value!r}")
     return value
 
 
-def _exchange_placement(store, prefix: str, rank: int, world_size: int, timeout: timedelta, setting: str) -> bool:
-    """True when every rank of the group is on this host. Raises on every rank when the settings differ."""
+def _exchange_placement(store, prefix: str, rank: int, world_size: int, timeout: timedelta, setting: str) -> list:
+    """Every rank's host identity (paracomm._topology.host_identity), by rank. Raises on every rank when the
+    settings differ."""
     base = f"{prefix}/transport"
     store.set(f"{base}/{rank}", f"{setting}|{_topology.host_identity()}")
     keys = [f"{base}/{r}" for r in range(world_size)]
@@ -76,22 +80,35 @@ def _exchange_placement(store, prefix: str, rank: int, world_size: int, timeout:
     if any(s != settings[0] for s in settings):
         per_rank = ", ".join(f"rank {r}: {s}" for r, s in enumerate(settings))
         raise ValueError(f"paracomm: PARACOMM_CPU_TRANSPORT differs between ranks ({per_rank})")
-    return all(v[1] == values[rank][1] for v in values)
+    return [v[1] for v in values]
 
 
-def make_cpu_executor(store, prefix: str, rank: int, world_size: int, timeout: timedelta):
-    """The CPU executor of a Communicator: :class:`ShmExecutor` or the gloo ``CpuExecutor`` (module docstring).
+def make_cpu_executor(store, prefix: str, rank: int, world_size: int, timeout: timedelta, node_map=None):
+    """The CPU executor of a Communicator: :class:`ShmExecutor`, :class:`paracomm._mixed.MixedExecutor` or the
+    gloo ``CpuExecutor`` (module docstring). ``node_map()``: the group's node map (rank -> node, every rank's
+    entry), asked only when the mixed transport is considered.
 
     Collective over the group (a store exchange, then the executor's own rendezvous). Raises ValueError for a
-    bad or inconsistent ``PARACOMM_CPU_TRANSPORT``, or ``shm`` with ranks on several hosts.
+    bad or inconsistent ``PARACOMM_CPU_TRANSPORT``, ``shm`` with ranks on several hosts, or ``mixed`` where a
+    node spans hosts or the nodes differ in size.
     """
     setting = transport_setting()
     if world_size > 1:
-        local = _exchange_placement(store, prefix, rank, world_size, timeout, setting)
+        identities = _exchange_placement(store, prefix, rank, world_size, timeout, setting)
+        local = all(i == identities[rank] for i in identities)
         if setting == "shm" and not local:
             raise ValueError("paracomm: PARACOMM_CPU_TRANSPORT=shm but the group's ranks are not all on one host "
                              "(hostname, boot id or network namespace differ); use auto or gloo")
-        if setting != "gloo" and local:
+        if setting == "mixed" or (setting == "auto" and not local):
+            from ._mixed import MixedExecutor, mixed_refusal
+
+            nodes = list(node_map()) if node_map is not None else [0] * world_size
+            why = mixed_refusal(nodes, identities)
+            if why is None:
+                return MixedExecutor(store, prefix, rank, world_size, timeout, nodes)
+            if setting == "mixed":
+                raise ValueError(f"paracomm: PARACOMM_CPU_TRANSPORT=mixed but {why}; use auto or gloo")
+        elif setting != "gloo" and local:
             return ShmExecutor(store, prefix, rank, world_size, timeout)
     from ._cpu_executor import CpuExecutor
 
@@ -99,11 +116,11 @@ def make_cpu_executor(store, prefix: str, rank: int, world_size: int, timeout: t
 
 
 def transport_of(comm) -> str:
-    """The CPU transport a Communicator uses ("shm" or "gloo"), creating its CPU executor if needed (collective:
-    call it on every rank)."""
+    """The CPU transport a Communicator uses ("shm", "mixed" or "gloo"), creating its CPU executor if needed
+    (collective: call it on every rank)."""
     if comm.world_size == 1:
         return "none (world size 1)"
-    return "shm" if isinstance(comm._cpu_executor(), ShmExecutor) else "gloo"
+    return getattr(comm._cpu_executor(), "transport", "gloo")
 
 
 class ShmExecutor:
@@ -144,11 +161,12 @@ class ShmExecutor:
         self._default_chunk = _default_chunk_bytes()
         self._barrier = None
 
-    def prepared(self, call, signature: tuple, chunk_bytes: int):
-        """The call's constant part (its plan and analyses, ``_C.ShmPrepared``), made once per signature."""
+    def prepared(self, call, signature: tuple, chunk_bytes: int, key=None):
+        """The call's constant part (its plan and analyses, ``_C.ShmPrepared``), made once per signature (or per
+        ``key`` when given: the mixed transport's stages run other calls under their caller's signature)."""
         # Unless PARACOMM_CHUNK_BYTES says otherwise, pieces sized for L2 (the chunking never changes a bit).
         chunk_bytes = chunk_bytes or self._default_chunk
-        key = (signature, chunk_bytes)
+        key = (signature if key is None else key, chunk_bytes)
         fixed = self._fixed.get(key)
         if fixed is None:
             wire = -1 if call.wire_dtype is None else self._dtype_codes[call.wire_dtype]

@@ -32,6 +32,7 @@ from . import _C
 from ._cpu_executor import CpuExecutor, PreparedPlan, deadline_wait
 from . import _monitor
 from ._monitor import CallMonitor
+from ._mixed import MixedExecutor
 from ._shm import ShmExecutor, make_cpu_executor, peer_of as _shm_peer_of
 from ._ops import reduce_
 from ._validate import check_op_and_wire, check_process_group, check_scalar_tensor, check_wire_dtype
@@ -739,6 +740,11 @@ class Communicator:
                 self._node_map = tuple(found)
         return self._node_map if max(self._node_map) > 0 else ()
 
+    def _full_node_map(self) -> tuple:
+        """rank -> node with every rank's entry (all zeros for one node), found once (_group_node_map)."""
+        self._group_node_map()
+        return self._node_map
+
     def _cpu_executor(self) -> CpuExecutor:
         with self._state_lock:
             if self._cpu is None:
@@ -746,7 +752,7 @@ class Communicator:
                 try:
                     # shared memory or gloo: PARACOMM_CPU_TRANSPORT and the ranks' placement (paracomm/_shm.py)
                     self._cpu = make_cpu_executor(self._group_store(), prefix, self.rank, self.world_size,
-                                                  self.timeout)
+                                                  self.timeout, self._full_node_map)
                 except ValueError:
                     raise
                 except Exception as e:  # noqa: BLE001
@@ -798,6 +804,9 @@ class Communicator:
         self._cpu_calls = seq + 1
         plan = self._plans.get(call, self.world_size, self.rank, "gloo", call.chunk_bytes)
         signature = plan.signature
+        mixed = isinstance(executor, MixedExecutor)
+        if mixed and not executor.composes(call, plan.algorithm):
+            executor, mixed = executor.flat, False  # every other call runs on the whole group's gloo
         if plan.tag_base is None:
             plan.tag_base = self._tag_base(signature, call.collective)
         started = time.monotonic()
@@ -814,14 +823,35 @@ class Communicator:
                     return self._fail(f"{what}: {failed}", call.collective)
             return self._transport_error(what, e, peer, call.collective)
 
+        def node_mismatch(signatures: list) -> BaseException:
+            # The mixed transport's node stage found it before any data moved. The ranks of other nodes only
+            # learn it through the monitor: publish this rank's record (diagnose does), so theirs finds it.
+            by_rank = [None] * self.world_size  # the node's ranks by global rank; other nodes' show as "?"
+            for local, sig in enumerate(signatures):
+                by_rank[executor.members[local]] = sig
+            error = _mismatch_error(by_rank, self._where(call.collective))
+            if monitor is not None and error is not None:
+                monitor.announce_mismatch(seq, signature, executor.members, max(0.0, deadline - time.monotonic()))
+            return _SignatureMismatch(error) if error is not None else None
+
+        def cross_plan(stage) -> tuple:
+            # Stage B's plan among the M ranks of this local index, and its tags: the whole call's (two calls
+            # whose shards look alike still never match, on the inter-node group of their own).
+            return (self._plans.get(stage, executor.nodes, executor.node_index, "gloo", stage.chunk_bytes),
+                    plan.tag_base)
+
         mismatch = None
         if monitor is not None:
             monitor.inflight = (seq, signature, started, executor, call.collective)
         try:
-            travel = call.wire_dtype if call.wire_dtype is not None else x.dtype
-            executor.run(plan, x, travel=travel, divisor=call.divisor, scale=call.scale, found_inf=call.found_inf,
-                         wire_dtype=call.wire_dtype, wait=deadline_wait(deadline, on_error), tag_base=plan.tag_base,
-                         input=call.input)
+            wait = deadline_wait(deadline, on_error)
+            if mixed:
+                executor.all_reduce(call, signature, deadline, wait, cross_plan, node_mismatch, on_error)
+            else:
+                travel = call.wire_dtype if call.wire_dtype is not None else x.dtype
+                executor.run(plan, x, travel=travel, divisor=call.divisor, scale=call.scale,
+                             found_inf=call.found_inf, wire_dtype=call.wire_dtype, wait=wait,
+                             tag_base=plan.tag_base, input=call.input)
         except _SignatureMismatch as e:
             mismatch = e.error
         finally:
