@@ -221,4 +221,5 @@ def describe() -> Optional[str]:
         return None
     m, nodes, gbit = mark.split("/")
     return (f"emulated cluster: {nodes} network namespaces (this rank on node {m}), each node's egress shaped to "
-            f"{gbit} Gbit/s (tc tbf), ranks of a node over its loopback")
+            f"{gbit} Gbit/s (tc tbf), ranks of a node over its loopback (gloo) or shared memory (paracomm's "
+            "mixed transport)")
