@@ -105,3 +105,18 @@ def run_ranks(world_size, fn, *args, timeout=180.0, backend="gloo", pg_timeout_s
         report = "\n".join(f"rank {r} of {world_size} failed:\n{failures[r]}" for r in sorted(failures))
         raise AssertionError(report)
     return [results.get(r) for r in range(world_size)]
+
+
+def sigkill_after(seconds: float, stamp_file: str) -> None:
+    """In a rank: SIGKILL this process ``seconds`` from now (a timer thread), first writing the time.time() of
+    the kill to ``stamp_file``, so the test can measure how soon the survivors noticed. Pair with
+    ``run_ranks(..., allow_missing=(this rank,))``."""
+    import signal
+    import threading
+
+    def kill():
+        with open(stamp_file, "w") as f:
+            f.write(repr(time.time()))
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Timer(seconds, kill).start()

@@ -8,15 +8,13 @@ a float64 reference.
 import hashlib
 import os
 import re
-import signal
-import threading
 import time
 from datetime import timedelta
 
 import pytest
 import torch
 
-from dist_utils import run_ranks
+from dist_utils import run_ranks, sigkill_after
 from paracomm._mixed import mixed_refusal, stage_shard
 
 NUMEL = 300_001  # above the one_shot thresholds (auto = hierarchical on several nodes); K never divides it
@@ -179,11 +177,7 @@ def _killed(rank, world_size, stamp_file):
     comm.all_reduce(x)
     victim = world_size - 1
     if rank == victim:
-        def kill():
-            with open(stamp_file, "w") as f:
-                f.write(repr(time.time()))
-            os.kill(os.getpid(), signal.SIGKILL)
-        threading.Timer(0.5, kill).start()
+        sigkill_after(0.5, stamp_file)
     calls = 0
     try:
         while True:  # back-to-back hierarchical calls: the kill lands inside one of their stages

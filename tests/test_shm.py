@@ -8,7 +8,6 @@ import hashlib
 import itertools
 import os
 import re
-import signal
 import stat
 import threading
 import time
@@ -18,7 +17,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from dist_utils import run_ranks
+from dist_utils import run_ranks, sigkill_after
 
 ALGOS = ("ring", "direct", "one_shot")
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int32, torch.int64]
@@ -259,11 +258,7 @@ def _killed(rank, world_size, stamp_file):
     name = comm._cpu.name
     victim = world_size - 1
     if rank == victim:
-        def kill():
-            with open(stamp_file, "w") as f:
-                f.write(repr(time.time()))
-            os.kill(os.getpid(), signal.SIGKILL)
-        threading.Timer(0.5, kill).start()
+        sigkill_after(0.5, stamp_file)
     calls = 0
     try:
         while True:  # back-to-back large calls (several steps each): the kill lands inside one of them
