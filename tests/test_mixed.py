@@ -101,7 +101,44 @@ def _against_gloo(rank, world_size, node_size):
         composed += 1
         assert torch.equal(a, b) and fa.item() == fb.item() == float(poison), poison
         out[("found_inf", poison)] = _digest(a)
-    # Another algorithm and the other collectives run on the whole group's gloo, correctly.
+    # reduce_scatter and all_gather: hierarchical across nodes runs in stages too, with the gloo plan's bits.
+    seg = 200_003  # (N-1) x seg x 2 bytes received: above the one_shot limit, so auto = hierarchical
+    for dtype, op, wire, poison in ((torch.float32, "sum", None, False), (torch.float32, "avg", torch.bfloat16, True),
+                                    (torch.int64, "sum", None, False), (torch.bfloat16, "sum", None, False)):
+        xs = [_data(r, n * seg, dtype, salt=11) for r in range(n)]
+        if poison:
+            xs[0][seg * (n - 1) + 5] = float("inf")  # in the last rank's segment only
+        a, b = torch.empty(seg, dtype=dtype), torch.empty(seg, dtype=dtype)
+        extra = {}
+        if dtype == torch.float32 and op == "avg":
+            fa, fb = torch.zeros(1), torch.zeros(1)
+            extra = {"scale": torch.tensor(2.0)}
+        mixed.reduce_scatter(a, xs[rank], op, wire_dtype=wire, **extra, **({"found_inf": fa} if extra else {}))
+        gloo.reduce_scatter(b, xs[rank], op, wire_dtype=wire, **extra, **({"found_inf": fb} if extra else {}))
+        composed += 1
+        key = ("reduce_scatter", str(dtype), op, str(wire))
+        assert mixed._cpu.composed == composed, key
+        assert torch.equal(a, b), key
+        if extra:
+            assert fa.item() == fb.item() == float(poison and rank == n - 1), key
+        want = sum(x.double() for x in xs)[rank * seg:(rank + 1) * seg] * (2.0 / n if extra else 1.0)
+        if wire is None and dtype != torch.bfloat16:
+            assert torch.equal(a.double(), want) if not dtype.is_floating_point else \
+                torch.allclose(a.double(), want, rtol=1e-5, atol=1e-5), key
+        elif not poison:
+            assert ((a.double() - want).norm() / want.norm()).item() <= 8e-3, key
+        # (each rank holds its own segment: compared with the gloo transport's above, not across ranks)
+    for dtype in (torch.float32, torch.bfloat16, torch.int64):
+        x = _data(rank, seg, dtype, salt=13)
+        a, b = torch.empty(n * seg, dtype=dtype), torch.empty(n * seg, dtype=dtype)
+        mixed.all_gather(a, x)
+        gloo.all_gather(b, x)
+        composed += 1
+        assert mixed._cpu.composed == composed, dtype
+        assert torch.equal(a, torch.cat([_data(r, seg, dtype, salt=13) for r in range(n)])), dtype
+        assert torch.equal(a, b), dtype
+        out[("all_gather", str(dtype))] = _digest(a)
+    # Another algorithm and the other collectives' small calls run on the whole group's gloo, correctly.
     x = _data(rank, NUMEL, torch.float32, salt=9)
     mixed.all_reduce(x, algorithm="ring")
     assert torch.allclose(x.double(), sum(_data(r, NUMEL, torch.float32, salt=9).double() for r in range(n)),

@@ -119,6 +119,8 @@ class MixedExecutor:
         self.nodes, self.node_size = nodes, len(members[node])
         self.node_index, self.local_index = node, members[node].index(rank)
         self.members = members[node]  # this node's ranks by local index
+        self.all_members = members  # node -> its ranks by local index
+        self._order = None  # _block_order(), made on first use
         self.cross_ranks = [ms[self.local_index] for ms in members]  # stage B's group: its ranks by node
         self.cross_algorithm = "ring" if _C.inter_node_ring(nodes) else "direct"
         self.flat = CpuExecutor(store, prefix, rank, world_size, timeout)
@@ -129,11 +131,9 @@ class MixedExecutor:
         self.composed = 0  # calls run as the three stages (the rest ran on flat): for tests and benchmarks
 
     def composes(self, call, algorithm: str) -> bool:
-        """Whether ``call`` runs as the three stages (else on :attr:`flat`); ``algorithm``: what the whole
+        """Whether ``call`` runs in stages (:meth:`run`; else on :attr:`flat`); ``algorithm``: what the whole
         group's plan resolved the call's algorithm to."""
-        if algorithm != "hierarchical" or call.collective != "all_reduce" or call.input is not None:
-            return False
-        return call.flat.numel() > 0
+        return algorithm == "hierarchical" and call.plan_numel > 0
 
     def _buffer(self, name: str, dtype: torch.dtype, numel: int) -> torch.Tensor:
         """A reused workspace of at least ``numel`` elements of ``dtype`` (``name``: _shard or _padded)."""
@@ -143,22 +143,48 @@ class MixedExecutor:
             setattr(self, name, buf)
         return buf[:numel]
 
-    def _stage_prepared(self, call, signature: tuple, stage: str):
-        """The shared-memory stage's prepared call, cached per (outer signature, stage). The outer signature is
-        what the node's ranks compare, so a mismatch names the user's arguments."""
-        return self.node.prepared(call, signature, call.chunk_bytes, key=(stage,) + tuple(signature))
+    def run(self, call, signature: tuple, deadline: float, wait, cross_plan, mismatch_error, on_error) -> None:
+        """Run a call :meth:`composes` accepted, in the stages of the module docstring.
 
-    def all_reduce(self, call, signature: tuple, deadline: float, wait, cross_plan, mismatch_error,
-                   on_error) -> None:
-        """Run a call :meth:`composes` accepted: stages A, B, C of the module docstring, then found_inf.
-
-        ``cross_plan(stage_call)`` returns the stage-B plan (a PreparedPlan) for this rank of the M-rank
-        inter-node group and the data tags' base; ``wait``, ``mismatch_error`` and ``on_error`` are the transports' (see
-        :meth:`ShmExecutor.run` and :meth:`CpuExecutor.run`).
+        ``cross_plan(stage_call)`` returns the inter-node stage's plan (a PreparedPlan) for this rank of the
+        M-rank inter-node group and the data tags' base; ``wait``, ``mismatch_error`` and ``on_error`` are the
+        transports' (see :meth:`ShmExecutor.run` and :meth:`CpuExecutor.run`); errors name group ranks.
         """
+        self.composed += 1
+
+        def node_error(what: str, e: BaseException, peer: Optional[int]) -> BaseException:
+            # The shared memory numbers the node's ranks by local index; the caller's errors use group ranks.
+            return on_error(f"{what} inside the node", e, None if peer is None else self.members[peer])
+
+        def on_node(stage_call, stage: str) -> None:
+            prepared = self.node.prepared(stage_call, signature, stage_call.chunk_bytes,
+                                          key=(stage, stage_call.collective, stage_call.plan_numel) + signature)
+            self.node.run(stage_call, prepared, deadline, mismatch_error, node_error)
+
+        def across(stage_call, output, input=None) -> None:
+            plan, tag_base = cross_plan(stage_call)
+            travel = call.wire_dtype if call.wire_dtype is not None else output.dtype
+            self.cross.run(plan, output, travel=travel, divisor=stage_call.divisor, scale=stage_call.scale,
+                           found_inf=stage_call.found_inf, wire_dtype=stage_call.wire_dtype,
+                           wait=_in_group_ranks(wait, self.cross_ranks), tag_base=tag_base, input=input)
+
+        {"all_reduce": self._all_reduce, "reduce_scatter": self._reduce_scatter,
+         "all_gather": self._all_gather}[call.collective](call, on_node, across)
+
+    def _stage(self, flat, collective: str, algorithm: str, chunk_bytes: int, input=None, call=None,
+               found_inf=None):
+        """A stage's call: exact (sum, no wire, no final op) unless ``call`` lends its op, divisor, wire dtype
+        and scale (the inter-node stage, where the hierarchical plan applies them; ``found_inf`` there too when
+        the plan checks in that stage)."""
         from .comm import _Call  # a runtime import: comm imports this module
 
-        self.composed += 1
+        if call is None:
+            return _Call(flat, None, None, "sum", 1.0, None, None, None, algorithm, collective, chunk_bytes,
+                         input=input)
+        return _Call(flat, None, None, call.op, call.divisor, call.wire_dtype, call.scale, found_inf, algorithm,
+                     collective, stage_chunk_bytes(call.chunk_bytes), input=input)
+
+    def _all_reduce(self, call, on_node, across) -> None:
         x = call.flat
         n, k = x.numel(), self.node_size
         shard_n = stage_shard(n, k)
@@ -169,32 +195,52 @@ class MixedExecutor:
             whole[:n].copy_(x)
             whole[n:].zero_()
         shard = self._buffer("_shard", x.dtype, shard_n)
-
-        def node_error(what: str, e: BaseException, peer: Optional[int]) -> BaseException:
-            # The shared memory numbers the node's ranks by local index; the caller's errors use group ranks.
-            return on_error(f"{what} inside the node", e, None if peer is None else self.members[peer])
-
         # A: the node-partial of shard l, summed in local-index order (direct: each owner sums the K inputs).
-        rs = _Call(shard, None, None, "sum", 1.0, None, None, None, "direct", "reduce_scatter",
-                   call.chunk_bytes, input=whole)
-        self.node.run(rs, self._stage_prepared(rs, signature, "A"), deadline, mismatch_error, node_error)
+        on_node(self._stage(shard, "reduce_scatter", "direct", call.chunk_bytes, input=whole), "A")
         # B: across nodes, in node order, with the call's final fusions and wire dtype.
-        ar = _Call(shard, None, None, call.op, call.divisor, call.wire_dtype, call.scale, None,
-                   self.cross_algorithm, "all_reduce", stage_chunk_bytes(call.chunk_bytes))
-        plan, tag_base = cross_plan(ar)
-        self.cross.run(plan, shard, travel=call.wire_dtype if call.wire_dtype is not None else x.dtype,
-                       divisor=call.divisor, scale=call.scale, found_inf=None, wire_dtype=call.wire_dtype,
-                       wait=_in_group_ranks(wait, self.cross_ranks), tag_base=tag_base)
+        across(self._stage(shard, "all_reduce", self.cross_algorithm, 0, call=call), shard)
         # C: every rank of the node gets every shard (copies only).
-        ag = _Call(whole, None, None, "sum", 1.0, None, None, None, "auto", "all_gather", call.chunk_bytes,
-                   input=shard)
-        self.node.run(ag, self._stage_prepared(ag, signature, "C"), deadline, mismatch_error, node_error)
+        on_node(self._stage(whole, "all_gather", "auto", call.chunk_bytes, input=shard), "C")
         if whole is not x:
             x.copy_(whole[:n])
         if call.found_inf is not None:  # the plan's last pass: every rank checks the whole result
             from ._ops import reduce_
 
             reduce_(x, [x], found_inf=call.found_inf)
+
+    def _reduce_scatter(self, call, on_node, across) -> None:
+        # Input: N segments of n. Rank (m, l) ends with segment members[m][l] summed over every rank. Stage A
+        # reduces, inside the node, the M segments that the ranks of local index l own (one per node), laid
+        # out as block l = [segment of cross rank 0, ..., of cross rank M-1] (a gather of the input's rows);
+        # stage B reduce-scatters that block among the M ranks of local index l, in node order, with the final
+        # fusions (and found_inf: each rank checks its own segment, as the plan does).
+        out, n = call.flat, call.flat.numel()
+        rows = call.input.view(self.world_size, n)
+        arranged = self._buffer("_padded", out.dtype, self.world_size * n).view(self.world_size, n)
+        torch.index_select(rows, 0, self._block_order(), out=arranged)
+        block = self._buffer("_shard", out.dtype, self.nodes * n)
+        on_node(self._stage(block, "reduce_scatter", "direct", call.chunk_bytes, input=arranged.view(-1)), "A")
+        across(self._stage(out, "reduce_scatter", "direct", 0, input=block, call=call, found_inf=call.found_inf),
+               out, input=block)
+
+    def _all_gather(self, call, on_node, across) -> None:
+        # The reverse: gather the M segments of this local index across nodes (block l), then the K blocks
+        # inside the node, then put every row where its rank's segment goes.
+        out, n = call.flat, call.input.numel()
+        block = self._buffer("_shard", out.dtype, self.nodes * n)
+        across(self._stage(block, "all_gather", "direct", 0, input=call.input, call=call), block,
+               input=call.input)
+        arranged = self._buffer("_padded", out.dtype, self.world_size * n)
+        on_node(self._stage(arranged, "all_gather", "auto", call.chunk_bytes, input=block), "C")
+        out.view(self.world_size, n).index_copy_(0, self._block_order(), arranged.view(self.world_size, n))
+
+    def _block_order(self) -> torch.Tensor:
+        """Row i of the stages' K x M layout holds the segment of rank order[i]: local index i // M of node i % M
+        (block l = the segments of the ranks of local index l, in node order)."""
+        if self._order is None:
+            self._order = torch.tensor([self.all_members[m][l] for l in range(self.node_size)
+                                        for m in range(self.nodes)], dtype=torch.int64)
+        return self._order
 
     def wait_stats(self) -> dict:
         """The node's shared-memory waits (:meth:`ShmExecutor.wait_stats`)."""

@@ -846,7 +846,7 @@ class Communicator:
         try:
             wait = deadline_wait(deadline, on_error)
             if mixed:
-                executor.all_reduce(call, signature, deadline, wait, cross_plan, node_mismatch, on_error)
+                executor.run(call, signature, deadline, wait, cross_plan, node_mismatch, on_error)
             else:
                 travel = call.wire_dtype if call.wire_dtype is not None else x.dtype
                 executor.run(plan, x, travel=travel, divisor=call.divisor, scale=call.scale,
