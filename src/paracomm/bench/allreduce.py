@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 from typing import Optional
 
@@ -120,12 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="1: reduce the buffer in place (default); 0: out-of-place, timed as copy into the "
                         "output then in-place reduce")
     launch_mod.add_rank_args(p)
-    g = p.add_argument_group("emulated cluster (Linux, root: src/paracomm/bench/emulate.py)")
-    g.add_argument("--emulate-nodes", type=int, default=None, metavar="M",
-                   help="run the ranks in M network namespaces joined through a bridge, each node's link shaped "
-                        "with tc; --nproc ranks in all (default 2 per node), spread node by node")
-    g.add_argument("--inter-node-gbit", type=float, default=1.0, metavar="R",
-                   help="with --emulate-nodes: each node's egress rate in Gbit/s (tc tbf; default 1)")
+    emulate_mod.add_args(p)
     g = p.add_argument_group("output")
     report.add_json_arg(g)
     g.add_argument("--plot", metavar="FILE.png", default=None,
@@ -165,8 +159,7 @@ def parse_args(argv) -> argparse.Namespace:
             p.error("--plot needs matplotlib (pip install matplotlib)")
     for flag in ("json", "plot"):
         launch_mod.check_output_path(p, args, flag)
-    if args.emulate_nodes is not None and (args.emulate_nodes < 1 or args.inter_node_gbit <= 0):
-        p.error("--emulate-nodes must be >= 1 and --inter-node-gbit > 0")
+    emulate_mod.check_args(p, args)
     return args
 
 
@@ -700,14 +693,9 @@ def main(argv=None) -> int:
         args = parse_args(argv)
     except SystemExit as e:  # argparse: 2 on a bad flag, 0 after --help
         return e.code if isinstance(e.code, int) else 2
-    if args.emulate_nodes is not None and not os.environ.get(emulate_mod.ENV_MARK):
-        # This process builds the cluster and starts the ranks in it (each rank sees ENV_MARK and runs).
-        try:
-            return emulate_mod.run(["allreduce", "--device", "cpu"] + emulate_mod.strip_flags(argv),
-                                   nodes=args.emulate_nodes, gbit=args.inter_node_gbit, nproc=args.nproc,
-                                   timeout_s=max(600.0, 4 * args.timeout))
-        except (RuntimeError, ValueError) as e:
-            print(f"paracomm-bench allreduce: {e}", file=sys.stderr)
-            return 2
+    # With --emulate-nodes this process builds the cluster and starts the ranks in it (each sees ENV_MARK).
+    code = emulate_mod.dispatch("allreduce", args, argv)
+    if code is not None:
+        return code
     return launch_mod.launch(run_rank, args, nproc=args.nproc, device=args.device,
                              ranks_per_gpu=args.ranks_per_gpu, timeout_s=args.timeout)

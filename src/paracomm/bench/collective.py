@@ -24,6 +24,7 @@ import sys
 
 import torch
 
+from . import emulate as emulate_mod
 from . import launch as launch_mod
 from . import report
 from .allreduce import (DTYPES, WIRE_ALIASES, WIRE_DTYPES, _choice, _geomean, _timedelta, add_datatype_arg,
@@ -57,6 +58,7 @@ def build_parser(kind: str) -> argparse.ArgumentParser:
                    default="auto", metavar="ALGO",
                    help=f"paracomm's algorithm: auto, {', '.join(ALGORITHMS[kind])}, or all (one row each)")
     launch_mod.add_rank_args(p)
+    emulate_mod.add_args(p)
     g = p.add_argument_group("output")
     report.add_json_arg(g)
     return p
@@ -67,6 +69,7 @@ def parse_args(kind: str, argv) -> argparse.Namespace:
     p = build_parser(kind)
     args = p.parse_args(argv)
     launch_mod.check_rank_args(p, args)
+    emulate_mod.check_args(p, args)
     if kind != "reduce_scatter":
         args.op, args.wire_dtype = "sum", "none"
     if args.minbytes > args.maxbytes:
@@ -176,6 +179,10 @@ def run_rank(ctx, args, kind: str) -> int:
     header["settings"] = {k: getattr(args, k) for k in (
         "minbytes", "maxbytes", "stepfactor", "iters", "warmup_iters", "check", "datatype", "op", "wire_dtype",
         "algorithm")}
+    from paracomm._shm import transport_of
+
+    header["cpu_transport"] = transport_of(comm)  # collective: every rank creates the executor here
+    emulated = emulate_mod.describe()
     relerr = args.wire_dtype != "none"
     fmt = "{:>10} {:>10} {:>8} {:>9} {:>9} {:>9} {:>6}" + (" {:>9}" if relerr else "") + " {:>9} {:>9} {:>6} {:>6}"
     if lead:
@@ -186,6 +193,7 @@ def run_rank(ctx, args, kind: str) -> int:
             f"#  type {args.datatype}, op {args.op}, paracomm wire dtype {args.wire_dtype}, algorithm "
             f"{args.algorithm}, iters {args.iters}, warm-up {args.warmup_iters}, check {args.check}",
             f"#  baseline: {header['baseline']}",
+            f"#  paracomm CPU transport: {header['cpu_transport']}" + (f"; {emulated}" if emulated else ""),
             f"#  size: per-rank {'input' if kind == 'reduce_scatter' else 'output'} bytes (nccl-tests); time: "
             "median of the slowest rank; busbw = algbw x (n-1)/n; ratio = paracomm busbw / baseline busbw",
             "#",
@@ -202,11 +210,13 @@ def run_rank(ctx, args, kind: str) -> int:
             mine, theirs = _ops(kind, comm, args, algo, world)
             if base is None:
                 base = _measure(kind, theirs, out, inp, nbytes, ctx, args, total, dtype)
-            plan = explain(total // world, dtype, world, algorithm=algo, backend=ctx.backend,
+            measured = _measure(kind, mine, out, inp, nbytes, ctx, args, total, dtype)
+            # After a call, so the node map the Communicator found is known (several nodes: hierarchical).
+            topology = {"node_size": comm.node_map.count(0)} if comm.node_map and max(comm.node_map) > 0 else {}
+            plan = explain(total // world, dtype, world, algorithm=algo, backend=ctx.backend, **topology,
                            **({"wire_dtype": WIRE_DTYPES[args.wire_dtype]} if kind == "reduce_scatter" else {}))
             row = {"size": nbytes, "count": total, "type": args.datatype, "algorithm_requested": algo,
-                   "algorithm": plan["algorithm"], "plan": plan,
-                   "paracomm": _measure(kind, mine, out, inp, nbytes, ctx, args, total, dtype), "baseline": base}
+                   "algorithm": plan["algorithm"], "plan": plan, "paracomm": measured, "baseline": base}
             if relerr:
                 row["paracomm"]["relerr"] = _relerr(mine, total, ctx, args)
             row["busbw_ratio"] = row["paracomm"]["busbw_gbps"] / base["busbw_gbps"]
@@ -245,10 +255,14 @@ def _run_all_gather(ctx, args) -> int:
 
 def main(kind: str, argv=None) -> int:
     """Entry point of ``python -m paracomm.bench reduce_scatter|all_gather``; exit code (2 for bad flags)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        args = parse_args(kind, sys.argv[1:] if argv is None else list(argv))
+        args = parse_args(kind, argv)
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else 2
+    code = emulate_mod.dispatch(kind, args, argv)  # --emulate-nodes: run the ranks in an emulated cluster
+    if code is not None:
+        return code
     worker = _run_reduce_scatter if kind == "reduce_scatter" else _run_all_gather  # picklable for spawn
     return launch_mod.launch(worker, args, nproc=args.nproc, device=args.device, ranks_per_gpu=args.ranks_per_gpu,
                              timeout_s=args.timeout)

@@ -124,6 +124,36 @@ def existing(prefix: str) -> List[str]:
     return [line.split()[0] for line in out.splitlines() if line.split() and line.split()[0].startswith(prefix)]
 
 
+def add_args(parser) -> None:
+    """The benchmarks' emulated-cluster flags (--emulate-nodes, --inter-node-gbit)."""
+    g = parser.add_argument_group("emulated cluster (Linux, root: src/paracomm/bench/emulate.py)")
+    g.add_argument("--emulate-nodes", type=int, default=None, metavar="M",
+                   help="run the ranks in M network namespaces joined through a bridge, each node's link shaped "
+                        "with tc; --nproc ranks in all (default 2 per node), spread node by node")
+    g.add_argument("--inter-node-gbit", type=float, default=1.0, metavar="R",
+                   help="with --emulate-nodes: each node's egress rate in Gbit/s (tc tbf; default 1)")
+
+
+def check_args(parser, args) -> None:
+    """Refuse bad emulated-cluster flags (parser.error: usage and SystemExit(2))."""
+    if args.emulate_nodes is not None and (args.emulate_nodes < 1 or args.inter_node_gbit <= 0):
+        parser.error("--emulate-nodes must be >= 1 and --inter-node-gbit > 0")
+
+
+def dispatch(kind: str, args, argv: List[str]) -> Optional[int]:
+    """With --emulate-nodes, outside the ranks: build the cluster, run ``python -m paracomm.bench <kind>`` in
+    it on CPU ranks and return the exit code; None when this process should run the benchmark itself (no
+    emulation asked for, or it is a rank inside the cluster)."""
+    if args.emulate_nodes is None or os.environ.get(ENV_MARK):
+        return None
+    try:
+        return run([kind, "--device", "cpu"] + strip_flags(argv), nodes=args.emulate_nodes,
+                   gbit=args.inter_node_gbit, nproc=args.nproc, timeout_s=max(600.0, 4 * args.timeout))
+    except (RuntimeError, ValueError) as e:
+        print(f"paracomm-bench {kind}: {e}", file=sys.stderr)
+        return 2
+
+
 def strip_flags(argv: List[str]) -> List[str]:
     """``argv`` without --emulate-nodes / --inter-node-gbit / --nproc (and their values): what each rank runs."""
     out, skip = [], False
