@@ -23,8 +23,14 @@ What runs where (:class:`MixedExecutor`):
   in the hierarchical plan's order (local index within the node, then node order, fp32 accumulation), so the
   result has the gloo transport's bits: tests/test_mixed.py compares them. Pipelining between the stages is
   given up: on shared memory A and C take ~0.1 ms per MiB, where the shaped inter-node link takes ~8 ms;
-* everything else (other algorithms, reduce-scatter and all-gather, empty tensors) runs on ``flat``, the whole
-  group's gloo executor, exactly as the gloo transport runs it.
+* a **hierarchical reduce-scatter** (input: N segments): stage A reduce-scatters, over the node's shared
+  memory, the input's rows regrouped so that block l holds the M segments the ranks of local index l own (one
+  per node, in node order: :meth:`MixedExecutor._block_order`); stage B reduce-scatters block l among the M
+  ranks of local index l over gloo, with the final fusions, the wire dtype and found_inf (each rank checks its
+  segment, as the plan does). A **hierarchical all-gather** is the reverse: across nodes first (block l), then
+  inside the node, then every row to its rank's place. Both give the hierarchical plans' bits;
+* everything else (other algorithms, empty calls) runs on ``flat``, the whole group's gloo executor, exactly as
+  the gloo transport runs it.
 
 Failures: a peer's death or a timeout in any stage raises the Communicator's transport error; the monitor
 (paracomm._monitor) sees the whole call (the outer signature and seq), so a signature mismatch between nodes
