@@ -58,6 +58,8 @@ def test_fsdp_cli(tmp_path):
     ["all_gather", "--algorithm", "one_shot"],
     ["all_gather", "--wire-dtype", "bf16"],
     ["fsdp", "--variants", "torch,nope"],
+    ["reduce_scatter", "--emulate-nodes", "0"],
+    ["all_gather", "--emulate-nodes", "2", "--inter-node-gbit", "-1"],
 ])
 def test_bad_flags_exit_2(argv):
     from paracomm.bench import __main__ as bench_main

@@ -60,6 +60,20 @@ def test_two_nodes_two_ranks_exact_and_torn_down():
     assert emulate.existing(f"pce{proc.pid}-") == []
 
 
+@pytest.mark.parametrize("kind", ["reduce_scatter", "all_gather"])
+def test_collectives_on_two_nodes_exact_in_stages(kind):
+    # 4 MiB per rank (reduce-scatter input, all-gather output): hierarchical, in stages on the mixed transport.
+    cmd = [sys.executable, "-m", "paracomm.bench", kind, "--emulate-nodes", "2", "--inter-node-gbit", "1",
+           "--nproc", "4", "-b", "4M", "-e", "4M", "-n", "2", "-w", "1", "--timeout", "120"]
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out
+    assert "# Out of bounds values : 0 OK" in out and "paracomm CPU transport: mixed" in out, out
+    rows = [line.split() for line in out.splitlines() if line.split() and line.split()[0].isdigit()]
+    assert rows and all(r[2] == "hierarchical" and r[6] == "0" and r[-2] == "0" for r in rows), out
+    assert emulate.existing(f"pce{proc.pid}-") == []
+
+
 def test_failed_rank_stops_the_others_and_tears_down(monkeypatch):
     monkeypatch.setenv("PYTHONPATH", _env()["PYTHONPATH"])
     t0 = time.monotonic()
