@@ -750,7 +750,7 @@ class Communicator:
             if self._cpu is None:
                 prefix = self._prefix if self._cpu_generation == 0 else f"{self._prefix}/g{self._cpu_generation}"
                 try:
-                    # shared memory or gloo: PARACOMM_CPU_TRANSPORT and the ranks' placement (paracomm/_shm.py)
+                    # shared memory, mixed or gloo: PARACOMM_CPU_TRANSPORT and the ranks' placement (_shm.py)
                     self._cpu = make_cpu_executor(self._group_store(), prefix, self.rank, self.world_size,
                                                   self.timeout, self._full_node_map)
                 except ValueError:
@@ -825,7 +825,7 @@ class Communicator:
 
         def node_mismatch(signatures: list) -> BaseException:
             # The mixed transport's node stage found it before any data moved. The ranks of other nodes only
-            # learn it through the monitor: publish this rank's record (diagnose does), so theirs finds it.
+            # learn it through the monitor: the node's ranks publish their records and the verdict first.
             by_rank = [None] * self.world_size  # the node's ranks by global rank; other nodes' show as "?"
             for local, sig in enumerate(signatures):
                 by_rank[executor.members[local]] = sig
