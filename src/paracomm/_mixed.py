@@ -27,8 +27,9 @@ What runs where (:class:`MixedExecutor`):
   memory, the input's rows regrouped so that block l holds the M segments the ranks of local index l own (one
   per node, in node order: :meth:`MixedExecutor._block_order`); stage B reduce-scatters block l among the M
   ranks of local index l over gloo, with the final fusions, the wire dtype and found_inf (each rank checks its
-  segment, as the plan does). A **hierarchical all-gather** is the reverse: across nodes first (block l), then
-  inside the node, then every row to its rank's place. Both give the hierarchical plans' bits;
+  segment, as the plan does). A **hierarchical all-gather** is the reverse: across nodes first (block l, a ring
+  in pieces of :func:`stage_chunk_bytes`), then inside the node, then every row to its rank's place. Both give
+  the hierarchical plans' bits;
 * everything else (other algorithms, empty calls) runs on ``flat``, the whole group's gloo executor, exactly as
   the gloo transport runs it.
 
@@ -234,7 +235,10 @@ class MixedExecutor:
         # inside the node, then put every row where its rank's segment goes.
         out, n = call.flat, call.input.numel()
         block = self._buffer("_shard", out.dtype, self.nodes * n)
-        across(self._stage(block, "all_gather", "direct", 0, input=call.input, call=call), block,
+        # A ring, not direct: the direct all-gather is one transfer per peer whatever the piece size, and one
+        # large gloo transfer crawls over a shaped link (stage B's pieces); the ring's pieces all go out at
+        # once. (Copies only: any algorithm gives these bits.)
+        across(self._stage(block, "all_gather", "ring", 0, input=call.input, call=call), block,
                input=call.input)
         arranged = self._buffer("_padded", out.dtype, self.world_size * n)
         on_node(self._stage(arranged, "all_gather", "auto", call.chunk_bytes, input=block), "C")
