@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from dist_utils import run_ranks, sigkill_after
-from paracomm._mixed import mixed_refusal, stage_shard
+from paracomm._mixed import mixed_refusal, node_members, stage_shard
 
 NUMEL = 300_001  # above the one_shot thresholds (auto = hierarchical on several nodes); K never divides it
 
@@ -41,6 +41,12 @@ def test_refusal_is_a_pure_function_of_the_map_and_the_hosts():
     assert "one rank" in mixed_refusal([0, 1], ["a", "b"])
     why = mixed_refusal([0, 0, 1, 1], ["a", "c", "b", "b"])
     assert "node 0" in why and "0, 1" in why and "one host" in why
+    assert node_members([0, 1, 0, 1]) == [[0, 2], [1, 3]] and node_members([]) == [[]]
+    from paracomm import _C  # the stage-B algorithm's predicate: the hierarchical plan's own
+
+    assert [_C.inter_node_ring(m) for m in (1, 2, 8, 9, 64)] == [False, False, False, True, True]
+    with pytest.raises(Exception, match="nodes must be >= 1"):
+        _C.inter_node_ring(0)
     assert [stage_shard(n, k) for n, k in ((8, 2), (9, 2), (1, 4), (300_001, 3))] == [4, 5, 1, 100_001]
 
 

@@ -50,16 +50,21 @@ from ._cpu_executor import CpuExecutor
 from ._shm import ShmExecutor
 
 
+def node_members(node_map: Sequence[int]) -> List[List[int]]:
+    """node -> its ranks in rank order (= by local index), for a canonical node map ([] = one node of none)."""
+    members: List[List[int]] = [[] for _ in range((max(node_map) + 1) if len(node_map) else 1)]
+    for r, m in enumerate(node_map):
+        members[m].append(r)
+    return members
+
+
 def mixed_refusal(node_map: Sequence[int], identities: Sequence[str]) -> Optional[str]:
     """Why the mixed transport cannot serve this group (None when it can). ``node_map``: rank -> node
     (canonical, every rank's entry; [] or all zeros for one node); ``identities``: each rank's host identity
     (paracomm._topology.host_identity). A pure function of both, so every rank reaches the same answer."""
-    nodes = (max(node_map) + 1) if len(node_map) else 1
-    if nodes < 2:
+    members = node_members(node_map)
+    if len(members) < 2:
         return "the group is on one node"
-    members: List[List[int]] = [[] for _ in range(nodes)]
-    for r, m in enumerate(node_map):
-        members[m].append(r)
     sizes = [len(ms) for ms in members]
     if len(set(sizes)) != 1:
         return f"its nodes have different numbers of ranks ({'+'.join(map(str, sizes))})"
@@ -119,10 +124,9 @@ class MixedExecutor:
 
     def __init__(self, store, prefix: str, rank: int, world_size: int, timeout: timedelta,
                  node_map: Sequence[int]):
-        nodes = max(node_map) + 1
-        members = [[r for r in range(world_size) if node_map[r] == m] for m in range(nodes)]
-        node = node_map[rank]
-        self.rank, self.world_size = rank, world_size
+        members = node_members(node_map)
+        nodes, node = len(members), node_map[rank]
+        self.world_size = world_size
         self.nodes, self.node_size = nodes, len(members[node])
         self.node_index, self.local_index = node, members[node].index(rank)
         self.members = members[node]  # this node's ranks by local index

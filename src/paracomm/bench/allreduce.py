@@ -421,7 +421,8 @@ def table_head(header: dict) -> str:
                      + (" (more ranks than cores: ranks wait for a core, and figures jump from size to size)"
                         if header["backend"] == "gloo" and local > cores else ""))
     if header.get("cpu_transport"):
-        lines.append(f"#  paracomm CPU transport: {header['cpu_transport']} (PARACOMM_CPU_TRANSPORT=auto|shm|gloo|mixed)")
+        lines.append(f"#  paracomm CPU transport: {header['cpu_transport']} "
+                     "(PARACOMM_CPU_TRANSPORT=auto|shm|gloo|mixed)")
     lines += [
         f"#  paracomm {b.get('version')} (torch {b.get('torch')}, cuda build {b.get('cuda')}, "
         f"cuda {b.get('cuda_version')}, nccl {b.get('nccl_version')}, archs {b.get('archs')})",
